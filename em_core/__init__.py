@@ -1,0 +1,19 @@
+"""em_core: learn several visual concepts from a few images with no hand-drawn masks.
+
+Cross-attention masks refined by DenseCRF and improved in an EM-like loop with the concept
+tokens (Rahman et al., "Visual Concept-driven Image Generation with Text-to-Image Diffusion
+Model"). Torch + diffusers + transformers; never imports ComfyUI.
+"""
+from .concepts import ConceptSet, concept_names, injected
+from .config import LearnConfig
+from .crf import CRFParams, refine_masks
+from .dataset import TrainImage, prepare_image
+from .em_loop import learn, start_state
+from .model import ModelBundle, load_bundle
+from .state import LearnState, load_state, save_state
+
+__all__ = [
+    "ConceptSet", "concept_names", "injected", "LearnConfig", "CRFParams", "refine_masks", "TrainImage",
+    "prepare_image", "learn", "start_state", "ModelBundle", "load_bundle", "LearnState", "load_state", "save_state",
+]
+__version__ = "0.1.0"

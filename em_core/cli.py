@@ -1,0 +1,172 @@
+"""`python -m em_core ...`: the engine from the shell."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .crf import CRFParams
+
+
+def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{what}: {item!r} is not of the form [vN]=VALUE")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def cmd_make_tiny_model(args) -> int:
+    from .tiny_model import make_tiny_model
+
+    out = Path(args.dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"DIR: {out} is a file; give a folder path")
+    make_tiny_model(out, seed=args.seed, kind=args.kind)
+    print(f"wrote a random {args.kind} model to {out}")
+    return 0
+
+
+def cmd_refine_masks(args) -> int:
+    import numpy as np
+
+    from .atomic import inside, prepare_out, write_atomic
+    from .crf import refine_masks
+    from .images import mask_to_image, open_image, open_mask
+
+    img = open_image(args.image, "--image")
+    masks = np.stack([open_mask(m, img.size, f"--mask {m}") for m in args.mask])
+    params = CRFParams(iterations=args.iterations, unary_scale=args.unary_scale)
+    refined = refine_masks(np.asarray(img), masks, params)
+    out = prepare_out(args.out)
+    for path, m in zip(args.mask, refined):
+        target = inside(out, f"{Path(path).stem}_refined.png")
+        pic = mask_to_image(m.astype(np.float32))
+        write_atomic(target, lambda tmp: pic.save(tmp, format="PNG"))
+        print(target)
+    return 0
+
+
+def cmd_learn(args) -> int:
+    import torch
+
+    from .config import LearnConfig
+    from .dataset import check_prompts, prepare_image
+    from .em_loop import learn, start_state
+    from .images import open_mask
+    from .model import load_bundle
+    from .state import load_state
+
+    if not args.image:
+        raise ValueError("--image: give at least one image, each followed by its --prompt")
+    check_prompts(args.image, args.prompt)
+    bundle = load_bundle(args.model, device=args.device)
+    out = Path(args.out)
+    resume = (out / "state.safetensors").is_file()
+    if resume:
+        state = load_state(out)
+        given = [(str(Path(i).resolve()), p) for i, p in zip(args.image, args.prompt)]
+        stored = [(r["path"], r["prompt"]) for r in state.images]
+        if given != stored:
+            raise ValueError(f"--out: {out} holds a run on other images or prompts; give the same ones to resume, "
+                             "or another --out to start afresh")
+        state.config.steps = args.steps
+        config = state.config
+        print(f"resuming from step {state.step} in {out}")
+    else:
+        config = LearnConfig(
+            steps=args.steps, lr=args.lr, attn_weight=args.attn_weight, refresh_every=args.refresh_every,
+            mask_timesteps=args.mask_timesteps, threshold=args.threshold, use_crf=not args.no_crf,
+            warmup_steps=args.warmup_steps, flip=not args.no_flip, layers=args.layers, resolution=args.resolution,
+            seed=args.seed, save_every=args.save_every,
+        )
+    images = [prepare_image(bundle, Path(i).resolve(), p, config.resolution, config.flip)
+              for i, p in zip(args.image, args.prompt)]
+    if not resume:
+        init = dict(_pairs(args.init, "--init"))
+        fixed = {}
+        for key, path in _pairs(args.mask, "--mask"):
+            name, _, which = key.partition("@")
+            owners = [i for i, img in enumerate(images) if name in img.names]
+            if which:
+                idx = int(which) - 1
+                if idx not in owners:
+                    raise ValueError(f"--mask {key}: image {which} does not show {name}")
+            elif len(owners) == 1:
+                idx = owners[0]
+            else:
+                raise ValueError(f"--mask {key}: {name} is in {len(owners)} images; write {name}@N=FILE for image N")
+            fixed[(idx, name)] = open_mask(path, images[idx].size, f"--mask {key}")
+        state = start_state(bundle, images, config, init, fixed)
+    torch.manual_seed(config.seed)
+    try:
+        state = learn(bundle, images, state, out=out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the state after step {state.step if resume else 'the last'} completed step "
+              f"is saved in {out}; run the same command to resume", file=sys.stderr)
+        return 130
+    print(f"{state.status}: {state.step} steps; state, masks and history in {out}" +
+          (f" ({state.message})" if state.message else ""))
+    return 0 if state.status == "done" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m em_core", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("make-tiny-model", help="write a small random SD-class model in diffusers format")
+    m.add_argument("dir")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--kind", choices=["tiny", "sd15"], default="tiny")
+    m.set_defaults(func=cmd_make_tiny_model)
+
+    r = sub.add_parser("refine-masks", help="DenseCRF-refine binary masks against an image")
+    r.add_argument("--image", required=True)
+    r.add_argument("--mask", action="append", required=True, help="one per concept; repeat")
+    r.add_argument("--out", required=True)
+    r.add_argument("--iterations", type=int, default=10)
+    r.add_argument("--unary-scale", type=float, default=1.0)
+    r.set_defaults(func=cmd_refine_masks)
+
+    d = _defaults()
+    l = sub.add_parser("learn", help="learn concept tokens and masks from images")
+    l.add_argument("--model", required=True, help="diffusers-format model folder")
+    l.add_argument("--image", action="append", default=[], help="repeat; each followed by its --prompt")
+    l.add_argument("--prompt", action="append", default=[], help='e.g. "a photo of [v1] and [v2]"')
+    l.add_argument("--init", action="append", default=[], help='"[v1]=man": start a token from a word')
+    l.add_argument("--mask", action="append", default=[], help='"[v2]=M.png" or "[v2]@2=M.png": a fixed user mask')
+    l.add_argument("--steps", type=int, default=d.steps)
+    l.add_argument("--out", required=True)
+    l.add_argument("--lr", type=float, default=d.lr)
+    l.add_argument("--attn-weight", type=float, default=d.attn_weight)
+    l.add_argument("--refresh-every", type=int, default=d.refresh_every, help="0: masks from attention once")
+    l.add_argument("--mask-timesteps", type=int, default=d.mask_timesteps)
+    l.add_argument("--threshold", type=float, default=d.threshold)
+    l.add_argument("--no-crf", action="store_true")
+    l.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    l.add_argument("--no-flip", action="store_true")
+    l.add_argument("--layers", choices=["coarse", "all"], default=d.layers)
+    l.add_argument("--resolution", type=int, default=None)
+    l.add_argument("--seed", type=int, default=d.seed)
+    l.add_argument("--save-every", type=int, default=d.save_every)
+    l.add_argument("--device", default="cpu")
+    l.add_argument("--quiet", action="store_true")
+    l.set_defaults(func=cmd_learn)
+    return p
+
+
+def _defaults():
+    from .config import LearnConfig
+
+    return LearnConfig()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

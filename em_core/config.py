@@ -1,0 +1,50 @@
+"""Settings of a learning run; defaults are Break-A-Scene's stage 1 and the paper's."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .crf import CRFParams
+
+
+@dataclass
+class LearnConfig:
+    steps: int = 400  # EM token steps (warm-up not counted)
+    lr: float = 5e-4
+    weight_decay: float = 1e-2  # AdamW's default, as in Break-A-Scene
+    attn_weight: float = 1e-2
+    refresh_every: int = 50  # re-estimate masks every this many EM steps (0: never)
+    mask_timesteps: int = 50
+    mask_batch: int = 10  # timesteps per U-Net call when estimating masks
+    threshold: float = 0.5
+    use_crf: bool = True
+    crf: CRFParams = field(default_factory=CRFParams)
+    warmup_steps: int = 0  # plain textual inversion without masks, before the first mask estimate
+    flip: bool = True
+    layers: str = "coarse"  # 'coarse' (16x16 for SD at 512 px) or 'all'
+    resolution: int | None = None  # working side in pixels; None: the model's own
+    seed: int = 0
+    save_every: int = 50
+
+    def __post_init__(self):
+        if isinstance(self.crf, dict):
+            self.crf = CRFParams(**self.crf)
+        checks = {
+            "steps": self.steps >= 0, "lr": self.lr > 0, "attn_weight": self.attn_weight >= 0,
+            "refresh_every": self.refresh_every >= 0, "mask_timesteps": self.mask_timesteps >= 1,
+            "mask_batch": self.mask_batch >= 1, "threshold": 0.0 <= self.threshold < 1.0,
+            "warmup_steps": self.warmup_steps >= 0, "save_every": self.save_every >= 1,
+            "resolution": self.resolution is None or self.resolution >= 8,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"settings out of range: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["crf"] = self.crf.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LearnConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

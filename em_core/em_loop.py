@@ -1,0 +1,250 @@
+"""The EM-like loop: optimise concept tokens under masks, re-estimate masks from attention.
+
+Per step: one image, a random non-empty subset of its concepts ("a photo of [v1] and [v3]"),
+a random timestep and noise; loss = masked diffusion loss + w * cross-attention loss; only the
+concept vectors move. Every `refresh_every` steps the masks are re-estimated with the current
+tokens (cross-attention over random timesteps, threshold, DenseCRF).
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .attention import AttentionCapture, concept_selector
+from .concepts import ConceptSet, encode_prompts, injected
+from .config import LearnConfig
+from .dataset import TrainImage
+from .losses import attention_loss, masked_diffusion_loss
+from .masks import estimate_masks, iou, latent_masks
+from .state import LearnState, save_state
+
+
+class StopLearning(Exception):
+    """Raised inside a step to end the run early while keeping the last good state."""
+
+
+def start_state(bundle, images: list[TrainImage], config: LearnConfig, init_words: dict | None = None,
+                fixed_masks: dict | None = None) -> LearnState:
+    """A fresh state: new tokens for every `[vN]` in the prompts; user masks where given.
+
+    `fixed_masks` maps (image index, name) -> bool mask (H, W) at the image's working size.
+    """
+    names = list(dict.fromkeys(n for img in images for n in img.names))
+    concepts = ConceptSet.create(bundle, names, init_words, seed=config.seed)
+    fixed_masks = fixed_masks or {}
+    masks, fixed = [], []
+    for i, img in enumerate(images):
+        given = [n for n in img.names if (i, n) in fixed_masks]
+        for (j, n) in fixed_masks:
+            if j == i and n not in img.names:
+                raise ValueError(f"mask: {n} is given a mask on image {i + 1}, whose prompt does not name it")
+        fixed.append(given)
+        if given:
+            m = np.zeros((len(img.names), img.size[1], img.size[0]), dtype=bool)
+            for n in given:
+                user = np.asarray(fixed_masks[(i, n)], dtype=bool)
+                if user.shape != m.shape[1:]:
+                    raise ValueError(f"mask for {n} on image {i + 1}: shape {user.shape}, expected {m.shape[1:]}")
+                if not user.any():
+                    raise ValueError(f"mask for {n} on image {i + 1} is empty; give a mask with the concept in white")
+                m[img.names.index(n)] = user
+            masks.append(m)
+        else:
+            masks.append(None)
+    records = [dict(path=img.path, prompt=img.prompt, names=img.names, size=list(img.size),
+                    original_size=list(img.original_size)) for img in images]
+    return LearnState(concepts=concepts, images=records, config=config, masks=masks, fixed=fixed,
+                      model=bundle.source)
+
+
+def _rng(seed: int, step: int) -> tuple[torch.Generator, random.Random]:
+    """Per-step randomness from (seed, step): a resumed run draws what an unbroken one would."""
+    mixed = (seed * 1_000_003 + step) % (2**63)
+    return torch.Generator().manual_seed(mixed), random.Random(mixed)
+
+
+def _target(scheduler, latents, noise, t):
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"model: prediction type {kind!r} is not supported (epsilon or v_prediction)")
+
+
+class _Run:
+    def __init__(self, bundle, images: list[TrainImage], state: LearnState):
+        self.bundle, self.images, self.state, self.cfg = bundle, images, state, state.config
+        self.token_id = dict(zip(state.concepts.names, state.concepts.token_ids(bundle.tokenizer)))
+        dev = bundle.device
+        self.vectors = torch.nn.Parameter(state.concepts.vectors.detach().clone().float().to(dev))
+        self.opt = torch.optim.AdamW([self.vectors], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if state.optimizer is not None:
+            self.opt.state[self.vectors] = {
+                "step": torch.tensor(float(state.optimizer["step"])),
+                "exp_avg": state.optimizer["exp_avg"].clone().to(dev),
+                "exp_avg_sq": state.optimizer["exp_avg_sq"].clone().to(dev),
+            }
+        self.latent = [None if m is None or not state.mask_history else latent_masks(m, img.latent_hw)
+                       for m, img in zip(state.masks, images)]
+
+    # --- masks -------------------------------------------------------------------------
+    def refresh_masks(self, kind: str) -> None:
+        st, cfg = self.state, self.cfg
+        gen, _ = _rng(cfg.seed + 7919, st.step)
+        concepts = ConceptSet(st.concepts.names, st.concepts.init_words, self.vectors.detach().clone())
+        change, new_masks = {}, []
+        for i, img in enumerate(self.images):
+            old = st.masks[i]
+            fixed = {n: old[img.names.index(n)] for n in st.fixed[i]}
+            if len(fixed) == len(img.names):
+                masks = old
+            else:
+                masks, _ = estimate_masks(
+                    self.bundle, concepts, img, n_timesteps=cfg.mask_timesteps, batch=cfg.mask_batch,
+                    threshold=cfg.threshold, use_crf=cfg.use_crf, crf_params=cfg.crf, fixed=fixed,
+                    generator=gen, layers=cfg.layers)
+            if old is not None and st.mask_history:
+                change[f"img{i + 1}"] = {n: 1.0 - iou(old[k], masks[k]) for k, n in enumerate(img.names)}
+            new_masks.append(masks)
+        # Assign only once every image is done, so an interrupt never leaves half a refresh.
+        st.masks = new_masks
+        self.latent = [latent_masks(m, img.latent_hw) for m, img in zip(new_masks, self.images)]
+        new_latent = [m.clone() for m in self.latent]
+        st.mask_history.append({"step": st.step, "masks": new_latent})
+        st.history["refreshes"].append({"step": st.step, "kind": kind, "change": change})
+
+    # --- one optimisation step ----------------------------------------------------------
+    def step_loss(self, warmup: bool, capture: AttentionCapture) -> tuple[torch.Tensor, dict]:
+        b, cfg = self.bundle, self.cfg
+        gen, rnd = _rng(cfg.seed, self.state.step)
+        i = rnd.randrange(len(self.images))
+        img = self.images[i]
+        if warmup:
+            subset, prompt = img.names, img.prompt
+        else:
+            k = rnd.randint(1, len(img.names))
+            picked = set(rnd.sample(img.names, k))
+            subset = [n for n in img.names if n in picked]
+            prompt = "a photo of " + " and ".join(subset)
+        flip = cfg.flip and img.latent_mean.shape[0] > 1 and rnd.random() < 0.5
+        z0 = img.sample_latent(flip, gen)
+        noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
+        t = torch.randint(0, b.scheduler.config.num_train_timesteps, (1,), generator=gen)
+        noisy = b.scheduler.add_noise(z0.cpu(), noise.cpu(), t).to(b.device, b.dtype)
+        target = _target(b.scheduler, z0.cpu(), noise.cpu(), t).to(b.device)
+        with injected(b, self.state.concepts, self.vectors):
+            ids, hidden = encode_prompts(b, [prompt])
+        info = {"step": self.state.step, "phase": "warmup" if warmup else "em", "image": i, "concepts": subset,
+                "t": int(t), "flip": bool(flip)}
+
+        def unet():
+            return b.unet(noisy, t.to(b.device), encoder_hidden_states=hidden).sample
+
+        if warmup:
+            loss = masked_diffusion_loss(unet(), target, None)
+            info.update(loss=loss.item(), mask_loss=loss.item(), attn_loss=0.0)
+            return loss, info
+        select = concept_selector(ids, [self.token_id[n] for n in subset])
+        if bool((select.sum(1) == 0).any()):
+            raise ValueError(f"prompt {prompt!r} lost a concept token to truncation")
+        pred, maps = capture.run(select, img.latent_hw, unet)
+        idx = [img.names.index(n) for n in subset]
+        m = self.latent[i][idx].to(b.device)
+        if flip:
+            m = m.flip(-1)
+        union = m.amax(0, keepdim=True)[None]
+        lm = masked_diffusion_loss(pred, target, union)
+        la = attention_loss(maps, m[None], torch.ones(1, len(idx), dtype=torch.bool))
+        loss = lm + cfg.attn_weight * la
+        info.update(loss=loss.item(), mask_loss=lm.item(), attn_loss=la.item())
+        return loss, info
+
+    def commit(self, info: dict) -> None:
+        st = self.state
+        st.concepts = ConceptSet(st.concepts.names, st.concepts.init_words, self.vectors.detach().cpu().clone())
+        s = self.opt.state[self.vectors]
+        st.optimizer = {"exp_avg": s["exp_avg"].detach().cpu().clone(),
+                        "exp_avg_sq": s["exp_avg_sq"].detach().cpu().clone(), "step": int(float(s["step"]))}
+        st.history["steps"].append(info)
+        st.step += 1
+
+
+def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, should_stop=None, on_step=None,
+          progress: bool = True) -> LearnState:
+    """Runs the state's remaining steps; returns a new state (the input is not modified).
+
+    Saves to `out` every `save_every` steps and at the end. Stops early, keeping the last
+    good step, on a non-finite loss (status 'nan'), when `should_stop()` is true ('cancelled'),
+    or on Ctrl-C ('interrupted', saved, then re-raised).
+    """
+    state = state.copy()
+    if len(images) != len(state.images):
+        raise ValueError(f"images: the state has {len(state.images)} image(s), {len(images)} were given")
+    for img, rec in zip(images, state.images):
+        if img.names != rec["names"]:
+            raise ValueError(f"image {rec['path']!r}: its concepts {img.names} differ from the state's {rec['names']}")
+        if img.latent_mean.is_inference():
+            img.latent_mean, img.latent_std = img.latent_mean.clone(), img.latent_std.clone()
+    # A resumed run keeps only the history up to the step its tensors were saved at.
+    state.history["steps"] = [h for h in state.history["steps"] if h["step"] < state.step]
+    cfg = state.config
+    total = cfg.warmup_steps + cfg.steps
+    state.status, state.message = "running", ""
+    with torch.inference_mode(False), torch.enable_grad():
+        run = _Run(bundle, images, state)
+        bar = tqdm(total=total, initial=min(state.step, total), disable=not progress, desc="learn", unit="step")
+        try:
+            with AttentionCapture(bundle.unet, cfg.layers) as capture:
+                while True:
+                    if state.step >= cfg.warmup_steps and not state.mask_history:
+                        with torch.no_grad():
+                            run.refresh_masks("init")
+                    if state.step >= total:
+                        state.status = "done"
+                        break
+                    if should_stop is not None and should_stop():
+                        state.status, state.message = "cancelled", f"cancelled after step {state.step}"
+                        break
+                    warm = state.step < cfg.warmup_steps
+                    before = run.vectors.detach().clone()
+                    loss, info = run.step_loss(warm, capture)
+                    if not math.isfinite(info["loss"]):
+                        state.status = "nan"
+                        state.message = f"loss was not finite at step {state.step}; kept the state of the step before"
+                        break
+                    run.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    run.opt.step()
+                    if not bool(torch.isfinite(run.vectors).all()):
+                        with torch.no_grad():
+                            run.vectors.copy_(before)
+                        state.status = "nan"
+                        state.message = f"token vectors became non-finite at step {state.step}; kept the step before"
+                        break
+                    run.commit(info)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{info['loss']:.4f}")
+                    em_step = state.step - cfg.warmup_steps
+                    if (not warm and cfg.refresh_every and em_step % cfg.refresh_every == 0
+                            and state.step < total):
+                        with torch.no_grad():
+                            run.refresh_masks("refresh")
+                    if on_step is not None:
+                        on_step(state, info)
+                    if out is not None and state.step % cfg.save_every == 0:
+                        save_state(state, out)
+        except KeyboardInterrupt:
+            state.status, state.message = "interrupted", f"interrupted after step {state.step}"
+            if out is not None:
+                save_state(state, out)
+            raise
+        finally:
+            bar.close()
+    if out is not None:
+        save_state(state, out)
+    return state

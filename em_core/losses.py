@@ -1,0 +1,32 @@
+"""Break-A-Scene's two losses: masked diffusion loss (paper eq. 3), cross-attention loss (eq. 4)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, union: torch.Tensor | None) -> torch.Tensor:
+    """MSE of prediction and target under `union` (B, 1, h, w); plain MSE when union is None.
+
+    Averaged over all latent elements as Break-A-Scene does, so a small mask weighs less.
+    """
+    if union is None:
+        return F.mse_loss(pred.float(), target.float())
+    union = union.to(pred.dtype)
+    return F.mse_loss((pred * union).float(), (target * union).float())
+
+
+def attention_loss(maps: torch.Tensor, masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean over present concepts of MSE(map / max(map), mask) at the maps' resolution.
+
+    maps (B, K, h, w), masks (B, K, H, W) in [0, 1], present (B, K) bool.
+    """
+    if masks.shape[-2:] != maps.shape[-2:]:
+        masks = F.interpolate(masks.float(), size=maps.shape[-2:], mode="area")
+    peak = maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+    per = ((maps.float() / peak - masks.float()) ** 2).flatten(2).mean(-1)  # (B, K)
+    present = present.to(per.dtype)
+    n = present.sum()
+    if n == 0:
+        return maps.sum() * 0.0
+    return (per * present).sum() / n

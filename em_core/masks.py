@@ -1,0 +1,110 @@
+"""Masks from cross-attention: maps averaged over random timesteps, thresholded, CRF-refined."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionCapture, concept_selector
+from .concepts import ConceptSet, encode_prompts, injected
+from .crf import CRFParams, refine_masks
+
+FALLBACK_FRACTION = 0.1  # a concept with an empty mask keeps its most attended 10% of pixels
+
+
+@torch.no_grad()
+def attention_maps(bundle, concepts: ConceptSet, image, n_timesteps: int = 50, batch: int = 10,
+                   generator: torch.Generator | None = None, layers: str = "coarse") -> torch.Tensor:
+    """(K_i, h, w) maps of the image's concepts, averaged over `n_timesteps` random timesteps.
+
+    The timesteps run through the U-Net `batch` at a time rather than one by one.
+    """
+    generator = generator or torch.Generator().manual_seed(0)
+    dev = bundle.device
+    n_train = bundle.scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, n_train, (n_timesteps,), generator=generator)
+    noise = torch.randn((n_timesteps, *image.latent_mean.shape[1:]), generator=generator)
+    z0 = image.latent_mean[0:1]
+    token_ids = [concepts.token_ids(bundle.tokenizer)[concepts.index(n)] for n in image.names]
+    with injected(bundle, concepts):
+        ids, hidden = encode_prompts(bundle, [image.prompt])
+    select = concept_selector(ids, token_ids)
+    missing = [n for n, hit in zip(image.names, select[0].sum(0).tolist()) if hit == 0]
+    if missing:
+        raise ValueError(f"prompt {image.prompt!r}: {missing} fell beyond the text encoder's token limit; shorten it")
+    total = None
+    with AttentionCapture(bundle.unet, layers) as cap:
+        for start in range(0, n_timesteps, batch):
+            t = timesteps[start:start + batch]
+            b = len(t)
+            noisy = bundle.scheduler.add_noise(z0.expand(b, -1, -1, -1).cpu(), noise[start:start + b], t)
+            noisy = noisy.to(dev, bundle.dtype)
+            _, maps = cap.run(select.expand(b, -1, -1), image.latent_hw, lambda: bundle.unet(
+                noisy, t.to(dev), encoder_hidden_states=hidden.expand(b, -1, -1)).sample)
+            part = maps.float().sum(0)
+            total = part if total is None else total + part
+    return (total / n_timesteps).cpu()
+
+
+def normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Each map scaled to [0, 1] by its own min and max; a flat map becomes all zeros."""
+    flat = maps.flatten(1)
+    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    span = hi - lo
+    return torch.where(span > 1e-12, (maps - lo) / span.clamp_min(1e-12), torch.zeros_like(maps))
+
+
+def binarise(maps: torch.Tensor, size: tuple[int, int], threshold: float, names: list[str]) -> np.ndarray:
+    """(K, H, W) bool at image size (W, H); empty masks fall back to the top pixels, with a warning."""
+    up = F.interpolate(normalise(maps)[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
+    up = torch.nan_to_num(up, nan=0.0)
+    masks = (up > threshold).numpy()
+    for k, name in enumerate(names):
+        if not masks[k].any():
+            flat = up[k].flatten()
+            keep = max(1, int(FALLBACK_FRACTION * flat.numel()))
+            idx = torch.argsort(flat, descending=True, stable=True)[:keep]
+            fallback = np.zeros(flat.numel(), dtype=bool)
+            fallback[idx.numpy()] = True
+            masks[k] = fallback.reshape(masks[k].shape)
+            warnings.warn(
+                f"mask of {name} is empty at threshold {threshold}; kept its {FALLBACK_FRACTION:.0%} "
+                "most attended pixels instead (lower the threshold to keep more)", stacklevel=2,
+            )
+    return masks
+
+
+def estimate_masks(bundle, concepts: ConceptSet, image, *, n_timesteps=50, batch=10, threshold=0.5,
+                   use_crf=True, crf_params: CRFParams = CRFParams(), fixed: dict | None = None,
+                   generator=None, layers="coarse") -> tuple[np.ndarray, torch.Tensor]:
+    """Image-size bool masks (K_i, H, W) and the raw maps they came from.
+
+    `fixed` maps concept name -> a user mask (H, W) that is kept as it is; it still takes
+    part in the CRF so the other concepts are pushed off it.
+    """
+    maps = attention_maps(bundle, concepts, image, n_timesteps, batch, generator, layers)
+    masks = binarise(maps, image.size, threshold, image.names)
+    fixed = fixed or {}
+    for k, name in enumerate(image.names):
+        if name in fixed:
+            masks[k] = fixed[name]
+    if use_crf:
+        masks = refine_masks(image.rgb, masks, crf_params)
+        for k, name in enumerate(image.names):
+            if name in fixed:
+                masks[k] = fixed[name]
+    return masks, maps
+
+
+def latent_masks(masks: np.ndarray, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(K, h, w) float masks on the latent grid: the fraction of each cell inside the mask."""
+    t = torch.from_numpy(np.asarray(masks, dtype=np.float32))[None]
+    return F.interpolate(t, size=latent_hw, mode="area")[0]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0

@@ -1,0 +1,133 @@
+"""The learned state of a run and its files: one safetensors file is the commit point.
+
+OUT/state.safetensors  vectors, optimiser moments, masks, mask history; settings as JSON metadata
+OUT/state.json         the same metadata, readable
+OUT/history.json       losses per step, mask changes per refresh (for a Fig. 3-style curve)
+OUT/masks/imgI_vN.png  each concept's mask on each image, at the image's own size
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import inside, prepare_out, write_atomic, write_json
+from .concepts import ConceptSet
+from .config import LearnConfig
+from .images import mask_to_image
+
+FORMAT = "em_core.state/1"
+
+
+@dataclass
+class LearnState:
+    concepts: ConceptSet
+    images: list[dict]  # path, prompt, names, size (W, H), original_size (W, H)
+    config: LearnConfig
+    masks: list = field(default_factory=list)  # per image: (K_i, H, W) bool at working size, or None
+    fixed: list = field(default_factory=list)  # per image: names whose masks the user gave
+    step: int = 0  # steps done, warm-up included
+    history: dict = field(default_factory=lambda: {"steps": [], "refreshes": []})
+    mask_history: list = field(default_factory=list)  # [{"step": s, "masks": [(K_i, h, w) float per image]}]
+    optimizer: dict | None = None  # AdamW moments for the vectors: exp_avg, exp_avg_sq, step
+    status: str = "new"  # new | running | done | nan | interrupted | cancelled
+    message: str = ""
+    model: str = ""
+
+    def copy(self) -> "LearnState":
+        return LearnState(
+            concepts=self.concepts.copy(), images=[dict(i) for i in self.images],
+            config=LearnConfig.from_dict(self.config.to_dict()),
+            masks=[None if m is None else m.copy() for m in self.masks], fixed=[list(f) for f in self.fixed],
+            step=self.step, history=json.loads(json.dumps(self.history)),
+            mask_history=[{"step": h["step"], "masks": [m.clone() for m in h["masks"]]} for h in self.mask_history],
+            optimizer=None if self.optimizer is None else {k: (v.clone() if torch.is_tensor(v) else v)
+                                                            for k, v in self.optimizer.items()},
+            status=self.status, message=self.message, model=self.model,
+        )
+
+    def concept_mask(self, image_index: int, name: str) -> np.ndarray:
+        names = self.images[image_index]["names"]
+        if name not in names:
+            raise KeyError(f"{name} is not in image {image_index + 1}; it shows {names}")
+        return self.masks[image_index][names.index(name)]
+
+    def meta(self) -> dict:
+        return {
+            "format": FORMAT, "model": self.model, "step": self.step, "status": self.status, "message": self.message,
+            "config": self.config.to_dict(), "concepts": self.concepts.names, "init_words": self.concepts.init_words,
+            "images": self.images, "fixed": self.fixed,
+            "optimizer_step": None if self.optimizer is None else int(self.optimizer["step"]),
+            "mask_history_steps": [h["step"] for h in self.mask_history],
+        }
+
+
+def mask_png_name(image_index: int, name: str) -> str:
+    return f"img{image_index + 1}_{name[1:-1]}.png"
+
+
+def save_state(state: LearnState, out: str | Path) -> Path:
+    out = prepare_out(out)
+    tensors = {"concepts.vectors": state.concepts.vectors.detach().float().cpu().contiguous()}
+    if state.optimizer is not None:
+        tensors["optimizer.exp_avg"] = state.optimizer["exp_avg"].float().cpu().contiguous()
+        tensors["optimizer.exp_avg_sq"] = state.optimizer["exp_avg_sq"].float().cpu().contiguous()
+    for i, m in enumerate(state.masks):
+        if m is not None:
+            tensors[f"masks.{i}"] = torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8))
+    for r, h in enumerate(state.mask_history):
+        for i, m in enumerate(h["masks"]):
+            tensors[f"mask_history.{r}.{i}"] = m.detach().to(torch.float16).cpu().contiguous()
+    meta = state.meta()
+    write_atomic(inside(out, "state.safetensors"),
+                 lambda tmp: save_file(tensors, tmp, metadata={"em_core": json.dumps(meta)}))
+    write_json(inside(out, "state.json"), meta)
+    write_json(inside(out, "history.json"), state.history)
+    for i, m in enumerate(state.masks):
+        if m is None:
+            continue
+        for k, name in enumerate(state.images[i]["names"]):
+            img = mask_to_image(m[k].astype(np.float32), tuple(state.images[i]["original_size"]))
+            write_atomic(inside(out, Path("masks") / mask_png_name(i, name)), lambda tmp: img.save(tmp, format="PNG"))
+    return out
+
+
+def load_state(out: str | Path) -> LearnState:
+    path = Path(out) / "state.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"state: {path} not found; point to the OUT folder of a `learn` run")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("em_core", "null"))
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"state: {path} is corrupt or truncated ({exc}); rerun `learn` into a fresh folder") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"state: {path} is not an em_core state file (format {FORMAT})")
+    concepts = ConceptSet(meta["concepts"], meta["init_words"], tensors["concepts.vectors"])
+    masks = []
+    for i in range(len(meta["images"])):
+        t = tensors.get(f"masks.{i}")
+        masks.append(None if t is None else t.numpy().astype(bool))
+    history_path = Path(out) / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else {"steps": [], "refreshes": []}
+    mask_history = [
+        {"step": s, "masks": [tensors[f"mask_history.{r}.{i}"].float() for i in range(len(meta["images"]))
+                              if f"mask_history.{r}.{i}" in tensors]}
+        for r, s in enumerate(meta["mask_history_steps"])
+    ]
+    optimizer = None
+    if "optimizer.exp_avg" in tensors:
+        optimizer = {"exp_avg": tensors["optimizer.exp_avg"], "exp_avg_sq": tensors["optimizer.exp_avg_sq"],
+                     "step": meta["optimizer_step"]}
+    return LearnState(
+        concepts=concepts, images=meta["images"], config=LearnConfig.from_dict(meta["config"]), masks=masks,
+        fixed=meta["fixed"], step=meta["step"], history=history, mask_history=mask_history, optimizer=optimizer,
+        status=meta["status"], message=meta["message"], model=meta["model"],
+    )
