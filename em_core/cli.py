@@ -112,6 +112,48 @@ def cmd_learn(args) -> int:
     return 0 if state.status == "done" else 1
 
 
+def cmd_demo(args) -> int:
+    """The main job on the embedded default model: two procedural scenes, three concepts."""
+    import json
+
+    from .atomic import inside, prepare_out, write_json
+    from .config import LearnConfig
+    from .dataset import prepare_image
+    from .em_loop import learn, start_state
+    from .images import open_mask
+    from .metrics import iou_curve, mean_iou
+    from .scenes import make_scene
+    from .tiny_model import build_model, save_bundle
+
+    out = prepare_out(args.out)
+    bundle = build_model("tiny", seed=args.seed)
+    save_bundle(bundle, inside(out, "model"))
+    words = {"[v1]": "red circle", "[v2]": "blue square", "[v3]": "grass"}
+    images, truth = [], {}
+    for i in range(2):
+        scene = make_scene(seed=args.seed + i)
+        path = inside(out, f"inputs/scene{i + 1}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scene.image.save(path)
+        for name, word in words.items():
+            mpath = inside(out, f"inputs/scene{i + 1}_{name[1:-1]}_true.png")
+            from PIL import Image
+            Image.fromarray(scene.masks[word].astype("uint8") * 255).save(mpath)
+        img = prepare_image(bundle, path, "a photo of [v1] and [v2] on [v3]")
+        images.append(img)
+        for name in words:
+            truth[(i, name)] = open_mask(inside(out, f"inputs/scene{i + 1}_{name[1:-1]}_true.png"), img.size)
+    config = LearnConfig(steps=args.steps, refresh_every=max(1, args.steps // 4), mask_timesteps=20, seed=args.seed)
+    state = start_state(bundle, images, config, {"[v1]": "red", "[v2]": "blue", "[v3]": "grass"})
+    state = learn(bundle, images, state, out=inside(out, "run"), progress=not args.quiet)
+    curve = iou_curve(state, truth)
+    write_json(inside(out, "iou_curve.json"), curve)
+    for entry in curve:
+        print(f"step {entry['step']:4d}  mean mask IoU vs truth {mean_iou(entry):.3f}  " + json.dumps(entry["iou"]))
+    print(f"{state.status}: masks in {out / 'run' / 'masks'}, IoU curve in {out / 'iou_curve.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m em_core", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=int, default=10)
     r.add_argument("--unary-scale", type=float, default=1.0)
     r.set_defaults(func=cmd_refine_masks)
+
+    dm = sub.add_parser("demo", help="the main job on the embedded default model, with no download")
+    dm.add_argument("--out", default="demo-out")
+    dm.add_argument("--steps", type=int, default=40)
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--quiet", action="store_true")
+    dm.set_defaults(func=cmd_demo)
 
     d = _defaults()
     l = sub.add_parser("learn", help="learn concept tokens and masks from images")
@@ -165,6 +214,9 @@ def _defaults():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:

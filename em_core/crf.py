@@ -5,6 +5,7 @@ masks, as the paper describes; pairwise terms use CutLER's hyper-parameters by d
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,15 +63,21 @@ def crf_probabilities(image: np.ndarray, masks: np.ndarray, params: CRFParams = 
 
 
 def refine_masks(image: np.ndarray, masks: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
-    """(K, H, W) bool refined masks: each pixel goes to its most likely label.
+    """(K, H, W) bool refined masks: each pixel goes to its most likely label, so none overlap.
 
-    A concept the CRF wipes out keeps its input mask, so no concept is ever left empty
-    when it had pixels to begin with.
+    A concept the CRF wipes out is not left empty: it takes back the pixels of its input
+    mask where its own probability is in its top tenth, and the other masks give them up.
     """
     _, binary = _check(image, masks)
-    labels = crf_probabilities(image, masks, params).argmax(0)
+    q = crf_probabilities(image, masks, params)
+    labels = q.argmax(0)
     out = np.stack([labels == k + 1 for k in range(binary.shape[0])])
     for k in range(out.shape[0]):
-        if not out[k].any():
-            out[k] = binary[k]
+        if out[k].any() or not binary[k].any():
+            continue
+        own = q[k + 1][binary[k]]
+        keep = binary[k] & (q[k + 1] >= np.quantile(own, 0.9))
+        warnings.warn(f"DenseCRF removed mask {k} entirely; kept the most likely tenth of its input", stacklevel=2)
+        out[:, keep] = False
+        out[k] = keep
     return out

@@ -1,0 +1,31 @@
+"""Mask quality against known masks: the IoU per concept at every mask refresh (paper Fig. 3)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .masks import iou, latent_masks
+
+
+def iou_curve(state, truth: dict) -> list[dict]:
+    """[{step, iou: {imgI: {name: IoU}}}] for each refresh in the state's mask history.
+
+    `truth` maps (image index, name) -> bool mask at the image's working size; the
+    comparison is made on the latent grid the masks live on (cells more than half inside).
+    """
+    curve = []
+    for entry in state.mask_history:
+        scores = {}
+        for (i, name), true in truth.items():
+            names = state.images[i]["names"]
+            if name not in names:
+                raise KeyError(f"truth: {name} is not a concept of image {i + 1} ({names})")
+            est = entry["masks"][i][names.index(name)].numpy() > 0.5
+            ref = latent_masks(np.asarray(true)[None], est.shape)[0].numpy() > 0.5
+            scores.setdefault(f"img{i + 1}", {})[name] = iou(est, ref)
+        curve.append({"step": entry["step"], "iou": scores})
+    return curve
+
+
+def mean_iou(entry: dict) -> float:
+    values = [v for per in entry["iou"].values() for v in per.values()]
+    return float(np.mean(values)) if values else float("nan")

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random model on disk, procedural scenes, the real photographs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from em_core.model import load_bundle
+from em_core.scenes import make_scene
+from em_core.tiny_model import make_tiny_model
+
+SHARED_SCENES = Path(__file__).resolve().parents[2] / "shared" / "data" / "scenes"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture
+def bundle(tiny_dir):
+    """A freshly loaded tiny model per test, so added tokens never leak between tests."""
+    return load_bundle(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def scene_files(tmp_path_factory):
+    """Two 64 px scenes with a red circle [v1], a blue square [v2] on grass [v3], true masks beside."""
+    root = tmp_path_factory.mktemp("scenes")
+    out = []
+    for i in range(2):
+        s = make_scene(seed=10 + i)
+        path = root / f"scene{i}.png"
+        s.image.save(path)
+        truth = {"[v1]": s.masks["red circle"], "[v2]": s.masks["blue square"], "[v3]": s.masks["grass"]}
+        for name, m in truth.items():
+            from PIL import Image
+
+            Image.fromarray(m.astype(np.uint8) * 255).save(root / f"scene{i}_{name[1:-1]}.png")
+        out.append((path, truth))
+    return out
+
+
+def real_scenes():
+    if not SHARED_SCENES.is_dir():
+        return []
+    return sorted(p for p in SHARED_SCENES.iterdir() if (p / "img.jpg").is_file())

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from conftest import real_scenes
+from em_core.cli import main
+from em_core.crf import CRFParams, crf_probabilities, refine_masks
+from em_core.images import open_image, open_mask
+from em_core.masks import iou
+
+SCENES = real_scenes()
+
+
+def _coarse(mask: np.ndarray, rng) -> np.ndarray:
+    """An attention-like mask: the human mask at 16x16, blurred, noisy, blown up, thresholded low."""
+    h, w = mask.shape
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((16, 16), Image.BOX), np.float32) / 255
+    small = gaussian_filter(small, 1.0) + rng.normal(0, 0.05, small.shape)
+    big = Image.fromarray(np.clip(small * 255, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
+    return np.asarray(big, np.float32) / 255 > 0.25
+
+
+@pytest.mark.skipif(not SCENES, reason="../shared/data/scenes is not beside the checkout")
+def test_crf_brings_coarse_masks_closer_to_human_masks_on_real_photos():
+    rng = np.random.default_rng(0)
+    before, after = [], []
+    for scene in SCENES:
+        img = np.asarray(open_image(scene / "img.jpg"))
+        truth = [open_mask(p) for p in sorted(scene.glob("mask*.png"))]
+        coarse = np.stack([_coarse(t, rng) for t in truth])
+        refined = refine_masks(img, coarse)
+        before += [iou(c, t) for c, t in zip(coarse, truth)]
+        after += [iou(r, t) for r, t in zip(refined, truth)]
+    gain = np.mean(after) - np.mean(before)
+    # Measured at about +6.5 IoU points with these settings; require a clear gain.
+    assert gain > 0.03, (np.mean(before), np.mean(after))
+    assert np.mean(np.array(after) >= np.array(before)) >= 0.8
+
+
+def test_crf_probabilities_and_labels():
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, 16:] = 255
+    mask = np.zeros((1, 32, 32), bool)
+    mask[0, 4:28, 14:30] = True  # spills two pixels over the edge
+    q = crf_probabilities(img, mask)
+    assert q.shape == (2, 32, 32) and np.allclose(q.sum(0), 1, atol=1e-4)
+    refined = refine_masks(img, mask, CRFParams(iterations=10))
+    assert refined[0, 10, 14] == 0 and refined[0, 10, 20] == 1  # snapped to the colour edge
+
+
+def test_crf_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="masks: expected"):
+        refine_masks(np.zeros((8, 8, 3), np.uint8), np.zeros((1, 4, 4), bool))
+    with pytest.raises(ValueError, match="image: expected"):
+        refine_masks(np.zeros((8, 8), np.uint8), np.zeros((1, 8, 8), bool))
+
+
+def test_a_concept_the_crf_wipes_out_keeps_part_of_its_input_mask():
+    img = np.full((16, 16, 3), 128, np.uint8)
+    masks = np.zeros((2, 16, 16), bool)
+    masks[0] = True
+    masks[1, 6:9, 6:9] = True
+    with pytest.warns(UserWarning, match="removed mask 1"):
+        refined = refine_masks(img, masks)
+    assert refined[1].any() and not (refined[1] & ~masks[1]).any()
+    assert not (refined[0] & refined[1]).any()
+
+
+@pytest.mark.skipif(not SCENES, reason="../shared/data/scenes is not beside the checkout")
+def test_refine_masks_cli_writes_one_png_per_mask(tmp_path):
+    scene = SCENES[0]
+    rng = np.random.default_rng(1)
+    paths = []
+    for k, p in enumerate(sorted(scene.glob("mask*.png"))):
+        coarse = _coarse(open_mask(p), rng)
+        q = tmp_path / f"coarse{k}.png"
+        Image.fromarray(coarse.astype(np.uint8) * 255).save(q)
+        paths += ["--mask", str(q)]
+    out = tmp_path / "out"
+    assert main(["refine-masks", "--image", str(scene / "img.jpg"), *paths, "--out", str(out)]) == 0
+    written = sorted(out.glob("*.png"))
+    assert len(written) == len(paths) // 2
+    assert Image.open(written[0]).size == Image.open(scene / "img.jpg").size

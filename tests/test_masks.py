@@ -1,0 +1,68 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from em_core.concepts import ConceptSet
+from em_core.dataset import prepare_image
+from em_core.masks import attention_maps, binarise, estimate_masks, latent_masks, normalise
+
+
+def _setup(bundle, scene_files):
+    img = prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")
+    cs = ConceptSet.create(bundle, img.names, {"[v1]": "red", "[v2]": "blue", "[v3]": "grass"})
+    return img, cs
+
+
+def test_batched_timesteps_give_the_same_maps_as_one_by_one(bundle, scene_files):
+    img, cs = _setup(bundle, scene_files)
+    one = attention_maps(bundle, cs, img, n_timesteps=12, batch=1, generator=torch.Generator().manual_seed(5))
+    many = attention_maps(bundle, cs, img, n_timesteps=12, batch=12, generator=torch.Generator().manual_seed(5))
+    assert one.shape == (3, 8, 8)  # 64 px -> 16 latent -> coarsest cross-attention layers (/2) at 8x8
+    assert torch.allclose(one, many, atol=1e-5)
+    fewer = attention_maps(bundle, cs, img, n_timesteps=12, batch=5, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(one, fewer, atol=1e-5)
+
+
+def test_masks_at_image_size_with_crf(bundle, scene_files):
+    img, cs = _setup(bundle, scene_files)
+    masks, maps = estimate_masks(bundle, cs, img, n_timesteps=8, batch=8, threshold=0.5)
+    assert masks.shape == (3, 64, 64) and masks.dtype == bool
+    assert all(m.any() for m in masks)
+    # The CRF gives each pixel one label: concept masks never overlap.
+    assert masks.sum(0).max() <= 1
+
+
+def test_fixed_masks_are_kept_exactly(bundle, scene_files):
+    img, cs = _setup(bundle, scene_files)
+    user = scene_files[0][1]["[v2]"]
+    masks, _ = estimate_masks(bundle, cs, img, n_timesteps=4, batch=4, fixed={"[v2]": user})
+    assert np.array_equal(masks[1], user)
+
+
+def test_normalise_and_empty_mask_fallback():
+    maps = torch.stack([torch.arange(16.0).reshape(4, 4), torch.zeros(4, 4), torch.full((4, 4), 3.0)])
+    n = normalise(maps)
+    assert n[0].min() == 0 and n[0].max() == 1 and torch.isfinite(n).all()
+    assert (n[1] == 0).all() and (n[2] == 0).all()  # flat maps: zeros, not NaN
+    with pytest.warns(UserWarning, match=r"mask of \[v2\] is empty"):
+        masks = binarise(maps, (8, 8), 0.5, ["[v1]", "[v2]", "[v3]"])
+    assert masks[0].any() and masks[1].sum() == 6 and masks[2].sum() == 6  # 10% of 64 pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        binarise(maps[:1], (8, 8), 0.5, ["[v1]"])  # a non-empty mask warns nothing
+
+
+def test_nan_maps_never_reach_the_masks():
+    maps = torch.full((1, 4, 4), float("nan"))
+    with pytest.warns(UserWarning):
+        masks = binarise(maps, (8, 8), 0.5, ["[v1]"])
+    assert masks.any()
+
+
+def test_latent_masks_are_area_fractions():
+    m = np.zeros((1, 8, 8), bool)
+    m[0, :4, :2] = True
+    lat = latent_masks(m, (2, 2))
+    assert torch.allclose(lat[0], torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
