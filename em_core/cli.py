@@ -52,6 +52,7 @@ def cmd_refine_masks(args) -> int:
 def cmd_learn(args) -> int:
     import torch
 
+    from .atomic import prepare_out
     from .config import LearnConfig
     from .dataset import check_prompts, prepare_image
     from .em_loop import learn, start_state
@@ -62,8 +63,8 @@ def cmd_learn(args) -> int:
     if not args.image:
         raise ValueError("--image: give at least one image, each followed by its --prompt")
     check_prompts(args.image, args.prompt)
+    out = prepare_out(args.out)
     bundle = load_bundle(args.model, device=args.device)
-    out = Path(args.out)
     resume = (out / "state.safetensors").is_file()
     if resume:
         state = load_state(out)
@@ -104,8 +105,8 @@ def cmd_learn(args) -> int:
     try:
         state = learn(bundle, images, state, out=out, progress=not args.quiet)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the state after step {state.step if resume else 'the last'} completed step "
-              f"is saved in {out}; run the same command to resume", file=sys.stderr)
+        print(f"\ninterrupted: the last completed step is saved in {out}; run the same command to resume",
+              file=sys.stderr)
         return 130
     print(f"{state.status}: {state.step} steps; state, masks and history in {out}" +
           (f" ({state.message})" if state.message else ""))

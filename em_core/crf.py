@@ -62,7 +62,7 @@ def crf_probabilities(image: np.ndarray, masks: np.ndarray, params: CRFParams = 
     return q.reshape(n_labels, h, w)
 
 
-def refine_masks(image: np.ndarray, masks: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+def refine_masks(image: np.ndarray, masks: np.ndarray, params: CRFParams = CRFParams(), names=None) -> np.ndarray:
     """(K, H, W) bool refined masks: each pixel goes to its most likely label, so none overlap.
 
     A concept the CRF wipes out is not left empty: it takes back the pixels of its input
@@ -77,7 +77,8 @@ def refine_masks(image: np.ndarray, masks: np.ndarray, params: CRFParams = CRFPa
             continue
         own = q[k + 1][binary[k]]
         keep = binary[k] & (q[k + 1] >= np.quantile(own, 0.9))
-        warnings.warn(f"DenseCRF removed mask {k} entirely; kept the most likely tenth of its input", stacklevel=2)
+        name = names[k] if names else f"mask {k}"
+        warnings.warn(f"DenseCRF removed {name} entirely; kept the most likely tenth of its input", stacklevel=2)
         out[:, keep] = False
         out[k] = keep
     return out

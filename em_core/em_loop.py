@@ -20,6 +20,7 @@ from .config import LearnConfig
 from .dataset import TrainImage
 from .losses import attention_loss, masked_diffusion_loss
 from .masks import estimate_masks, iou, latent_masks
+from .atomic import prepare_out
 from .state import LearnState, save_state
 
 
@@ -183,6 +184,8 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
     or on Ctrl-C ('interrupted', saved, then re-raised).
     """
     state = state.copy()
+    if out is not None:
+        prepare_out(out)
     if len(images) != len(state.images):
         raise ValueError(f"images: the state has {len(state.images)} image(s), {len(images)} were given")
     for img, rec in zip(images, state.images):

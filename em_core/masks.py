@@ -91,7 +91,7 @@ def estimate_masks(bundle, concepts: ConceptSet, image, *, n_timesteps=50, batch
         if name in fixed:
             masks[k] = fixed[name]
     if use_crf:
-        masks = refine_masks(image.rgb, masks, crf_params)
+        masks = refine_masks(image.rgb, masks, crf_params, image.names)
         for k, name in enumerate(image.names):
             if name in fixed:
                 masks[k] = fixed[name]

@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from em_core.cli import main
+from em_core.state import load_state
+
+
+def _learn_args(model, scene_files, out, steps=4, extra=()):
+    (a, _), (b, _) = scene_files
+    return ["learn", "--model", str(model), "--image", str(a), "--prompt", "a photo of [v1] and [v2] on [v3]",
+            "--image", str(b), "--prompt", "[v1] on grass", "--init", "[v1]=red", "--steps", str(steps),
+            "--refresh-every", "2", "--mask-timesteps", "4", "--out", str(out), "--quiet", *extra]
+
+
+def test_learn_end_to_end_then_resume(tiny_dir, scene_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    mask = scene_files[0][0].parent / "scene0_v2.png"
+    assert main(_learn_args(tiny_dir, scene_files, out, extra=["--mask", f"[v2]={mask}"])) == 0
+    state = load_state(out)
+    assert state.step == 4 and state.status == "done"
+    assert state.concepts.init_words == {"[v1]": "red", "[v2]": None, "[v3]": None}
+    truth = np.asarray(Image.open(mask)) > 127
+    assert np.array_equal(state.concept_mask(0, "[v2]"), truth)
+    assert Image.open(out / "masks" / "img1_v2.png").size == (64, 64)
+    meta = json.loads((out / "state.json").read_text())
+    assert meta["step"] == 4 and meta["images"][1]["names"] == ["[v1]"]
+    # Same command with more steps continues where the run stopped.
+    assert main(_learn_args(tiny_dir, scene_files, out, steps=7)) == 0
+    assert "resuming from step 4" in capsys.readouterr().out
+    assert load_state(out).step == 7
+    # Other images into the same folder are refused rather than mixed.
+    (a, _), (b, _) = scene_files
+    bad = ["learn", "--model", str(tiny_dir), "--image", str(b), "--prompt", "[v1]", "--steps", "1",
+           "--out", str(out), "--quiet"]
+    assert main(bad) == 2
+    assert "holds a run on other images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mask", "[v1]=x.png"], "is in 2 images"),
+    (["--mask", "[v9]=x.png"], "is in 0 images"),
+    (["--init", "[v9]=dog"], "appear in no prompt"),
+    (["--init", "v1-dog"], "not of the form"),
+])
+def test_learn_bad_arguments(tiny_dir, scene_files, tmp_path, capsys, extra, message):
+    assert main(_learn_args(tiny_dir, scene_files, tmp_path / "o", extra=extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_learn_refuses_prompt_without_concepts_and_unreadable_images(tiny_dir, scene_files, tmp_path, capsys):
+    a = str(scene_files[0][0])
+    assert main(["learn", "--model", str(tiny_dir), "--image", a, "--prompt", "a photo", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "names no concept" in capsys.readouterr().err
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)
+    assert main(["learn", "--model", str(tiny_dir), "--image", str(junk), "--prompt", "[v1]", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(_learn_args(tiny_dir, scene_files, f)) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_demo_runs_offline(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "4", "--quiet"]) == 0
+    curve = json.loads((tmp_path / "d" / "iou_curve.json").read_text())
+    assert curve and set(curve[0]["iou"]["img1"]) == {"[v1]", "[v2]", "[v3]"}
+    assert (tmp_path / "d" / "model" / "model_index.json").is_file()
+    assert "mean mask IoU" in capsys.readouterr().out
