@@ -2,7 +2,7 @@
 
 Chosen cross-attention layers get a processor that computes the softmax explicitly and
 keeps only the concept columns, averaged over heads and summed over layers; every other
-layer keeps diffusers' fused `AttnProcessor2_0`. Maps keep their autograd graph so the
+layer keeps the processor it had (fused `AttnProcessor2_0` by default). Maps keep their autograd graph so the
 attention loss can flow back into the token vectors.
 """
 from __future__ import annotations
@@ -84,14 +84,15 @@ class MapStore:
 class CaptureProcessor:
     """Cross-attention with an explicit softmax whose concept columns go to a MapStore."""
 
-    def __init__(self, name: str, slot: list):
+    def __init__(self, name: str, slot: list, original=None):
         self.name = name
         self.slot = slot  # one-element list holding the active MapStore (or None)
+        self.original = original or AttnProcessor2_0()  # used whenever no capture is running
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         store = self.slot[0]
         if store is None or encoder_hidden_states is None:
-            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -146,7 +147,8 @@ class AttentionCapture:
 
     def __enter__(self) -> "AttentionCapture":
         self._saved = dict(self.unet.attn_processors)
-        procs = {n: (CaptureProcessor(n, self.slot) if n in self.layers else AttnProcessor2_0()) for n in self._saved}
+        # Layers not captured keep whatever processor the U-Net had (fused by default).
+        procs = {n: (CaptureProcessor(n, self.slot, p) if n in self.layers else p) for n, p in self._saved.items()}
         self.unet.set_attn_processor(procs)
         return self
 

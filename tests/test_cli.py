@@ -72,3 +72,29 @@ def test_demo_runs_offline(tmp_path, capsys):
     assert curve and set(curve[0]["iou"]["img1"]) == {"[v1]", "[v2]", "[v3]"}
     assert (tmp_path / "d" / "model" / "model_index.json").is_file()
     assert "mean mask IoU" in capsys.readouterr().out
+
+
+def test_sigint_mid_run_leaves_the_last_good_state_on_disk(tiny_dir, scene_files, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    args = _learn_args(tiny_dir, scene_files, out, steps=100000, extra=["--save-every", "2"])
+    env = dict(os.environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "em_core", *args], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "state.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run the same command to resume" in err
+    state = load_state(out)
+    assert state.status == "interrupted" and state.step >= 2
+    assert len(state.history["steps"]) == state.step
+    # Nothing was written beside OUT, and no temp file was left in it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not list(out.rglob("*.tmp"))
