@@ -29,3 +29,20 @@ def iou_curve(state, truth: dict) -> list[dict]:
 def mean_iou(entry: dict) -> float:
     values = [v for per in entry["iou"].values() for v in per.values()]
     return float(np.mean(values)) if values else float("nan")
+
+
+def attention_like(mask: np.ndarray, rng: np.random.Generator, grid: int = 16, blur: float = 1.0,
+                   noise: float = 0.05, threshold: float = 0.25) -> np.ndarray:
+    """A coarse mask shaped like a thresholded attention map: `mask` reduced to grid x grid,
+    blurred, with noise, blown back up and thresholded low so that it spills over the edges.
+    The stand-in for a real model's attention when measuring DenseCRF against human masks.
+    """
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
+
+    h, w = mask.shape
+    small = np.asarray(Image.fromarray(np.asarray(mask, np.uint8) * 255).resize((grid, grid), Image.BOX),
+                       np.float32) / 255
+    small = gaussian_filter(small, blur) + rng.normal(0, noise, small.shape)
+    big = Image.fromarray(np.clip(small * 255, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
+    return np.asarray(big, np.float32) / 255 > threshold

@@ -1,24 +1,19 @@
 import numpy as np
 import pytest
 from PIL import Image
-from scipy.ndimage import gaussian_filter
 
 from conftest import real_scenes
 from em_core.cli import main
 from em_core.crf import CRFParams, crf_probabilities, refine_masks
 from em_core.images import open_image, open_mask
 from em_core.masks import iou
+from em_core.metrics import attention_like
 
 SCENES = real_scenes()
 
 
-def _coarse(mask: np.ndarray, rng) -> np.ndarray:
-    """An attention-like mask: the human mask at 16x16, blurred, noisy, blown up, thresholded low."""
-    h, w = mask.shape
-    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((16, 16), Image.BOX), np.float32) / 255
-    small = gaussian_filter(small, 1.0) + rng.normal(0, 0.05, small.shape)
-    big = Image.fromarray(np.clip(small * 255, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
-    return np.asarray(big, np.float32) / 255 > 0.25
+def _coarse(mask, rng):
+    return attention_like(mask, rng)
 
 
 @pytest.mark.skipif(not SCENES, reason="../shared/data/scenes is not beside the checkout")
