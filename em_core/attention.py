@@ -116,10 +116,11 @@ class CaptureProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+        # Scores and softmax in float32: fp16 scores overflow (why SD 2.x sets upcast_attention).
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
+            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
         probs = scores.softmax(dim=-1)
         store.add(self.name, probs)
         hidden_states = torch.matmul(probs.to(value.dtype), value)

@@ -75,6 +75,9 @@ def cmd_learn(args) -> int:
                              "or another --out to start afresh")
         state.config.steps = args.steps
         config = state.config
+        if args.init or args.mask:
+            print("note: --init and --mask apply to a new run only; the resumed run keeps its tokens and masks",
+                  file=sys.stderr)
         print(f"resuming from step {state.step} in {out}")
     else:
         config = LearnConfig(
@@ -92,6 +95,8 @@ def cmd_learn(args) -> int:
             name, _, which = key.partition("@")
             owners = [i for i, img in enumerate(images) if name in img.names]
             if which:
+                if not which.isdigit():
+                    raise ValueError(f"--mask {key}: write the image number after @, e.g. {name}@2=FILE.png")
                 idx = int(which) - 1
                 if idx not in owners:
                     raise ValueError(f"--mask {key}: image {which} does not show {name}")

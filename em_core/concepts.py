@@ -55,9 +55,9 @@ def init_vector(text_encoder, tokenizer, word: str | None, generator: torch.Gene
         ids = tokenizer(word, add_special_tokens=False).input_ids
         if not ids:
             raise ValueError(f"init word {word!r} gives no tokens")
-        return table[ids].float().mean(0).clone()
-    std = table.float().std().item()
-    return torch.randn(table.shape[1], generator=generator) * std
+        return table[ids].float().mean(0).cpu().clone()
+    std = table[: tokenizer.vocab_size].float().std().item()  # the base vocabulary's scale only
+    return torch.randn(table.shape[1], generator=generator).float() * std
 
 
 @dataclass
@@ -74,10 +74,15 @@ class ConceptSet:
         unknown = set(init_words) - set(names)
         if unknown:
             raise ValueError(f"init: {sorted(unknown)} appear in no prompt; the concepts are {names}")
-        register_tokens(bundle.tokenizer, bundle.text_encoder, names)
         gen = torch.Generator().manual_seed(seed)
-        vecs = [init_vector(bundle.text_encoder, bundle.tokenizer, init_words.get(n), gen) for n in names]
-        return cls(list(names), {n: init_words.get(n) for n in names}, torch.stack(vecs))
+        vecs = torch.stack([init_vector(bundle.text_encoder, bundle.tokenizer, init_words.get(n), gen) for n in names])
+        # The new rows start from their init vectors; learning itself never writes the table
+        # (vectors are injected), so every row that existed before stays bit-identical.
+        ids = register_tokens(bundle.tokenizer, bundle.text_encoder, names)
+        table = bundle.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            table[ids] = vecs.to(table.device, table.dtype)
+        return cls(list(names), {n: init_words.get(n) for n in names}, vecs)
 
     def copy(self) -> "ConceptSet":
         return ConceptSet(list(self.names), dict(self.init_words), self.vectors.detach().clone())

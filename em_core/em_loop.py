@@ -77,6 +77,11 @@ def _target(scheduler, latents, noise, t):
     raise ValueError(f"model: prediction type {kind!r} is not supported (epsilon or v_prediction)")
 
 
+def _refresh_due(cfg: LearnConfig, step: int, total: int) -> bool:
+    em_step = step - cfg.warmup_steps
+    return bool(cfg.refresh_every) and em_step > 0 and em_step % cfg.refresh_every == 0 and step < total
+
+
 class _Run:
     def __init__(self, bundle, images: list[TrainImage], state: LearnState):
         self.bundle, self.images, self.state, self.cfg = bundle, images, state, state.config
@@ -160,7 +165,7 @@ class _Run:
             m = m.flip(-1)
         union = m.amax(0, keepdim=True)[None]
         lm = masked_diffusion_loss(pred, target, union)
-        la = attention_loss(maps, m[None], torch.ones(1, len(idx), dtype=torch.bool))
+        la = attention_loss(maps, m[None], torch.ones(1, len(idx), dtype=torch.bool, device=maps.device))
         loss = lm + cfg.attn_weight * la
         info.update(loss=loss.item(), mask_loss=lm.item(), attn_loss=la.item())
         return loss, info
@@ -204,9 +209,13 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
         try:
             with AttentionCapture(bundle.unet, cfg.layers) as capture:
                 while True:
+                    # Refreshes run at the top of a step, so a run stopped during one redoes it on resume.
                     if state.step >= cfg.warmup_steps and not state.mask_history:
                         with torch.no_grad():
                             run.refresh_masks("init")
+                    elif _refresh_due(cfg, state.step, total) and state.mask_history[-1]["step"] != state.step:
+                        with torch.no_grad():
+                            run.refresh_masks("refresh")
                     if state.step >= total:
                         state.status = "done"
                         break
@@ -232,11 +241,6 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
                     run.commit(info)
                     bar.update(1)
                     bar.set_postfix(loss=f"{info['loss']:.4f}")
-                    em_step = state.step - cfg.warmup_steps
-                    if (not warm and cfg.refresh_every and em_step % cfg.refresh_every == 0
-                            and state.step < total):
-                        with torch.no_grad():
-                            run.refresh_masks("refresh")
                     if on_step is not None:
                         on_step(state, info)
                     if out is not None and state.step % cfg.save_every == 0:

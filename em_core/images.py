@@ -17,9 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 def _to_rgb(img: Image.Image, what: str) -> Image.Image:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit by mode, whatever the pixel values: a dark 16-bit image must stay dark.
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray((arr / top * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+        img = Image.fromarray((arr / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray((arr.clip(0, 1) * 255).round().astype(np.uint8), "L")
@@ -67,8 +67,18 @@ def image_to_uint8(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def open_mask(path: str | Path, size: tuple[int, int] | None = None, what: str = "mask") -> np.ndarray:
-    """A boolean (H, W) mask: any channel layout, > 127 (of 255) inside; resized to `size` (W, H)."""
+    """A boolean (H, W) mask, > 127 (of 255) inside, resized to `size` (W, H).
+
+    Grey levels are read from the image; a mask with varying transparency is read from its
+    alpha channel (a cut-out), one with constant alpha from its colour.
+    """
+    path = Path(path)
     img = open_image(path, what).convert("L")
+    with Image.open(path) as raw:
+        if raw.mode in ("RGBA", "LA", "PA") or (raw.mode == "P" and "transparency" in raw.info):
+            alpha = np.asarray(raw.convert("RGBA"))[..., 3]
+            if alpha.min() != alpha.max():  # a cut-out: the alpha channel is the mask
+                img = Image.fromarray(alpha, "L")
     if size is not None and img.size != size:
         img = img.resize(size, Image.BILINEAR)
     return np.asarray(img) > 127

@@ -25,7 +25,7 @@ def attention_loss(maps: torch.Tensor, masks: torch.Tensor, present: torch.Tenso
         masks = F.interpolate(masks.float(), size=maps.shape[-2:], mode="area")
     peak = maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
     per = ((maps.float() / peak - masks.float()) ** 2).flatten(2).mean(-1)  # (B, K)
-    present = present.to(per.dtype)
+    present = present.to(device=per.device, dtype=per.dtype)
     n = present.sum()
     if n == 0:
         return maps.sum() * 0.0

@@ -86,10 +86,16 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         raise FileNotFoundError(f"model: {path} lacks the subfolder(s) {', '.join(missing)} of a diffusers-format model")
     kw = dict(local_files_only=True)
     wkw = dict(use_safetensors=True, torch_dtype=dtype, **kw)
-    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **wkw)
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", **wkw)
-    vae = AutoencoderKL.from_pretrained(path / "vae", **wkw)
-    scheduler = DDPMScheduler.from_pretrained(path / "scheduler", **kw)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", **wkw)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", **wkw)
+        vae = AutoencoderKL.from_pretrained(path / "vae", **wkw)
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler", **kw)
+    except (OSError, EnvironmentError) as exc:
+        raise FileNotFoundError(
+            f"model: {path} could not be read offline ({exc}). Weights must be .safetensors files "
+            "(pickled .bin weights are never loaded); re-save the model with safe_serialization=True"
+        ) from exc
     bundle = ModelBundle((tokenizer,), (text_encoder,), unet, vae, scheduler, source=str(path))
     return bundle.to(device=device).freeze()

@@ -2,7 +2,8 @@
 
 OUT/state.safetensors  vectors, optimiser moments, masks, mask history; settings as JSON metadata
 OUT/state.json         the same metadata, readable
-OUT/history.json       losses per step, mask changes per refresh (for a Fig. 3-style curve)
+OUT/history.json       losses per step, mask changes per refresh (a readable copy; the
+                       state file's header holds the authoritative one)
 OUT/masks/imgI_vN.png  each concept's mask on each image, at the image's own size
 """
 from __future__ import annotations
@@ -83,8 +84,10 @@ def save_state(state: LearnState, out: str | Path) -> Path:
         for i, m in enumerate(h["masks"]):
             tensors[f"mask_history.{r}.{i}"] = m.detach().to(torch.float16).cpu().contiguous()
     meta = state.meta()
+    # The history rides in the commit file too, so it can never disagree with the tensors.
+    header = {"em_core": json.dumps(meta), "history": json.dumps(state.history)}
     write_atomic(inside(out, "state.safetensors"),
-                 lambda tmp: save_file(tensors, tmp, metadata={"em_core": json.dumps(meta)}))
+                 lambda tmp: save_file(tensors, tmp, metadata=header))
     write_json(inside(out, "state.json"), meta)
     write_json(inside(out, "history.json"), state.history)
     for i, m in enumerate(state.masks):
@@ -104,7 +107,9 @@ def load_state(out: str | Path) -> LearnState:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("em_core", "null"))
+            header = f.metadata() or {}
+        meta = json.loads(header.get("em_core", "null"))
+        history = json.loads(header.get("history", '{"steps": [], "refreshes": []}'))
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"state: {path} is corrupt or truncated ({exc}); rerun `learn` into a fresh folder") from exc
@@ -115,8 +120,6 @@ def load_state(out: str | Path) -> LearnState:
     for i in range(len(meta["images"])):
         t = tensors.get(f"masks.{i}")
         masks.append(None if t is None else t.numpy().astype(bool))
-    history_path = Path(out) / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else {"steps": [], "refreshes": []}
     mask_history = [
         {"step": s, "masks": [tensors[f"mask_history.{r}.{i}"].float() for i in range(len(meta["images"]))
                               if f"mask_history.{r}.{i}" in tensors]}

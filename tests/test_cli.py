@@ -44,6 +44,7 @@ def test_learn_end_to_end_then_resume(tiny_dir, scene_files, tmp_path, capsys):
     (["--mask", "[v9]=x.png"], "is in 0 images"),
     (["--init", "[v9]=dog"], "appear in no prompt"),
     (["--init", "v1-dog"], "not of the form"),
+    (["--mask", "[v1]@x=m.png"], "write the image number after @"),
 ])
 def test_learn_bad_arguments(tiny_dir, scene_files, tmp_path, capsys, extra, message):
     assert main(_learn_args(tiny_dir, scene_files, tmp_path / "o", extra=extra)) == 2

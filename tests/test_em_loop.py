@@ -160,3 +160,56 @@ def test_zero_steps_gives_the_attention_baseline(bundle, scene_files):
     images = _images(bundle, scene_files)
     out = learn(bundle, images, start_state(bundle, images, _cfg(steps=0)), progress=False)
     assert out.status == "done" and out.step == 0 and len(out.mask_history) == 1
+
+
+def test_interrupt_during_a_mask_refresh_redoes_it_on_resume(bundle, scene_files, tmp_path, monkeypatch):
+    images = _images(bundle, scene_files)
+    cfg = _cfg(steps=6, refresh_every=3, save_every=1)
+    unbroken = learn(bundle, images, start_state(bundle, images, cfg), progress=False)
+    real = em_loop._Run.refresh_masks
+
+    def once(self, kind):
+        if kind == "refresh" and not getattr(once, "fired", False):
+            once.fired = True
+            raise KeyboardInterrupt
+        return real(self, kind)
+
+    monkeypatch.setattr(em_loop._Run, "refresh_masks", once)
+    with pytest.raises(KeyboardInterrupt):
+        learn(bundle, images, start_state(bundle, images, cfg), out=tmp_path / "r", progress=False)
+    saved = load_state(tmp_path / "r")
+    assert saved.step == 3 and [r["step"] for r in saved.history["refreshes"]] == [0]
+    resumed = learn(bundle, images, saved, progress=False)
+    assert [(r["step"], r["kind"]) for r in resumed.history["refreshes"]] == [(0, "init"), (3, "refresh")]
+    assert torch.allclose(resumed.concepts.vectors, unbroken.concepts.vectors, atol=1e-6)
+
+
+def test_new_embedding_rows_start_from_their_init_word_and_old_rows_never_change(bundle, scene_files):
+    images = _images(bundle, scene_files)
+    n_old = len(bundle.tokenizer)
+    old_rows = bundle.text_encoder.get_input_embeddings().weight[:n_old].detach().clone()
+    state = start_state(bundle, images, _cfg(), {"[v1]": "red"})
+    table = bundle.text_encoder.get_input_embeddings().weight
+    ids = state.concepts.token_ids(bundle.tokenizer)
+    assert min(ids) >= n_old
+    red = bundle.tokenizer("red", add_special_tokens=False).input_ids
+    assert torch.allclose(table[ids[0]], old_rows[red].mean(0))
+    out = learn(bundle, images, state, progress=False)
+    assert torch.equal(bundle.text_encoder.get_input_embeddings().weight[:n_old], old_rows)
+    assert not torch.allclose(out.concepts.vectors[0], state.concepts.vectors[0])
+
+
+def test_a_non_square_image_runs_end_to_end(bundle, tmp_path):
+    from em_core.scenes import make_scene
+
+    img = make_scene(seed=3).image.resize((120, 64))
+    img.save(tmp_path / "wide.png")
+    images = [prepare_image(bundle, tmp_path / "wide.png", "[v1] and [v2] on [v3]")]
+    assert images[0].size == (88, 48)
+    out = learn(bundle, images, start_state(bundle, images, _cfg(steps=4, refresh_every=2)), out=tmp_path / "r",
+                progress=False)
+    assert out.status == "done" and out.masks[0].shape == (3, 48, 88)
+    assert out.mask_history[-1]["masks"][0].shape == (3, 12, 22)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "r" / "masks" / "img1_v2.png").size == (120, 64)

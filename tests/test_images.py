@@ -57,3 +57,20 @@ def test_images_of_different_sizes_and_shapes_are_prepared(bundle, tmp_path):
     assert wide.latent_hw == (12, 22) and tall.latent_hw[0] > tall.latent_hw[1]
     assert wide.latent_mean.shape[0] == 2  # plain and flipped
     assert wide.rgb.shape == (48, 88, 3)
+
+
+def test_dark_16bit_stays_dark_and_masks_read_cutouts_from_alpha(tmp_path):
+    dark = Image.fromarray(np.full((4, 4), 200, np.uint16))
+    assert open_image(_save(tmp_path, dark, "dark16.png")).getpixel((0, 0))[0] == 1  # 200/65535*255
+    from em_core.images import open_mask
+
+    cut = np.zeros((8, 8, 4), np.uint8)
+    cut[2:6, 2:6] = (255, 255, 255, 255)  # white square, transparent elsewhere
+    assert open_mask(_save(tmp_path, Image.fromarray(cut, "RGBA"), "cut.png")).sum() == 16
+    alpha_only = np.zeros((8, 8, 4), np.uint8)
+    alpha_only[2:6, 2:6, 3] = 255  # black but opaque square
+    assert open_mask(_save(tmp_path, Image.fromarray(alpha_only, "RGBA"), "alpha.png")).sum() == 16
+    opaque = np.zeros((8, 8, 4), np.uint8)
+    opaque[..., 3] = 255
+    opaque[:4, :, :3] = 255
+    assert open_mask(_save(tmp_path, Image.fromarray(opaque, "RGBA"), "opaque.png")).sum() == 32
