@@ -8,20 +8,19 @@ tokens (cross-attention over random timesteps, threshold, DenseCRF).
 from __future__ import annotations
 
 import math
-import random
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .attention import AttentionCapture, concept_selector
-from .concepts import ConceptSet, encode_prompts, injected
+from .attention import AttentionCapture
+from .concepts import ConceptSet
 from .config import LearnConfig
 from .dataset import TrainImage
-from .losses import attention_loss, masked_diffusion_loss
 from .masks import estimate_masks, iou, latent_masks
 from .atomic import prepare_out
 from .state import LearnState, save_state
+from .training import concept_step_loss, step_rng
 
 
 class StopLearning(Exception):
@@ -62,21 +61,6 @@ def start_state(bundle, images: list[TrainImage], config: LearnConfig, init_word
                       model=bundle.source)
 
 
-def _rng(seed: int, step: int) -> tuple[torch.Generator, random.Random]:
-    """Per-step randomness from (seed, step): a resumed run draws what an unbroken one would."""
-    mixed = (seed * 1_000_003 + step) % (2**63)
-    return torch.Generator().manual_seed(mixed), random.Random(mixed)
-
-
-def _target(scheduler, latents, noise, t):
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, t)
-    raise ValueError(f"model: prediction type {kind!r} is not supported (epsilon or v_prediction)")
-
-
 def _refresh_due(cfg: LearnConfig, step: int, total: int) -> bool:
     em_step = step - cfg.warmup_steps
     return bool(cfg.refresh_every) and em_step > 0 and em_step % cfg.refresh_every == 0 and step < total
@@ -101,7 +85,7 @@ class _Run:
     # --- masks -------------------------------------------------------------------------
     def refresh_masks(self, kind: str) -> None:
         st, cfg = self.state, self.cfg
-        gen, _ = _rng(cfg.seed + 7919, st.step)
+        gen, _ = step_rng(cfg.seed + 7919, st.step)
         concepts = ConceptSet(st.concepts.names, st.concepts.init_words, self.vectors.detach().clone())
         change, new_masks = {}, []
         for i, img in enumerate(self.images):
@@ -124,51 +108,10 @@ class _Run:
         st.mask_history.append({"step": st.step, "masks": new_latent})
         st.history["refreshes"].append({"step": st.step, "kind": kind, "change": change})
 
-    # --- one optimisation step ----------------------------------------------------------
     def step_loss(self, warmup: bool, capture: AttentionCapture) -> tuple[torch.Tensor, dict]:
-        b, cfg = self.bundle, self.cfg
-        gen, rnd = _rng(cfg.seed, self.state.step)
-        i = rnd.randrange(len(self.images))
-        img = self.images[i]
-        if warmup:
-            subset, prompt = img.names, img.prompt
-        else:
-            k = rnd.randint(1, len(img.names))
-            picked = set(rnd.sample(img.names, k))
-            subset = [n for n in img.names if n in picked]
-            prompt = "a photo of " + " and ".join(subset)
-        flip = cfg.flip and img.latent_mean.shape[0] > 1 and rnd.random() < 0.5
-        z0 = img.sample_latent(flip, gen)
-        noise = torch.randn(z0.shape, generator=gen).to(z0.device, z0.dtype)
-        t = torch.randint(0, b.scheduler.config.num_train_timesteps, (1,), generator=gen)
-        noisy = b.scheduler.add_noise(z0.cpu(), noise.cpu(), t).to(b.device, b.dtype)
-        target = _target(b.scheduler, z0.cpu(), noise.cpu(), t).to(b.device)
-        with injected(b, self.state.concepts, self.vectors):
-            ids, hidden = encode_prompts(b, [prompt])
-        info = {"step": self.state.step, "phase": "warmup" if warmup else "em", "image": i, "concepts": subset,
-                "t": int(t), "flip": bool(flip)}
-
-        def unet():
-            return b.unet(noisy, t.to(b.device), encoder_hidden_states=hidden).sample
-
-        if warmup:
-            loss = masked_diffusion_loss(unet(), target, None)
-            info.update(loss=loss.item(), mask_loss=loss.item(), attn_loss=0.0)
-            return loss, info
-        select = concept_selector(ids, [self.token_id[n] for n in subset])
-        if bool((select.sum(1) == 0).any()):
-            raise ValueError(f"prompt {prompt!r} lost a concept token to truncation")
-        pred, maps = capture.run(select, img.latent_hw, unet)
-        idx = [img.names.index(n) for n in subset]
-        m = self.latent[i][idx].to(b.device)
-        if flip:
-            m = m.flip(-1)
-        union = m.amax(0, keepdim=True)[None]
-        lm = masked_diffusion_loss(pred, target, union)
-        la = attention_loss(maps, m[None], torch.ones(1, len(idx), dtype=torch.bool, device=maps.device))
-        loss = lm + cfg.attn_weight * la
-        info.update(loss=loss.item(), mask_loss=lm.item(), attn_loss=la.item())
-        return loss, info
+        return concept_step_loss(self.bundle, self.images, self.state.concepts, self.vectors, self.latent,
+                                 self.token_id, self.state.step, self.cfg.seed, self.cfg.flip,
+                                 self.cfg.attn_weight, capture, warmup)
 
     def commit(self, info: dict) -> None:
         st = self.state

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from em_core import em_loop
+from em_core import em_loop, training
 from em_core.config import LearnConfig
 from em_core.dataset import check_prompts, prepare_image
 from em_core.em_loop import learn, start_state
@@ -101,7 +101,7 @@ def test_bad_inputs_are_named(bundle, scene_files):
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(bundle, scene_files, tmp_path, monkeypatch):
     images = _images(bundle, scene_files)
-    real = em_loop.masked_diffusion_loss
+    real = training.masked_diffusion_loss
     calls = {"n": 0}
 
     def flaky(pred, target, union):
@@ -109,7 +109,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(bundle, scene_files, tmp_p
         loss = real(pred, target, union)
         return loss * float("nan") if calls["n"] == 4 else loss
 
-    monkeypatch.setattr(em_loop, "masked_diffusion_loss", flaky)
+    monkeypatch.setattr(training, "masked_diffusion_loss", flaky)
     out = learn(bundle, images, start_state(bundle, images, _cfg()), out=tmp_path / "r", progress=False)
     assert out.status == "nan" and out.step == 3 and "not finite" in out.message
     assert torch.isfinite(out.concepts.vectors).all()

@@ -1,0 +1,82 @@
+"""One training step shared by the EM token loop and the joint fine-tune.
+
+Per step: one image, a random non-empty subset of its concepts ("a photo of [v1] and [v3]"),
+maybe a horizontal flip, a random timestep and noise; loss = masked diffusion loss under the
+union of the subset's masks + w * cross-attention loss (Break-A-Scene). Randomness comes from
+(seed, step) alone, so a resumed run draws exactly what an unbroken one would.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .attention import AttentionCapture, concept_selector
+from .concepts import ConceptSet, encode_prompts, injected
+from .losses import attention_loss, masked_diffusion_loss
+
+
+def step_rng(seed: int, step: int) -> tuple[torch.Generator, random.Random]:
+    mixed = (seed * 1_000_003 + step) % (2**63)
+    return torch.Generator().manual_seed(mixed), random.Random(mixed)
+
+
+def diffusion_target(scheduler, latents, noise, t):
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"model: prediction type {kind!r} is not supported (epsilon or v_prediction)")
+
+
+def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tensor, latent_masks: list, token_id: dict,
+                      step: int, seed: int, flip: bool, attn_weight: float, capture: AttentionCapture,
+                      warmup: bool = False) -> tuple[torch.Tensor, dict]:
+    """The loss of step `step` and a record of what it drew.
+
+    `warmup` is plain textual inversion: the image's own prompt, no masks, no attention loss.
+    """
+    b = bundle
+    gen, rnd = step_rng(seed, step)
+    i = rnd.randrange(len(images))
+    img = images[i]
+    if warmup:
+        subset, prompt = img.names, img.prompt
+    else:
+        k = rnd.randint(1, len(img.names))
+        picked = set(rnd.sample(img.names, k))
+        subset = [n for n in img.names if n in picked]
+        prompt = "a photo of " + " and ".join(subset)
+    flip = flip and img.latent_mean.shape[0] > 1 and rnd.random() < 0.5
+    z0 = img.sample_latent(flip, gen).to(b.device, torch.float32)
+    noise = torch.randn(z0.shape, generator=gen).to(z0.device)
+    t = torch.randint(0, b.scheduler.config.num_train_timesteps, (1,), generator=gen).to(b.device)
+    noisy = b.scheduler.add_noise(z0, noise, t).to(b.dtype)
+    target = diffusion_target(b.scheduler, z0, noise, t)
+    with injected(b, concepts, vectors):
+        ids, hidden = encode_prompts(b, [prompt])
+    info = {"step": step, "phase": "warmup" if warmup else "em", "image": i, "concepts": subset,
+            "t": int(t), "flip": bool(flip)}
+
+    def unet():
+        return b.unet(noisy, t, encoder_hidden_states=hidden.to(b.dtype)).sample
+
+    if warmup:
+        loss = masked_diffusion_loss(unet(), target, None)
+        info.update(loss=loss.item(), mask_loss=loss.item(), attn_loss=0.0)
+        return loss, info
+    select = concept_selector(ids, [token_id[n] for n in subset])
+    if bool((select.sum(1) == 0).any()):
+        raise ValueError(f"prompt {prompt!r} lost a concept token to truncation")
+    pred, maps = capture.run(select, img.latent_hw, unet)
+    idx = [img.names.index(n) for n in subset]
+    m = latent_masks[i][idx].to(b.device)
+    if flip:
+        m = m.flip(-1)
+    union = m.amax(0, keepdim=True)[None]
+    lm = masked_diffusion_loss(pred, target, union)
+    la = attention_loss(maps, m[None], torch.ones(1, len(idx), dtype=torch.bool, device=maps.device))
+    loss = lm + attn_weight * la
+    info.update(loss=loss.item(), mask_loss=lm.item(), attn_loss=la.item())
+    return loss, info
