@@ -5,6 +5,7 @@ OUT/state.json         the same metadata, readable
 OUT/history.json       losses per step, mask changes per refresh (a readable copy; the
                        state file's header holds the authoritative one)
 OUT/masks/imgI_vN.png  each concept's mask on each image, at the image's own size
+OUT/weights.safetensors the joint fine-tune's weight delta or LoRA, once there is one
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .atomic import inside, prepare_out, write_atomic, write_json
 from .concepts import ConceptSet
 from .config import LearnConfig
 from .images import mask_to_image
+from .weights import TunedWeights
 
 FORMAT = "em_core.state/1"
 
@@ -38,6 +40,8 @@ class LearnState:
     status: str = "new"  # new | running | done | nan | interrupted | cancelled
     message: str = ""
     model: str = ""
+    weights: TunedWeights | None = None  # from the joint fine-tune
+    finetune: dict | None = None  # {config, step, status, message}
 
     def copy(self) -> "LearnState":
         return LearnState(
@@ -49,6 +53,10 @@ class LearnState:
             optimizer=None if self.optimizer is None else {k: (v.clone() if torch.is_tensor(v) else v)
                                                             for k, v in self.optimizer.items()},
             status=self.status, message=self.message, model=self.model,
+            weights=None if self.weights is None else TunedWeights(
+                self.weights.kind, {k: v.clone() for k, v in self.weights.tensors.items()}, self.weights.rank,
+                self.weights.alpha),
+            finetune=json.loads(json.dumps(self.finetune)),
         )
 
     def concept_mask(self, image_index: int, name: str) -> np.ndarray:
@@ -64,6 +72,7 @@ class LearnState:
             "images": self.images, "fixed": self.fixed,
             "optimizer_step": None if self.optimizer is None else int(self.optimizer["step"]),
             "mask_history_steps": [h["step"] for h in self.mask_history],
+            "finetune": self.finetune, "weights": None if self.weights is None else self.weights.meta(),
         }
 
 
@@ -83,6 +92,11 @@ def save_state(state: LearnState, out: str | Path) -> Path:
     for r, h in enumerate(state.mask_history):
         for i, m in enumerate(h["masks"]):
             tensors[f"mask_history.{r}.{i}"] = m.detach().to(torch.float16).cpu().contiguous()
+    if state.weights is not None:
+        # Written before the state file, which names the fine-tune step it belongs to.
+        wt = {k: v.contiguous() for k, v in state.weights.tensors.items()}
+        wmeta = {"em_core.weights": json.dumps(state.weights.meta())}
+        write_atomic(inside(out, "weights.safetensors"), lambda tmp: save_file(wt, tmp, metadata=wmeta))
     meta = state.meta()
     # The history rides in the commit file too, so it can never disagree with the tensors.
     header = {"em_core": json.dumps(meta), "history": json.dumps(state.history)}
@@ -129,7 +143,17 @@ def load_state(out: str | Path) -> LearnState:
     if "optimizer.exp_avg" in tensors:
         optimizer = {"exp_avg": tensors["optimizer.exp_avg"], "exp_avg_sq": tensors["optimizer.exp_avg_sq"],
                      "step": meta["optimizer_step"]}
+    weights = None
+    if meta.get("weights"):
+        wpath = Path(out) / "weights.safetensors"
+        try:
+            wt = load_file(str(wpath))
+        except Exception as exc:
+            raise ValueError(f"state: {wpath} is missing, corrupt or truncated ({exc})") from exc
+        w = meta["weights"]
+        weights = TunedWeights(w["kind"], wt, w.get("rank"), w.get("alpha"))
     return LearnState(
+        weights=weights, finetune=meta.get("finetune"),
         concepts=concepts, images=meta["images"], config=LearnConfig.from_dict(meta["config"]), masks=masks,
         fixed=meta["fixed"], step=meta["step"], history=history, mask_history=mask_history, optimizer=optimizer,
         status=meta["status"], message=meta["message"], model=meta["model"],

@@ -1,0 +1,246 @@
+"""Joint fine-tune (paper, end of section 3; Break-A-Scene stage 2): tokens and model weights
+together, masks fixed, same losses and concept-subset sampling.
+
+The base model is never changed: full mode trains float32 copies of the weights swapped in
+for the run and keeps `trained - base` as a delta; LoRA mode trains peft adapters that are
+removed again afterwards. Either result is a `TunedWeights` applied only inside a context.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from tqdm.auto import tqdm
+
+from .atomic import prepare_out
+from .attention import AttentionCapture
+from .concepts import ConceptSet
+from .masks import latent_masks
+from .state import LearnState, save_state
+from .training import concept_step_loss
+from .weights import ADAPTER, TunedWeights, lora_injected, swapped_parameters
+
+MODES = ("full", "lora")
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 400
+    mode: str = "full"  # full | lora
+    lr: float | None = None  # None: 2e-6 for full (Break-A-Scene), 1e-4 for LoRA (diffusers' LoRA examples)
+    token_lr: float | None = None  # None: the same as lr
+    rank: int = 4
+    alpha: float | None = None  # None: equal to rank (scale 1)
+    train_text_encoder: bool = True
+    attn_weight: float = 1e-2
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | fp16 | bf16; honoured on a GPU only
+    flip: bool = True
+    layers: str = "coarse"
+    seed: int = 0
+    save_every: int = 100
+
+    def __post_init__(self):
+        bad = []
+        if self.mode not in MODES:
+            bad.append(f"mode={self.mode!r} (full or lora)")
+        if self.steps < 0:
+            bad.append(f"steps={self.steps}")
+        if self.rank < 1:
+            bad.append(f"rank={self.rank}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            bad.append(f"mixed_precision={self.mixed_precision!r} (no, fp16 or bf16)")
+        if self.lr is not None and self.lr <= 0:
+            bad.append(f"lr={self.lr}")
+        if bad:
+            raise ValueError("fine-tune settings out of range: " + ", ".join(bad))
+
+    @property
+    def weight_lr(self) -> float:
+        return self.lr if self.lr is not None else (2e-6 if self.mode == "full" else 1e-4)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _trainable_full(module, existing: dict, skip: set) -> dict:
+    """float32 Parameters = base (+ an earlier delta), for every weight but those in `skip`."""
+    out = {}
+    for name, p in module.named_parameters():
+        if name in skip:
+            continue
+        base = p.detach().float()
+        if name in existing:
+            base = base + existing[name].to(base.device, torch.float32)
+        out[name] = torch.nn.Parameter(base.clone(), requires_grad=True)
+    return out
+
+
+@contextlib.contextmanager
+def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None):
+    """Yields (parameters to train, a function returning the TunedWeights learned so far)."""
+    comps = {"unet": bundle.unet}
+    if cfg.train_text_encoder:
+        comps["text_encoder"] = bundle.text_encoder
+    if previous is not None and previous.kind != cfg.mode:
+        raise ValueError(f"the state holds {previous.kind} weights; continue with mode={previous.kind!r}")
+    emb_name = "text_model.embeddings.token_embedding.weight"
+    with contextlib.ExitStack() as stack:
+        params, base = [], {}
+        if cfg.mode == "full":
+            trained = {}
+            for comp, module in comps.items():
+                prev = previous.part(comp) if previous else {}
+                new = _trainable_full(module, prev, {emb_name} if comp == "text_encoder" else set())
+                base[comp] = {n: p.detach() for n, p in module.named_parameters() if n in new}
+                stack.enter_context(swapped_parameters(module, new))
+                trained[comp] = new
+                params += list(new.values())
+
+            def result() -> TunedWeights:
+                tensors = {}
+                for comp, new in trained.items():
+                    for n, p in new.items():
+                        d = p.detach() - base[comp][n].float()
+                        if bool(d.any()):
+                            tensors[f"{comp}.{n}"] = d.cpu()
+                return TunedWeights("full", tensors)
+        else:
+            from peft.functional import get_peft_model_state_dict
+
+            for comp, module in comps.items():
+                prev = previous.part(comp) if previous else None
+                stack.enter_context(lora_injected(module, comp, cfg.rank, cfg.alpha, prev))
+                for n, p in module.named_parameters():
+                    if "lora_" in n:
+                        p.data = p.data.float()
+                        p.requires_grad_(True)
+                        params.append(p)
+
+            def result() -> TunedWeights:
+                tensors = {}
+                for comp, module in comps.items():
+                    sd = get_peft_model_state_dict(module, adapter_name=ADAPTER)
+                    tensors.update({f"{comp}.{k}": v.detach().float().cpu().clone() for k, v in sd.items()})
+                return TunedWeights("lora", tensors, rank=cfg.rank, alpha=cfg.alpha or float(cfg.rank))
+        yield params, result
+
+
+@contextlib.contextmanager
+def _train_mode(bundle, cfg: FinetuneConfig):
+    """Train mode and, if asked, gradient checkpointing, for the run only."""
+    unet, te = bundle.unet, bundle.text_encoder
+    try:
+        unet.train()
+        te.train()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            te.gradient_checkpointing_enable()
+        yield
+    finally:
+        if cfg.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+            te.gradient_checkpointing_disable()
+        unet.eval()
+        te.eval()
+
+
+def _autocast(bundle, cfg: FinetuneConfig):
+    if cfg.mixed_precision == "no":
+        return contextlib.nullcontext()
+    if bundle.device.type != "cuda":
+        warnings.warn("mixed precision is for GPUs; running in float32 on this device", stacklevel=3)
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
+
+
+def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = None, *, out=None,
+             should_stop=None, on_step=None, progress: bool = True) -> LearnState:
+    """Runs the fine-tune's remaining steps on a learned state; returns a new state.
+
+    Stops early, keeping what was learned, on a non-finite loss or gradient ('nan'), on
+    `should_stop()` ('cancelled') or Ctrl-C ('interrupted', saved, re-raised).
+    """
+    state = state.copy()
+    cfg = config or (FinetuneConfig.from_dict(state.finetune["config"]) if state.finetune else FinetuneConfig())
+    if out is not None:
+        prepare_out(out)
+    if any(m is None for m in state.masks) or not state.mask_history:
+        raise ValueError("state: it has no masks yet; run `learn` (at least its mask initialisation) first")
+    if state.finetune and state.finetune["config"]["mode"] != cfg.mode:
+        raise ValueError(f"state: fine-tuned in {state.finetune['config']['mode']} mode before; keep that mode")
+    step0 = state.finetune["step"] if state.finetune else 0
+    state.finetune = {"config": cfg.to_dict(), "step": step0, "status": "running", "message": ""}
+    state.history.setdefault("finetune", [])
+    state.history["finetune"] = [h for h in state.history["finetune"] if h["step"] < step0]
+    lat = [latent_masks(m, img.latent_hw) for m, img in zip(state.masks, images)]
+    token_id = dict(zip(state.concepts.names, state.concepts.token_ids(bundle.tokenizer)))
+    ft = state.finetune
+    with torch.inference_mode(False), torch.enable_grad():
+        for img in images:
+            if img.latent_mean.is_inference():
+                img.latent_mean, img.latent_std = img.latent_mean.clone(), img.latent_std.clone()
+        vectors = torch.nn.Parameter(state.concepts.vectors.detach().clone().float().to(bundle.device))
+        bar = tqdm(total=cfg.steps, initial=min(step0, cfg.steps), disable=not progress, desc="finetune",
+                   unit="step")
+        try:
+            with _training_modules(bundle, cfg, state.weights) as (params, result), _train_mode(bundle, cfg), \
+                    AttentionCapture(bundle.unet, cfg.layers) as capture:
+                opt = torch.optim.AdamW([{"params": params, "lr": cfg.weight_lr},
+                                         {"params": [vectors], "lr": cfg.token_lr or cfg.weight_lr}])
+                try:
+                    while ft["step"] < cfg.steps:
+                        if should_stop is not None and should_stop():
+                            ft["status"], ft["message"] = "cancelled", f"cancelled after step {ft['step']}"
+                            break
+                        with _autocast(bundle, cfg):
+                            loss, info = concept_step_loss(bundle, images, state.concepts, vectors, lat, token_id,
+                                                           ft["step"], cfg.seed + 104729, cfg.flip, cfg.attn_weight,
+                                                           capture)
+                        info["phase"] = "finetune"
+                        opt.zero_grad(set_to_none=True)
+                        if not math.isfinite(info["loss"]):
+                            ft["status"], ft["message"] = "nan", f"loss was not finite at step {ft['step']}"
+                            break
+                        loss.backward()
+                        grads = [p.grad for p in [vectors, *params] if p.grad is not None]
+                        if not all(bool(torch.isfinite(g).all()) for g in grads):
+                            ft["status"], ft["message"] = "nan", f"gradients were not finite at step {ft['step']}"
+                            break
+                        opt.step()
+                        ft["step"] += 1
+                        state.history["finetune"].append(info)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{info['loss']:.4f}")
+                        if on_step is not None:
+                            on_step(state, info)
+                        if out is not None and ft["step"] % cfg.save_every == 0:
+                            _collect(state, vectors, result)
+                            save_state(state, out)
+                    else:
+                        ft["status"] = "done"
+                finally:
+                    _collect(state, vectors, result)
+        except KeyboardInterrupt:
+            ft["status"], ft["message"] = "interrupted", f"interrupted after step {ft['step']}"
+            if out is not None:
+                save_state(state, out)
+            raise
+        finally:
+            bar.close()
+    if out is not None:
+        save_state(state, out)
+    return state
+
+
+def _collect(state: LearnState, vectors: torch.Tensor, result) -> None:
+    state.concepts = ConceptSet(state.concepts.names, state.concepts.init_words, vectors.detach().cpu().clone())
+    state.weights = result()

@@ -1,0 +1,82 @@
+"""Generation with learned concepts: diffusers' Stable Diffusion pipeline over the bundle's parts,
+with the concept vectors injected and the fine-tuned weights applied only for the call.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .concepts import concept_names, injected, to_token_text
+from .weights import applied
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+}
+
+
+def make_scheduler(bundle, name: str):
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler: unknown {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(bundle.scheduler.config, **extra)
+
+
+def check_prompt_concepts(prompt: str, known: list[str], what: str = "prompt") -> None:
+    unknown = [n for n in concept_names(prompt) if n not in known]
+    if unknown:
+        have = ", ".join(known) if known else "none (no concepts loaded)"
+        raise ValueError(f"{what}: names {', '.join(unknown)}, which these concepts lack; they are {have}")
+
+
+def make_pipeline(bundle, scheduler: str = "ddim"):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=bundle.vae, text_encoder=bundle.text_encoder, tokenizer=bundle.tokenizer, unet=bundle.unet,
+        scheduler=make_scheduler(bundle, scheduler), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe
+
+
+def generate(bundle, prompt: str, *, concepts=None, weights=None, negative: str = "", seed: int = 0,
+             steps: int = 30, guidance: float = 7.5, scheduler: str = "ddim", width: int | None = None,
+             height: int | None = None, n: int = 1, progress: bool = True, should_stop=None,
+             weight_scale: float = 1.0):
+    """PIL images for `prompt` ("[v1] shaking hands with a robot in [v3]"); same seed, same images."""
+    known = concepts.names if concepts is not None else []
+    check_prompt_concepts(prompt, known)
+    check_prompt_concepts(negative, known, "negative prompt")
+    width = width or bundle.default_resolution
+    height = height or bundle.default_resolution
+    g = bundle.pixel_granularity
+    for label, v in (("width", width), ("height", height)):
+        if v % g or v <= 0:
+            raise ValueError(f"{label}: {v} is not a positive multiple of {g} px, which this model needs; "
+                             f"try {max(g, round(v / g) * g)}")
+    if steps < 1 or n < 1:
+        raise ValueError(f"steps and n must be at least 1 (got steps={steps}, n={n})")
+    pipe = make_pipeline(bundle, scheduler)
+    pipe.set_progress_bar_config(disable=not progress)
+
+    def on_step_end(p, i, t, kwargs):
+        if should_stop is not None and should_stop():
+            p._interrupt = True
+        return kwargs
+
+    generator = torch.Generator().manual_seed(seed)
+    ctx = injected(bundle, concepts) if concepts is not None else contextlib.nullcontext()
+    with torch.no_grad(), ctx, applied(bundle, weights, weight_scale):
+        result = pipe(
+            prompt=to_token_text(prompt), negative_prompt=to_token_text(negative) if negative else None,
+            num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+            num_images_per_prompt=n, generator=generator, output_type="pil", callback_on_step_end=on_step_end,
+        )
+    return result.images
