@@ -61,6 +61,7 @@ class MapStore:
         self.out_hw = (latent_hw[0] // finest, latent_hw[1] // finest)
         self.total: torch.Tensor | None = None
         self.count = 0
+        self.closed = False  # after its U-Net call: still computes (for checkpoint replays), keeps nothing
 
     def add(self, name: str, probs: torch.Tensor) -> None:
         """probs: (B, heads, N, L) softmax attention of one layer."""
@@ -71,6 +72,8 @@ class MapStore:
         maps = maps.reshape(maps.shape[0], maps.shape[1], h, w)
         if (h, w) != self.out_hw:
             maps = F.interpolate(maps, size=self.out_hw, mode="bilinear", align_corners=False)
+        if self.closed:
+            return
         self.total = maps if self.total is None else self.total + maps
         self.count += 1
 
@@ -82,7 +85,10 @@ class MapStore:
 
 
 class CaptureProcessor:
-    """Cross-attention with an explicit softmax whose concept columns go to a MapStore."""
+    """Cross-attention with an explicit softmax whose concept columns go to a MapStore.
+
+    Installed only inside an AttentionCapture block; `original` serves self-attention.
+    """
 
     def __init__(self, name: str, slot: list, original=None):
         self.name = name
@@ -91,7 +97,7 @@ class CaptureProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         store = self.slot[0]
-        if store is None or encoder_hidden_states is None:
+        if encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -122,7 +128,10 @@ class CaptureProcessor:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
         probs = scores.softmax(dim=-1)
-        store.add(self.name, probs)
+        # The same ops run whether or not a capture is live, so gradient checkpointing's
+        # replay of this layer during backward matches its first pass.
+        if store is not None:
+            store.add(self.name, probs)
         hidden_states = torch.matmul(probs.to(value.dtype), value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -164,7 +173,7 @@ class AttentionCapture:
         try:
             out = call()
         finally:
-            self.slot[0] = None
+            store.closed = True  # stays in the slot for checkpoint replays until the next run
         return out, store.maps()
 
 

@@ -160,6 +160,83 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _images_of(bundle, state):
+    from .dataset import prepare_image
+
+    return [prepare_image(bundle, r["path"], r["prompt"], state.config.resolution, state.config.flip)
+            for r in state.images]
+
+
+def cmd_finetune(args) -> int:
+    from .atomic import prepare_out
+    from .finetune import FinetuneConfig, finetune
+    from .model import load_bundle
+    from .state import load_state
+
+    out = prepare_out(args.state)
+    state = load_state(out)
+    model = args.model or state.model
+    if not model or model.startswith("random:"):
+        raise ValueError(f"--model: the state names no model folder ({model!r}); give --model DIR")
+    bundle = load_bundle(model, device=args.device)
+    images = _images_of(bundle, state)
+    if state.finetune:
+        cfg = FinetuneConfig.from_dict(state.finetune["config"])
+        cfg.steps = args.steps
+        print(f"continuing the fine-tune from step {state.finetune['step']}")
+    else:
+        cfg = FinetuneConfig(steps=args.steps, mode=args.mode, lr=args.lr, rank=args.rank,
+                             train_text_encoder=not args.no_text_encoder, attn_weight=args.attn_weight,
+                             gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+                             seed=args.seed, save_every=args.save_every)
+    try:
+        state = finetune(bundle, images, state, cfg, out=out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: what was learned is saved in {out}; run the same command to continue", file=sys.stderr)
+        return 130
+    ft = state.finetune
+    print(f"{ft['status']}: {ft['step']} fine-tune steps ({cfg.mode}); {out / 'concepts.safetensors'}"
+          + (f" ({ft['message']})" if ft["message"] else ""))
+    return 0 if ft["status"] == "done" else 1
+
+
+def cmd_generate(args) -> int:
+    from .atomic import inside, prepare_out, write_atomic
+    from .concept_file import load_concepts
+    from .generate import generate
+    from .model import load_bundle
+
+    out = prepare_out(args.out)
+    bundle = load_bundle(args.model, device=args.device)
+    cb = load_concepts(args.concepts, bundle, allow_other_model=args.allow_other_model) if args.concepts else None
+    images = generate(bundle, args.prompt, concepts=cb.concepts if cb else None, weights=cb.weights if cb else None,
+                      negative=args.negative, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                      scheduler=args.scheduler, width=args.width, height=args.height, n=args.n,
+                      progress=not args.quiet)
+    for i, img in enumerate(images):
+        path = inside(out, f"seed{args.seed}_{i:02d}.png")
+        write_atomic(path, lambda tmp, im=img: im.save(tmp, format="PNG"))
+        print(path)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .concept_file import load_concepts
+    from .export import export_concepts
+
+    cb = load_concepts(args.concepts)
+    name = args.name or Path(args.concepts).resolve().parent.name
+    written = export_concepts(cb, args.out, name, rank=args.rank)
+    for f in written["embeddings"]:
+        print(f"{f}  (use as embedding:{f.stem})")
+    if written["lora"]:
+        print(f"{written['lora']}  (core Load LoRA)")
+        if written["skipped"]:
+            print(f"note: {len(written['skipped'])} weight(s) have no LoRA form ComfyUI loads "
+                  "(norms, biases, embeddings) and were left out")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m em_core", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,6 +261,48 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--quiet", action="store_true")
     dm.set_defaults(func=cmd_demo)
+
+    f = sub.add_parser("finetune", help="joint fine-tune of tokens and weights, masks fixed")
+    f.add_argument("--state", required=True, help="the OUT folder of a learn run")
+    f.add_argument("--steps", type=int, default=400)
+    f.add_argument("--mode", choices=["full", "lora"], default="full")
+    f.add_argument("--rank", type=int, default=4)
+    f.add_argument("--lr", type=float, default=None, help="default 2e-6 (full) or 1e-4 (lora)")
+    f.add_argument("--attn-weight", type=float, default=1e-2)
+    f.add_argument("--no-text-encoder", action="store_true", help="train the U-Net (and tokens) only")
+    f.add_argument("--gradient-checkpointing", action="store_true")
+    f.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    f.add_argument("--model", default=None, help="model folder, if not the one the state was learned on")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--save-every", type=int, default=100)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=cmd_finetune)
+
+    g = sub.add_parser("generate", help="images from a prompt with learned concepts")
+    g.add_argument("--model", required=True)
+    g.add_argument("--concepts", default=None, help="a concepts.safetensors bundle")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--scheduler", default="ddim", help="ddim, dpmpp_2m, euler, euler_a or pndm")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--out", required=True)
+    g.add_argument("--allow-other-model", action="store_true")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="embeddings and a LoRA for ordinary ComfyUI graphs")
+    e.add_argument("--concepts", required=True)
+    e.add_argument("--out", required=True, help="writes OUT/embeddings/ and OUT/loras/")
+    e.add_argument("--name", default=None, help="file name stem; default: the concepts file's folder name")
+    e.add_argument("--rank", type=int, default=16, help="LoRA rank extracted from a full fine-tune")
+    e.set_defaults(func=cmd_export)
 
     d = _defaults()
     l = sub.add_parser("learn", help="learn concept tokens and masks from images")
@@ -225,6 +344,6 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

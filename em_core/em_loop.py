@@ -19,7 +19,8 @@ from .config import LearnConfig
 from .dataset import TrainImage
 from .masks import estimate_masks, iou, latent_masks
 from .atomic import prepare_out
-from .state import LearnState, save_state
+from .concept_file import save_run
+from .state import LearnState
 from .training import concept_step_loss, step_rng
 
 
@@ -187,14 +188,14 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
                     if on_step is not None:
                         on_step(state, info)
                     if out is not None and state.step % cfg.save_every == 0:
-                        save_state(state, out)
+                        save_run(state, bundle, out)
         except KeyboardInterrupt:
             state.status, state.message = "interrupted", f"interrupted after step {state.step}"
             if out is not None:
-                save_state(state, out)
+                save_run(state, bundle, out)
             raise
         finally:
             bar.close()
     if out is not None:
-        save_state(state, out)
+        save_run(state, bundle, out)
     return state

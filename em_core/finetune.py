@@ -19,7 +19,8 @@ from .atomic import prepare_out
 from .attention import AttentionCapture
 from .concepts import ConceptSet
 from .masks import latent_masks
-from .state import LearnState, save_state
+from .concept_file import save_run
+from .state import LearnState
 from .training import concept_step_loss
 from .weights import ADAPTER, TunedWeights, lora_injected, swapped_parameters
 
@@ -71,11 +72,16 @@ class FinetuneConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _trainable_full(module, existing: dict, skip: set) -> dict:
-    """float32 Parameters = base (+ an earlier delta), for every weight but those in `skip`."""
+def _trainable_full(module, existing: dict, skip_token_table: bool) -> dict:
+    """float32 Parameters = base (+ an earlier delta), for every weight but the token table.
+
+    The token table stays frozen: concept vectors train on their own and every other row
+    must not move.
+    """
     out = {}
+    table = module.get_input_embeddings().weight if skip_token_table else None
     for name, p in module.named_parameters():
-        if name in skip:
+        if p is table:
             continue
         base = p.detach().float()
         if name in existing:
@@ -92,14 +98,13 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
         comps["text_encoder"] = bundle.text_encoder
     if previous is not None and previous.kind != cfg.mode:
         raise ValueError(f"the state holds {previous.kind} weights; continue with mode={previous.kind!r}")
-    emb_name = "text_model.embeddings.token_embedding.weight"
     with contextlib.ExitStack() as stack:
         params, base = [], {}
         if cfg.mode == "full":
             trained = {}
             for comp, module in comps.items():
                 prev = previous.part(comp) if previous else {}
-                new = _trainable_full(module, prev, {emb_name} if comp == "text_encoder" else set())
+                new = _trainable_full(module, prev, comp == "text_encoder")
                 base[comp] = {n: p.detach() for n, p in module.named_parameters() if n in new}
                 stack.enter_context(swapped_parameters(module, new))
                 trained[comp] = new
@@ -224,7 +229,7 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
                             on_step(state, info)
                         if out is not None and ft["step"] % cfg.save_every == 0:
                             _collect(state, vectors, result)
-                            save_state(state, out)
+                            save_run(state, bundle, out)
                     else:
                         ft["status"] = "done"
                 finally:
@@ -232,12 +237,12 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
         except KeyboardInterrupt:
             ft["status"], ft["message"] = "interrupted", f"interrupted after step {ft['step']}"
             if out is not None:
-                save_state(state, out)
+                save_run(state, bundle, out)
             raise
         finally:
             bar.close()
     if out is not None:
-        save_state(state, out)
+        save_run(state, bundle, out)
     return state
 
 

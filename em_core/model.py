@@ -97,5 +97,5 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: tor
             f"model: {path} could not be read offline ({exc}). Weights must be .safetensors files "
             "(pickled .bin weights are never loaded); re-save the model with safe_serialization=True"
         ) from exc
-    bundle = ModelBundle((tokenizer,), (text_encoder,), unet, vae, scheduler, source=str(path))
+    bundle = ModelBundle((tokenizer,), (text_encoder,), unet, vae, scheduler, source=str(path.resolve()))
     return bundle.to(device=device).freeze()

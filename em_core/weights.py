@@ -82,6 +82,9 @@ def unwrap_lora(module: torch.nn.Module) -> None:
     for name, layer in wrapped:
         parent, leaf = _owner(module, name)
         setattr(parent, leaf, layer.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):  # what inject_adapter_in_model leaves behind
+        if attr in module.__dict__:
+            delattr(module, attr)
 
 
 @contextlib.contextmanager

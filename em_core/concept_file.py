@@ -1,0 +1,140 @@
+"""The concept bundle: one .safetensors file with everything a learned concept set needs.
+
+Tensors: concept vectors, masks, the fine-tuned weights (delta or LoRA). JSON metadata:
+names, init words, the base model's fingerprint, settings and history. Reading never
+unpickles anything, and a bundle learned on another base model is refused unless asked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .atomic import write_atomic
+from .concepts import ConceptSet
+from .weights import TunedWeights
+
+FORMAT = "em_core.concepts/1"
+PROBE_TENSORS, PROBE_VALUES = 48, 8
+
+
+def _base_tensors(bundle):
+    """(name, tensor) of the base weights; rows added to the token table for concepts left out."""
+    base_rows = bundle.tokenizer.vocab_size
+    for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder), ("vae", bundle.vae)):
+        for name, p in sorted(module.state_dict().items()):
+            yield f"{prefix}.{name}", (p[:base_rows] if name.endswith("token_embedding.weight") else p)
+
+
+def model_identity(bundle) -> dict:
+    """The base model's identity: a hash of its weight names and shapes, and a probe of values.
+
+    The probe (a few values strided across a spread of tensors) is compared with a tolerance,
+    so the same model loaded in fp32, fp16 or bf16 is recognised and another model is not.
+    """
+    items = list(_base_tensors(bundle))
+    arch = hashlib.sha256("\n".join(f"{n}:{tuple(t.shape)}" for n, t in items).encode()).hexdigest()[:16]
+    step = max(1, len(items) // PROBE_TENSORS)
+    probe = []
+    for _, t in items[::step]:
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(PROBE_VALUES, flat.numel())).long().to(flat.device)
+        probe += flat[idx].float().cpu().tolist()
+    return {"arch": arch, "probe": probe}
+
+
+def same_model(a: dict, b: dict) -> bool:
+    if a["arch"] != b["arch"] or len(a["probe"]) != len(b["probe"]):
+        return False
+    return bool(np.allclose(a["probe"], b["probe"], rtol=1e-2, atol=1e-3))
+
+
+def model_fingerprint(bundle) -> str:
+    """A short display name for the identity: arch hash + hash of the probe rounded to 2 digits."""
+    ident = model_identity(bundle)
+    probe = hashlib.sha256(np.round(np.asarray(ident["probe"]), 2).tobytes()).hexdigest()[:8]
+    return f"{ident['arch']}-{probe}"
+
+
+@dataclass
+class ConceptBundle:
+    concepts: ConceptSet
+    masks: list  # per image: (K_i, H, W) bool
+    weights: TunedWeights | None
+    meta: dict
+
+    @property
+    def names(self) -> list[str]:
+        return self.concepts.names
+
+
+def save_concepts(state, bundle, path: str | Path) -> Path:
+    """Writes the state's concepts, masks and weights, with the base model's fingerprint, to `path`."""
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise IsADirectoryError(f"concepts file: {path} is a folder; give a file name ending in .safetensors")
+    tensors = {"concepts.vectors": state.concepts.vectors.detach().float().cpu().contiguous()}
+    for i, m in enumerate(state.masks):
+        if m is not None:
+            tensors[f"masks.{i}"] = torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8))
+    if state.weights is not None:
+        for k, v in state.weights.tensors.items():
+            tensors[f"weights.{k}"] = v.detach().cpu().contiguous()
+    meta = {
+        "format": FORMAT, "names": state.concepts.names, "init_words": state.concepts.init_words,
+        "base_model": {"fingerprint": model_fingerprint(bundle), "identity": model_identity(bundle),
+                       "source": bundle.source,
+                       "text_dim": int(bundle.text_encoder.config.hidden_size)},
+        "weights": None if state.weights is None else state.weights.meta(),
+        "learn_config": state.config.to_dict(), "finetune": state.finetune, "images": state.images,
+        "history": state.history,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"em_core": json.dumps(meta)}))
+    return path
+
+
+def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False) -> ConceptBundle:
+    """Reads a concept bundle; with `bundle`, checks it was learned on that base model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"concepts: {path} does not exist or is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+        meta = json.loads(header.get("em_core", "null"))
+    except Exception as exc:  # safetensors' own errors for bad headers and short files
+        raise ValueError(f"concepts: {path} is corrupt or truncated ({exc}); export it again") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"concepts: {path} is not an em_core concept bundle ({FORMAT})")
+    if bundle is not None and not allow_other_model:
+        want, have = meta["base_model"]["fingerprint"], model_fingerprint(bundle)
+        if not same_model(meta["base_model"]["identity"], model_identity(bundle)):
+            raise ValueError(
+                f"concepts: {path.name} was learned on another base model (fingerprint {want}, source "
+                f"{meta['base_model']['source']!r}); this model's fingerprint is {have}. Load the model it was "
+                "learned on, or pass allow_other_model / --allow-other-model to use it anyway")
+    concepts = ConceptSet(meta["names"], meta["init_words"], tensors["concepts.vectors"])
+    masks = [tensors[f"masks.{i}"].numpy().astype(bool) if f"masks.{i}" in tensors else None
+             for i in range(len(meta.get("images") or []))]
+    weights = None
+    if meta.get("weights"):
+        w = meta["weights"]
+        wt = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+        weights = TunedWeights(w["kind"], wt, w.get("rank"), w.get("alpha"))
+    return ConceptBundle(concepts, masks, weights, meta)
+
+
+def save_run(state, bundle, out: str | Path) -> None:
+    """A run's files: the resumable state and, beside it, OUT/concepts.safetensors."""
+    from .state import save_state
+
+    save_state(state, out)
+    save_concepts(state, bundle, Path(out) / "concepts.safetensors")

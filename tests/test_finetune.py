@@ -1,0 +1,236 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from em_core.cli import main
+from em_core.concept_file import load_concepts, save_concepts
+from em_core.config import LearnConfig
+from em_core.dataset import prepare_image
+from em_core.em_loop import learn, start_state
+from em_core.export import check_export_name, export_concepts, kohya_name, lora_from_delta
+from em_core.finetune import FinetuneConfig, finetune
+from em_core.generate import generate
+from em_core.model import load_bundle
+from em_core.weights import TunedWeights, applied
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def learned(bundle, scene_files):
+    images = [prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")]
+    cfg = LearnConfig(steps=3, refresh_every=0, mask_timesteps=4, mask_batch=4)
+    return images, learn(bundle, images, start_state(bundle, images, cfg, {"[v1]": "red"}), progress=False)
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _same(module, snap):
+    sd = module.state_dict()
+    return set(sd) == set(snap) and all(torch.equal(v, snap[k]) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_finetune_trains_a_delta_beside_an_untouched_base(bundle, learned, mode):
+    images, state = learned
+    unet, te = _snapshot(bundle.unet), _snapshot(bundle.text_encoder)
+    cfg = FinetuneConfig(steps=3, mode=mode, lr=1e-3 if mode == "full" else 1e-2, rank=2)
+    out = finetune(bundle, images, state, cfg, progress=False)
+    assert out.finetune["status"] == "done" and out.finetune["step"] == 3
+    assert _same(bundle.unet, unet) and _same(bundle.text_encoder, te)  # same keys, same values: no peft left
+    w = out.weights
+    assert w.kind == mode and w.components() == ["text_encoder", "unet"]
+    assert all(torch.isfinite(t).all() for t in w.tensors.values())
+    if mode == "full":
+        assert not any("token_embedding" in k for k in w.tensors)  # the token table never trains
+        assert any(bool(t.abs().sum() > 0) for t in w.tensors.values())
+    else:
+        assert all(".lora_A." in k or ".lora_B." in k for k in w.tensors)
+    assert not torch.equal(out.concepts.vectors, state.concepts.vectors)
+    assert state.weights is None  # the input state is untouched
+    # Inside the context the model differs; outside it is the base again, bit for bit.
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([10])
+    h = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        base = bundle.unet(x, t, h).sample
+        with applied(bundle, w):
+            tuned = bundle.unet(x, t, h).sample
+        again = bundle.unet(x, t, h).sample
+    assert not torch.allclose(base, tuned) and torch.equal(base, again)
+
+
+def test_finetune_options_and_refusals(bundle, learned):
+    images, state = learned
+    out = finetune(bundle, images, state, FinetuneConfig(steps=2, mode="lora", train_text_encoder=False,
+                                                         gradient_checkpointing=True), progress=False)
+    assert out.weights.components() == ["unet"]
+    assert not bundle.unet.is_gradient_checkpointing and not bundle.unet.training
+    stopped = finetune(bundle, images, state, FinetuneConfig(steps=5, mode="lora"), progress=False,
+                       should_stop=lambda: True)
+    assert stopped.finetune["status"] == "cancelled" and stopped.weights is not None
+    with pytest.raises(ValueError, match="keep that mode"):
+        finetune(bundle, images, out, FinetuneConfig(steps=3, mode="full"), progress=False)
+    with pytest.raises(ValueError, match="mode='half'"):
+        FinetuneConfig(mode="half")
+    fresh = start_state(bundle, images, LearnConfig())
+    with pytest.raises(ValueError, match="no masks yet"):
+        finetune(bundle, images, fresh, progress=False)
+
+
+def test_generation_is_seeded_and_the_concepts_change_it(bundle, learned):
+    images, state = learned
+    tuned = finetune(bundle, images, state, FinetuneConfig(steps=2, mode="lora", lr=1e-2), progress=False)
+    kw = dict(steps=3, width=64, height=64, progress=False)
+    prompt = "[v1] shaking hands with a robot in [v3]"
+    a = generate(bundle, prompt, concepts=tuned.concepts, weights=tuned.weights, seed=3, n=2, **kw)
+    b = generate(bundle, prompt, concepts=tuned.concepts, weights=tuned.weights, seed=3, n=2, **kw)
+    c = generate(bundle, prompt, concepts=tuned.concepts, weights=tuned.weights, seed=4, n=1, **kw)
+    plain = generate(bundle, "a robot", seed=3, **kw)
+    without = generate(bundle, "a robot", concepts=tuned.concepts, weights=tuned.weights, seed=3, **kw)
+    assert len(a) == 2 and a[0].size == (64, 64)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+    assert not np.array_equal(np.asarray(plain[0]), np.asarray(without[0]))  # the LoRA changes the model
+    dpm = generate(bundle, prompt, concepts=tuned.concepts, scheduler="dpmpp_2m", seed=3, **kw)
+    assert dpm[0].size == (64, 64)
+    with pytest.raises(ValueError, match=r"names \[v7\], which these concepts lack"):
+        generate(bundle, "[v7] on a beach", concepts=tuned.concepts, **kw)
+    with pytest.raises(ValueError, match=r"names \[v1\].*none"):
+        generate(bundle, "[v1] on a beach", **kw)
+    with pytest.raises(ValueError, match="width: 60 is not a positive multiple of 8"):
+        generate(bundle, "a dog", width=60, height=64, steps=2, progress=False)
+    with pytest.raises(ValueError, match="scheduler: unknown"):
+        generate(bundle, "a dog", scheduler="magic", **kw)
+
+
+def test_bundle_file_checks_model_and_integrity(bundle, learned, tmp_path, tiny_dir):
+    images, state = learned
+    tuned = finetune(bundle, images, state, FinetuneConfig(steps=1, mode="lora"), progress=False)
+    path = save_concepts(tuned, bundle, tmp_path / "c.safetensors")
+    same = load_concepts(path, load_bundle(tiny_dir))  # a fresh load of the same model is recognised
+    assert same.names == ["[v1]", "[v2]", "[v3]"] and same.weights.kind == "lora"
+    assert torch.equal(same.concepts.vectors, tuned.concepts.vectors)
+    assert np.array_equal(same.masks[0], tuned.masks[0])
+    assert same.meta["history"]["finetune"][0]["phase"] == "finetune"
+    from em_core.tiny_model import build_model
+
+    other = build_model("tiny", seed=5)
+    with pytest.raises(ValueError, match="learned on another base model"):
+        load_concepts(path, other)
+    assert load_concepts(path, other, allow_other_model=True).names == same.names
+    raw = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_concepts(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_concepts(tmp_path / "junk.safetensors")
+
+
+def test_export_names_and_folders(bundle, learned, tmp_path):
+    _, state = learned
+    cb = load_concepts(save_concepts(state, bundle, tmp_path / "c.safetensors"))
+    for bad in ["../evil", "a/b", "a\\b", "..", "", ".hidden"]:
+        with pytest.raises(ValueError, match="not allowed"):
+            check_export_name(bad)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        export_concepts(cb, tmp_path / "file", "ok")
+    written = export_concepts(cb, tmp_path / "out", "mine")
+    assert [p.name for p in written["embeddings"]] == ["mine_v1.safetensors", "mine_v2.safetensors",
+                                                       "mine_v3.safetensors"]
+    assert written["lora"] is None  # nothing fine-tuned yet: embeddings only
+    emb = load_file(written["embeddings"][0])
+    assert emb["clip_l"].shape == (1, 32) and torch.equal(emb["clip_l"][0], cb.concepts.vectors[0])
+
+
+def test_full_delta_becomes_a_lora_that_reproduces_it():
+    torch.manual_seed(0)
+    lin = torch.randn(6, 2) @ torch.randn(2, 5)  # rank 2
+    conv = (torch.randn(4, 1) @ torch.randn(1, 3 * 3 * 3)).reshape(4, 3, 3, 3)
+    w = TunedWeights("full", {"unet.a.weight": lin, "unet.b.weight": conv, "unet.a.bias": torch.ones(6),
+                              "text_encoder.encoder.layers.0.self_attn.q_proj.weight": lin,
+                              "text_encoder.encoder.layers.0.layer_norm1.weight": torch.ones(5)})
+    tensors, skipped = lora_from_delta(w, rank=2)
+    up, down = tensors["lora_unet_a.lora_up.weight"], tensors["lora_unet_a.lora_down.weight"]
+    assert torch.allclose(up @ down, lin, atol=1e-4)
+    up, down = tensors["lora_unet_b.lora_up.weight"], tensors["lora_unet_b.lora_down.weight"]
+    assert up.shape == (4, 2, 1, 1) and down.shape == (2, 3, 3, 3)
+    assert torch.allclose((up.flatten(1) @ down.flatten(1)).reshape(conv.shape), conv, atol=1e-4)
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in tensors
+    assert sorted(skipped) == ["text_encoder.encoder.layers.0.layer_norm1.weight", "unet.a.bias"]
+
+
+@pytest.mark.parametrize("kind, data", [("sd15", "comfyui_lora_keys_sd15.json")])
+def test_exported_lora_names_are_ones_comfyui_loads_for_sd15_modules(kind, data):
+    """Names taken from ComfyUI's own key maps (tests/data) against an SD-1.5-shaped model's modules."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from em_core.tiny_model import SD15
+    from em_core.weights import LORA_TARGETS
+
+    accepted = json.loads((DATA / data).read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15["unet"])
+        te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **SD15["text"]))
+    conv_lin = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert len(conv_lin) > 250
+    missing = [n for n in conv_lin if kohya_name("unet", n) not in accepted["unet"]]
+    assert not missing, missing[:5]
+    lora_mods = [n for n in conv_lin if n.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v"} or n.endswith("to_out.0")]
+    assert all(kohya_name("unet", n) in accepted["unet"] for n in lora_mods)
+    te_mods = [n for n, m in te.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.rsplit(".", 1)[-1] in set(LORA_TARGETS["text_encoder"]) | {"fc1", "fc2"}]
+    assert len(te_mods) == 72
+    assert sorted(kohya_name("text_encoder", n) for n in te_mods) == sorted(accepted["clip"])
+
+
+def test_cli_learn_finetune_generate_export_reload(tiny_dir, scene_files, tmp_path, capsys):
+    run, gen = tmp_path / "run", tmp_path / "gen"
+    a = str(scene_files[0][0])
+    assert main(["learn", "--model", str(tiny_dir), "--image", a, "--prompt", "a photo of [v1] and [v2] on [v3]",
+                 "--steps", "2", "--refresh-every", "0", "--mask-timesteps", "4", "--out", str(run), "--quiet"]) == 0
+    base_file = (tiny_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert main(["finetune", "--state", str(run), "--steps", "2", "--mode", "full", "--lr", "1e-3", "--quiet"]) == 0
+    assert (tiny_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == base_file
+    concepts = run / "concepts.safetensors"
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "[v1] next to a robot", "--seed", "2", "--n", "1",
+            "--steps", "3", "--quiet"]
+    assert main([*args, "--concepts", str(concepts), "--out", str(gen)]) == 0
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "a robot", "--seed", "2", "--steps", "3",
+                 "--quiet", "--out", str(tmp_path / "plain")]) == 0
+    from PIL import Image
+
+    with_c = np.asarray(Image.open(gen / "seed2_00.png"))
+    assert with_c.shape == (64, 64, 3)
+    assert not np.array_equal(with_c, np.asarray(Image.open(tmp_path / "plain" / "seed2_00.png")))
+    assert main(["export", "--concepts", str(concepts), "--out", str(tmp_path / "comfy"), "--name", "trio",
+                 "--rank", "2"]) == 0
+    lora = load_file(tmp_path / "comfy" / "loras" / "trio.safetensors")
+    assert any(k.startswith("lora_unet_") for k in lora) and any(k.startswith("lora_te_") for k in lora)
+    assert sorted(p.name for p in (tmp_path / "comfy" / "embeddings").iterdir()) == [
+        "trio_v1.safetensors", "trio_v2.safetensors", "trio_v3.safetensors"]
+    # Reload: the saved bundle generates the same image again.
+    assert main([*args, "--concepts", str(concepts), "--out", str(tmp_path / "again")]) == 0
+    assert np.array_equal(with_c, np.asarray(Image.open(tmp_path / "again" / "seed2_00.png")))
+    assert main(["export", "--concepts", str(concepts), "--out", str(tmp_path / "x"), "--name", "../up"]) == 2
+    assert "not allowed" in capsys.readouterr().err
+    assert main([*args, "--prompt", "[v8] here", "--concepts", str(concepts), "--out", str(gen)]) == 2
+    assert "which these concepts lack" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_training(bundle, learned):
+    images, state = learned
+    runs = [finetune(bundle, images, state, FinetuneConfig(steps=2, mode="full", lr=1e-3, gradient_checkpointing=gc),
+                     progress=False) for gc in (False, True)]
+    losses = [[h["loss"] for h in r.history["finetune"]] for r in runs]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    a, b = runs[0].weights.tensors, runs[1].weights.tensors
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
