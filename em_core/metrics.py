@@ -46,3 +46,86 @@ def attention_like(mask: np.ndarray, rng: np.random.Generator, grid: int = 16, b
     small = gaussian_filter(small, blur) + rng.normal(0, noise, small.shape)
     big = Image.fromarray(np.clip(small * 255, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
     return np.asarray(big, np.float32) / 255 > threshold
+
+
+NO_WEIGHTS = ("{what} needs local weights: pass {flag} DIR, a folder with a transformers {kind} saved by "
+              "save_pretrained (nothing is downloaded)")
+
+
+def _require(path, what, flag, kind):
+    from pathlib import Path
+
+    if not path:
+        raise ValueError(NO_WEIGHTS.format(what=what, flag=flag, kind=kind))
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{flag}: {path} is not a folder")
+    return Path(path)
+
+
+def _pixels(images, size: int, mean, std):
+    import torch
+
+    arrays = [np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0 for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def clip_image_similarity(generated, references, clip_dir) -> float:
+    """Mean cosine similarity of CLIP image embeddings, each generated image against each reference."""
+    import torch
+    from transformers import CLIPModel
+
+    path = _require(clip_dir, "CLIP image similarity", "--clip", "CLIPModel")
+    model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+    size = model.config.vision_config.image_size
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's own
+    with torch.no_grad():
+        def embed(imgs):
+            out = model.get_image_features(pixel_values=_pixels(imgs, size, mean, std))
+            feats = out if torch.is_tensor(out) else out.pooler_output
+            return torch.nn.functional.normalize(feats, dim=-1)
+
+        return float((embed(generated) @ embed(references).T).mean())
+
+
+def feature_cosine_similarity(generated, references, backbone_dir) -> float:
+    """Mean cosine similarity of a vision backbone's pooled features (e.g. a local DINOv2 or CLIP vision)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    path = _require(backbone_dir, "feature cosine similarity", "--features", "vision model")
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    vision = getattr(cfg, "vision_config", cfg)
+    size = getattr(vision, "image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    with torch.no_grad():
+        def feats(imgs):
+            x = _pixels(imgs, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+            out = model.vision_model(pixel_values=x) if hasattr(model, "vision_model") else model(pixel_values=x)
+            pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else \
+                out.last_hidden_state.mean(1)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+        return float((feats(generated) @ feats(references).T).mean())
+
+
+def lpips_diversity(images, lpips_net=None) -> float:
+    """Mean LPIPS distance over all pairs of images made from one prompt (higher: more diverse).
+
+    `lpips_net` is a callable (x, y) -> distance on [-1, 1] images, e.g. `lpips.LPIPS(net='alex')`
+    built from weights the user has locally; none ships here, so without one this says so.
+    """
+    import itertools
+
+    import torch
+
+    if lpips_net is None:
+        raise ValueError("LPIPS diversity needs an LPIPS network built from local weights (the `lpips` package "
+                         "with its AlexNet/VGG weights on disk); pass it as lpips_net")
+    if len(images) < 2:
+        raise ValueError("LPIPS diversity needs at least two images of the same prompt")
+    x = _pixels(images, images[0].size[0], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with torch.no_grad():
+        d = [float(lpips_net(x[i:i + 1], x[j:j + 1]).mean()) for i, j in itertools.combinations(range(len(x)), 2)]
+    return float(np.mean(d))

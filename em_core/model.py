@@ -74,12 +74,17 @@ class ModelBundle:
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
-    """Loads a diffusers-format folder (model_index.json + component subfolders) with no network."""
+    """Loads a diffusers-format folder (model_index.json + component subfolders), or a single-file
+    SD 1.x / 2.x .safetensors checkpoint, with no network."""
     path = Path(path)
+    if path.is_file():
+        from .single_file import load_single_file
+
+        return load_single_file(path, device=device, dtype=dtype)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"model: {path} is not a folder; give a diffusers-format model folder "
-            "(one with model_index.json), or make one with `python -m em_core make-tiny-model DIR`"
+            f"model: {path} does not exist; give a diffusers-format model folder (one with model_index.json) "
+            "or a .safetensors checkpoint, or make one with `python -m em_core make-tiny-model DIR`"
         )
     missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
     if missing:

@@ -56,8 +56,15 @@ def build_model(kind: str = "tiny", seed: int = 0, tokenizer_dir: str | Path | N
     cfg = CONFIGS[kind]
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = save_tokenizer(tokenizer_dir or tmp)
+    if kind == "sd15":  # real shapes: the real CLIP vocabulary the project ships
+        from .single_file import clip_tokenizer
+
+        tokenizer = clip_tokenizer()
+        if tokenizer_dir:
+            tokenizer.save_pretrained(tokenizer_dir)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = save_tokenizer(tokenizer_dir or tmp)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
                                                 bos_token_id=tokenizer.bos_token_id,

@@ -38,7 +38,7 @@ def test_loading_the_diffusers_pipeline_offline(tiny_dir):
 
 
 def test_load_bundle_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_bundle(tmp_path / "nope")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "unet").mkdir()

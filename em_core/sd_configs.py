@@ -1,0 +1,55 @@
+"""The configs of the SD families a single-file checkpoint can be: shipped, so loading is offline.
+
+Only the settings that differ from the diffusers / transformers defaults are written out.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+CLIP_TOKENIZER = Path(__file__).parent / "configs" / "clip_tokenizer"
+
+_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+)
+_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, steps_offset=1, prediction_type="epsilon",
+)
+
+FAMILIES = {
+    # Stable Diffusion 1.x: CLIP ViT-L/14 text encoder, 512 px.
+    "sd15": dict(
+        unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+        vae=_VAE,
+        text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        scheduler=_SCHEDULER, pad_token="<|endoftext|>",
+    ),
+    # Stable Diffusion 2.x: OpenCLIP ViT-H/14 (penultimate layer, so 23 layers), 768 px v-prediction
+    # by default; SD 2.x "base" checkpoints are 512 px epsilon (pass prediction_type="epsilon").
+    "sd2": dict(
+        unet=dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                  use_linear_projection=True, upcast_attention=True),
+        vae=_VAE,
+        text=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                  num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+                  bos_token_id=49406, eos_token_id=49407, pad_token_id=0),
+        scheduler=dict(_SCHEDULER, prediction_type="v_prediction"),
+        pad_token="!",
+    ),
+}
+
+
+def detect_family(keys) -> str:
+    keys = set(keys)
+    if "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys:
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd15"
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ValueError("checkpoint: this looks like SDXL, which is not supported yet (SD 1.x and 2.x are)")
+    raise ValueError("checkpoint: no SD 1.x / 2.x text encoder keys (cond_stage_model.*) found; "
+                     "is this a full Stable Diffusion checkpoint?")

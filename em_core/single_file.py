@@ -1,0 +1,84 @@
+"""Loading a single-file SD 1.x / 2.x checkpoint (.safetensors in the original LDM layout, as
+ComfyUI and A1111 use) into the engine's bundle, offline, with the configs and CLIP tokenizer
+files the project ships. Conversion is diffusers' own (loaders.single_file_utils).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .model import ModelBundle
+from .sd_configs import CLIP_TOKENIZER, FAMILIES, detect_family
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    return CLIPTokenizer(vocab=str(CLIP_TOKENIZER / "vocab.json"), merges=str(CLIP_TOKENIZER / "merges.txt"),
+                         pad_token=pad_token, model_max_length=77)
+
+
+def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
+    own = module.state_dict()
+    if not any(k.startswith("text_model.") for k in own):  # transformers 5 has no text_model level
+        state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
+    missing = [k for k in own if k not in state and not k.endswith("position_ids")]
+    if missing:
+        raise ValueError(f"checkpoint: the {what} lacks {len(missing)} weight(s), e.g. {missing[:3]}")
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            if own[k].numel() == v.numel():  # LDM's 1x1 conv vs diffusers' linear attention projections
+                state[k] = v.reshape(own[k].shape)
+            else:
+                raise ValueError(f"checkpoint: {what} weight {k} has shape {tuple(v.shape)}, "
+                                 f"expected {tuple(own[k].shape)}; is this the right model family?")
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def state_dict_to_bundle(checkpoint: dict, family: str | None = None, prediction_type: str | None = None,
+                         source: str = "") -> ModelBundle:
+    """A bundle from an LDM-layout state dict (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)."""
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+
+    family = family or detect_family(checkpoint)
+    if family not in FAMILIES:
+        raise ValueError(f"family: unknown {family!r}; choose one of {sorted(FAMILIES)}")
+    cfg = FAMILIES[family]
+    unet = UNet2DConditionModel(**cfg["unet"])
+    _load_strict(unet, convert_ldm_unet_checkpoint(checkpoint, dict(unet.config)), "U-Net")
+    vae = AutoencoderKL(**cfg["vae"])
+    _load_strict(vae, convert_ldm_vae_checkpoint(checkpoint, dict(vae.config)), "VAE")
+    text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    if family == "sd2":
+        _load_strict(text, convert_open_clip_checkpoint(text, checkpoint), "text encoder")
+    else:
+        _load_strict(text, convert_ldm_clip_checkpoint(checkpoint), "text encoder")
+    sched = dict(cfg["scheduler"])
+    if prediction_type:
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type: {prediction_type!r} is not epsilon or v_prediction")
+        sched["prediction_type"] = prediction_type
+    bundle = ModelBundle((clip_tokenizer(cfg["pad_token"]),), (text,), unet, vae, DDPMScheduler(**sched),
+                         source=source or f"state-dict:{family}")
+    return bundle.freeze()
+
+
+def load_single_file(path: str | Path, family: str | None = None, prediction_type: str | None = None,
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
+    """A bundle from one .safetensors checkpoint; pickled .ckpt files are refused, never opened."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: {path} does not exist or is not a file")
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"checkpoint: {path.name} is not .safetensors; pickled checkpoints (.ckpt, .pt, .bin) "
+                         "are never loaded. Convert it to safetensors first")
+    try:
+        checkpoint = load_file(str(path))
+    except Exception as exc:
+        raise ValueError(f"checkpoint: {path} is corrupt or truncated ({exc})") from exc
+    bundle = state_dict_to_bundle(checkpoint, family, prediction_type, source=str(path.resolve()))
+    del checkpoint
+    return bundle.to(device=device, dtype=dtype)
