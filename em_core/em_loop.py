@@ -21,7 +21,7 @@ from .masks import estimate_masks, iou, latent_masks
 from .atomic import prepare_out
 from .concept_file import save_run
 from .state import LearnState
-from .training import concept_step_loss, step_rng
+from .training import concept_step_loss, saved_on_exit, step_rng
 
 
 class StopLearning(Exception):
@@ -147,55 +147,52 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
     cfg = state.config
     total = cfg.warmup_steps + cfg.steps
     state.status, state.message = "running", ""
-    with torch.inference_mode(False), torch.enable_grad():
+    def save():
+        if out is not None:
+            save_run(state, bundle, out)
+
+    def interrupted():
+        state.status, state.message = "interrupted", f"interrupted after step {state.step}"
+
+    with torch.inference_mode(False), torch.enable_grad(), saved_on_exit(save, interrupted):
         run = _Run(bundle, images, state)
-        bar = tqdm(total=total, initial=min(state.step, total), disable=not progress, desc="learn", unit="step")
-        try:
-            with AttentionCapture(bundle.unet, cfg.layers) as capture:
-                while True:
-                    # Refreshes run at the top of a step, so a run stopped during one redoes it on resume.
-                    if state.step >= cfg.warmup_steps and not state.mask_history:
-                        with torch.no_grad():
-                            run.refresh_masks("init")
-                    elif _refresh_due(cfg, state.step, total) and state.mask_history[-1]["step"] != state.step:
-                        with torch.no_grad():
-                            run.refresh_masks("refresh")
-                    if state.step >= total:
-                        state.status = "done"
-                        break
-                    if should_stop is not None and should_stop():
-                        state.status, state.message = "cancelled", f"cancelled after step {state.step}"
-                        break
-                    warm = state.step < cfg.warmup_steps
-                    before = run.vectors.detach().clone()
-                    loss, info = run.step_loss(warm, capture)
-                    if not math.isfinite(info["loss"]):
-                        state.status = "nan"
-                        state.message = f"loss was not finite at step {state.step}; kept the state of the step before"
-                        break
-                    run.opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    run.opt.step()
-                    if not bool(torch.isfinite(run.vectors).all()):
-                        with torch.no_grad():
-                            run.vectors.copy_(before)
-                        state.status = "nan"
-                        state.message = f"token vectors became non-finite at step {state.step}; kept the step before"
-                        break
-                    run.commit(info)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{info['loss']:.4f}")
-                    if on_step is not None:
-                        on_step(state, info)
-                    if out is not None and state.step % cfg.save_every == 0:
-                        save_run(state, bundle, out)
-        except KeyboardInterrupt:
-            state.status, state.message = "interrupted", f"interrupted after step {state.step}"
-            if out is not None:
-                save_run(state, bundle, out)
-            raise
-        finally:
-            bar.close()
-    if out is not None:
-        save_run(state, bundle, out)
+        with tqdm(total=total, initial=min(state.step, total), disable=not progress, desc="learn", unit="step") as bar, \
+                AttentionCapture(bundle.unet, cfg.layers) as capture:
+            while True:
+                # Refreshes run at the top of a step, so a run stopped during one redoes it on resume.
+                if state.step >= cfg.warmup_steps and not state.mask_history:
+                    with torch.no_grad():
+                        run.refresh_masks("init")
+                elif _refresh_due(cfg, state.step, total) and state.mask_history[-1]["step"] != state.step:
+                    with torch.no_grad():
+                        run.refresh_masks("refresh")
+                if state.step >= total:
+                    state.status = "done"
+                    break
+                if should_stop is not None and should_stop():
+                    state.status, state.message = "cancelled", f"cancelled after step {state.step}"
+                    break
+                warm = state.step < cfg.warmup_steps
+                before = run.vectors.detach().clone()
+                loss, info = run.step_loss(warm, capture)
+                if not math.isfinite(info["loss"]):
+                    state.status = "nan"
+                    state.message = f"loss was not finite at step {state.step}; kept the state of the step before"
+                    break
+                run.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                run.opt.step()
+                if not bool(torch.isfinite(run.vectors).all()):
+                    with torch.no_grad():
+                        run.vectors.copy_(before)
+                    state.status = "nan"
+                    state.message = f"token vectors became non-finite at step {state.step}; kept the step before"
+                    break
+                run.commit(info)
+                bar.update(1)
+                bar.set_postfix(loss=f"{info['loss']:.4f}")
+                if on_step is not None:
+                    on_step(state, info)
+                if out is not None and state.step % cfg.save_every == 0:
+                    save_run(state, bundle, out)
     return state

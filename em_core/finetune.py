@@ -21,7 +21,7 @@ from .concepts import ConceptSet
 from .masks import latent_masks
 from .concept_file import save_run
 from .state import LearnState
-from .training import concept_step_loss
+from .training import concept_step_loss, saved_on_exit
 from .weights import ADAPTER, TunedWeights, lora_injected, swapped_parameters
 
 MODES = ("full", "lora")
@@ -189,60 +189,58 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
     lat = [latent_masks(m, img.latent_hw) for m, img in zip(state.masks, images)]
     token_id = dict(zip(state.concepts.names, state.concepts.token_ids(bundle.tokenizer)))
     ft = state.finetune
-    with torch.inference_mode(False), torch.enable_grad():
+
+    def save():
+        if out is not None:
+            save_run(state, bundle, out)
+
+    def interrupted():
+        ft["status"], ft["message"] = "interrupted", f"interrupted after step {ft['step']}"
+
+    with torch.inference_mode(False), torch.enable_grad(), saved_on_exit(save, interrupted):
         for img in images:
             if img.latent_mean.is_inference():
                 img.latent_mean, img.latent_std = img.latent_mean.clone(), img.latent_std.clone()
         vectors = torch.nn.Parameter(state.concepts.vectors.detach().clone().float().to(bundle.device))
-        bar = tqdm(total=cfg.steps, initial=min(step0, cfg.steps), disable=not progress, desc="finetune",
-                   unit="step")
-        try:
-            with _training_modules(bundle, cfg, state.weights) as (params, result), _train_mode(bundle, cfg), \
-                    AttentionCapture(bundle.unet, cfg.layers) as capture:
-                opt = torch.optim.AdamW([{"params": params, "lr": cfg.weight_lr},
-                                         {"params": [vectors], "lr": cfg.token_lr or cfg.weight_lr}])
-                try:
-                    while ft["step"] < cfg.steps:
-                        if should_stop is not None and should_stop():
-                            ft["status"], ft["message"] = "cancelled", f"cancelled after step {ft['step']}"
-                            break
-                        with _autocast(bundle, cfg):
-                            loss, info = concept_step_loss(bundle, images, state.concepts, vectors, lat, token_id,
-                                                           ft["step"], cfg.seed + 104729, cfg.flip, cfg.attn_weight,
-                                                           capture)
-                        info["phase"] = "finetune"
-                        opt.zero_grad(set_to_none=True)
-                        if not math.isfinite(info["loss"]):
-                            ft["status"], ft["message"] = "nan", f"loss was not finite at step {ft['step']}"
-                            break
-                        loss.backward()
-                        grads = [p.grad for p in [vectors, *params] if p.grad is not None]
-                        if not all(bool(torch.isfinite(g).all()) for g in grads):
-                            ft["status"], ft["message"] = "nan", f"gradients were not finite at step {ft['step']}"
-                            break
-                        opt.step()
-                        ft["step"] += 1
-                        state.history["finetune"].append(info)
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{info['loss']:.4f}")
-                        if on_step is not None:
-                            on_step(state, info)
-                        if out is not None and ft["step"] % cfg.save_every == 0:
-                            _collect(state, vectors, result)
-                            save_run(state, bundle, out)
-                    else:
-                        ft["status"] = "done"
-                finally:
-                    _collect(state, vectors, result)
-        except KeyboardInterrupt:
-            ft["status"], ft["message"] = "interrupted", f"interrupted after step {ft['step']}"
-            if out is not None:
-                save_run(state, bundle, out)
-            raise
-        finally:
-            bar.close()
-    if out is not None:
-        save_run(state, bundle, out)
+        with tqdm(total=cfg.steps, initial=min(step0, cfg.steps), disable=not progress, desc="finetune",
+                  unit="step") as bar, _training_modules(bundle, cfg, state.weights) as (params, result), \
+                _train_mode(bundle, cfg), AttentionCapture(bundle.unet, cfg.layers) as capture:
+            opt = torch.optim.AdamW([{"params": params, "lr": cfg.weight_lr},
+                                     {"params": [vectors], "lr": cfg.token_lr or cfg.weight_lr}])
+            try:
+                while ft["step"] < cfg.steps:
+                    if should_stop is not None and should_stop():
+                        ft["status"], ft["message"] = "cancelled", f"cancelled after step {ft['step']}"
+                        break
+                    with _autocast(bundle, cfg):
+                        loss, info = concept_step_loss(bundle, images, state.concepts, vectors, lat, token_id,
+                                                       ft["step"], cfg.seed + 104729, cfg.flip, cfg.attn_weight,
+                                                       capture)
+                    info["phase"] = "finetune"
+                    opt.zero_grad(set_to_none=True)
+                    if not math.isfinite(info["loss"]):
+                        ft["status"], ft["message"] = "nan", f"loss was not finite at step {ft['step']}"
+                        break
+                    loss.backward()
+                    grads = [p.grad for p in [vectors, *params] if p.grad is not None]
+                    if not all(bool(torch.isfinite(g).all()) for g in grads):
+                        ft["status"], ft["message"] = "nan", f"gradients were not finite at step {ft['step']}"
+                        break
+                    opt.step()
+                    ft["step"] += 1
+                    state.history["finetune"].append(info)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{info['loss']:.4f}")
+                    if on_step is not None:
+                        on_step(state, info)
+                    if out is not None and ft["step"] % cfg.save_every == 0:
+                        _collect(state, vectors, result)
+                        save()
+                else:
+                    ft["status"] = "done"
+            finally:
+                # While the adapters are still in place: what was learned, however the loop ended.
+                _collect(state, vectors, result)
     return state
 
 

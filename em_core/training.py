@@ -7,6 +7,7 @@ union of the subset's masks + w * cross-attention loss (Break-A-Scene). Randomne
 """
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
@@ -80,3 +81,15 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
     loss = lm + attn_weight * la
     info.update(loss=loss.item(), mask_loss=lm.item(), attn_loss=la.item())
     return loss, info
+
+
+@contextlib.contextmanager
+def saved_on_exit(save, on_interrupt):
+    """Saves once when the block ends; on Ctrl-C marks the state first, saves, and re-raises."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        on_interrupt()
+        save()
+        raise
+    save()

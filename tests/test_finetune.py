@@ -234,3 +234,22 @@ def test_gradient_checkpointing_gives_the_same_training(bundle, learned):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     a, b = runs[0].weights.tensors, runs[1].weights.tensors
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_ctrl_c_during_finetune_keeps_what_was_learned(bundle, learned, tmp_path):
+    from em_core.state import load_state
+
+    images, state = learned
+
+    def interrupt(s, info):
+        if s.finetune["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(bundle, images, state, FinetuneConfig(steps=5, mode="lora", save_every=100), out=tmp_path / "r",
+                 on_step=interrupt, progress=False)
+    saved = load_state(tmp_path / "r")
+    assert saved.finetune["status"] == "interrupted" and saved.finetune["step"] == 2
+    assert saved.weights.kind == "lora" and (tmp_path / "r" / "concepts.safetensors").is_file()
+    resumed = finetune(bundle, images, saved, FinetuneConfig(steps=4, mode="lora"), progress=False)
+    assert resumed.finetune["step"] == 4 and len(resumed.history["finetune"]) == 4
