@@ -237,6 +237,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_train_tiny_world(args) -> int:
+    from .world_train import train_tiny_world
+
+    train_tiny_world(args.out, minutes=args.minutes, batch=args.batch, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m em_core", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -303,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", default=None, help="file name stem; default: the concepts file's folder name")
     e.add_argument("--rank", type=int, default=16, help="LoRA rank extracted from a full fine-tune")
     e.set_defaults(func=cmd_export)
+
+    tw = sub.add_parser("train-tiny-world", help="train the tiny world's model on procedural scenes (CPU)")
+    tw.add_argument("--out", required=True)
+    tw.add_argument("--minutes", type=float, default=45.0)
+    tw.add_argument("--batch", type=int, default=64)
+    tw.add_argument("--seed", type=int, default=0)
+    tw.set_defaults(func=cmd_train_tiny_world)
 
     d = _defaults()
     l = sub.add_parser("learn", help="learn concept tokens and masks from images")
