@@ -118,45 +118,59 @@ def cmd_learn(args) -> int:
     return 0 if state.status == "done" else 1
 
 
-def cmd_demo(args) -> int:
-    """The main job on the embedded default model: two procedural scenes, three concepts."""
-    import json
+SHIPPED_MODEL = Path(__file__).parent / "models" / "tiny_world"
 
-    from .atomic import inside, prepare_out, write_json
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded default model: learn the concepts of a tiny-world scene with
+    EM, generate with them, and write masks, images and the mask IoU curve against the truth."""
+    from PIL import Image
+
+    from .atomic import inside, prepare_out, write_atomic, write_json
     from .config import LearnConfig
     from .dataset import prepare_image
     from .em_loop import learn, start_state
-    from .images import open_mask
+    from .evaluate import concept_task
+    from .generate import generate
     from .metrics import iou_curve, mean_iou
-    from .scenes import make_scene
-    from .tiny_model import build_model, save_bundle
+    from .model import load_bundle
+    from .plot import line_chart
+    from .scenes import random_scene
+    from .tiny_model import build_model
 
     out = prepare_out(args.out)
-    bundle = build_model("tiny", seed=args.seed)
-    save_bundle(bundle, inside(out, "model"))
-    words = {"[v1]": "red circle", "[v2]": "blue square", "[v3]": "grass"}
-    images, truth = [], {}
-    for i in range(2):
-        scene = make_scene(seed=args.seed + i)
-        path = inside(out, f"inputs/scene{i + 1}.png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        scene.image.save(path)
-        for name, word in words.items():
-            mpath = inside(out, f"inputs/scene{i + 1}_{name[1:-1]}_true.png")
-            from PIL import Image
-            Image.fromarray(scene.masks[word].astype("uint8") * 255).save(mpath)
-        img = prepare_image(bundle, path, "a photo of [v1] and [v2] on [v3]")
-        images.append(img)
-        for name in words:
-            truth[(i, name)] = open_mask(inside(out, f"inputs/scene{i + 1}_{name[1:-1]}_true.png"), img.size)
-    config = LearnConfig(steps=args.steps, refresh_every=max(1, args.steps // 4), mask_timesteps=20, seed=args.seed)
-    state = start_state(bundle, images, config, {"[v1]": "red", "[v2]": "blue", "[v3]": "grass"})
-    state = learn(bundle, images, state, out=inside(out, "run"), progress=not args.quiet)
-    curve = iou_curve(state, truth)
+    if (SHIPPED_MODEL / "model_index.json").is_file():
+        bundle = load_bundle(SHIPPED_MODEL)
+    else:
+        print("note: the shipped tiny-world model is missing; using a random tiny model (masks mean nothing)")
+        bundle = build_model("tiny", seed=args.seed)
+    scene = random_scene(args.scene, n_objects=2, max_overlap=0.1)
+    prompt, init, truth, _ = concept_task(scene)
+    path = inside(out, "input.png")
+    scene.image.save(path)
+    for name, m in truth.items():
+        Image.fromarray(m.astype("uint8") * 255).save(inside(out, f"true_{name[1:-1]}.png"))
+    image = prepare_image(bundle, path, prompt)
+    print(f"scene: {scene.caption}\nprompt: {prompt}  (init words {init})")
+    config = LearnConfig(steps=args.steps, refresh_every=max(1, args.steps // 4), mask_timesteps=50, seed=args.seed)
+    state = start_state(bundle, [image], config, init)
+    state = learn(bundle, [image], state, out=inside(out, "run"), progress=not args.quiet)
+    curve = iou_curve(state, {(0, n): m for n, m in truth.items()})
     write_json(inside(out, "iou_curve.json"), curve)
+    chart = line_chart({"EM": [(c["step"], mean_iou(c)) for c in curve]}, title="mask IoU vs truth",
+                       xlabel="EM step", ylabel="IoU", ylim=(0, 1))
+    write_atomic(inside(out, "iou_curve.png"), lambda tmp: chart.save(tmp, format="PNG"))
     for entry in curve:
-        print(f"step {entry['step']:4d}  mean mask IoU vs truth {mean_iou(entry):.3f}  " + json.dumps(entry["iou"]))
-    print(f"{state.status}: masks in {out / 'run' / 'masks'}, IoU curve in {out / 'iou_curve.json'}")
+        print(f"step {entry['step']:4d}  mean mask IoU vs truth {mean_iou(entry):.3f}")
+    names = state.concepts.names
+    prompts = [prompt, f"a photo of {names[0]} on snow", f"a photo of {names[-2]} and {names[0]} on {names[-1]}"]
+    for k, p in enumerate(prompts):
+        imgs = generate(bundle, p, concepts=state.concepts, seed=args.seed, n=2, steps=25, guidance=4.0,
+                        progress=False)
+        for i, im in enumerate(imgs):
+            write_atomic(inside(out, f"generated/{k}_{i}.png"), lambda tmp, im=im: im.save(tmp, format="PNG"))
+        print(f"generated: {p!r} -> {out / 'generated'}/{k}_*.png")
+    print(f"{state.status}: masks in {out / 'run' / 'masks'}, IoU curve in {out / 'iou_curve.png'}")
     return 0
 
 
@@ -244,6 +258,28 @@ def cmd_train_tiny_world(args) -> int:
     return 0
 
 
+def cmd_train_checker(args) -> int:
+    from .checker import save_checker, train_checker
+
+    net, acc = train_checker(seconds=args.seconds, seed=args.seed)
+    save_checker(net, args.out, acc)
+    print(f"checker: colour accuracy {acc['colour']:.3f}, shape accuracy {acc['shape']:.3f} "
+          f"on 512 fresh scenes after {acc['steps']} steps; {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    s = evaluate(args.model, args.out, scenes=args.scenes, steps=args.steps, refresh=args.refresh,
+                 timesteps=args.mask_timesteps, gen_images=args.gen_images, checker_path=args.checker, seed=args.seed)
+    for m, row in s["table"].items():
+        print(f"{m:<11} mask IoU {row['mask_iou']:.3f}  colour {row['fid_colour']:.3f}  "
+              f"shape {row['fid_shape_seen']:.3f} (held-out {row['fid_shape_held_out']:.3f})")
+    print(f"report: {Path(args.out) / 'report.md'}, plot: {Path(args.out) / 'iou_curve.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m em_core", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -264,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="the main job on the embedded default model, with no download")
     dm.add_argument("--out", default="demo-out")
-    dm.add_argument("--steps", type=int, default=40)
+    dm.add_argument("--steps", type=int, default=100)
+    dm.add_argument("--scene", type=int, default=3, help="which seeded tiny-world scene")
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--quiet", action="store_true")
     dm.set_defaults(func=cmd_demo)
@@ -317,6 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--batch", type=int, default=64)
     tw.add_argument("--seed", type=int, default=0)
     tw.set_defaults(func=cmd_train_tiny_world)
+
+    tc = sub.add_parser("train-checker", help="train the tiny world's colour/shape checker")
+    tc.add_argument("--out", required=True, help="a .safetensors file")
+    tc.add_argument("--seconds", type=float, default=180)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.set_defaults(func=cmd_train_checker)
+
+    ev = sub.add_parser("evaluate", help="tiny world: baseline vs EM vs EM without CRF vs true masks")
+    ev.add_argument("--model", default=str(Path(__file__).parent / "models" / "tiny_world"))
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--scenes", type=int, default=30)
+    ev.add_argument("--steps", type=int, default=200)
+    ev.add_argument("--refresh", type=int, default=25)
+    ev.add_argument("--mask-timesteps", type=int, default=50)
+    ev.add_argument("--gen-images", type=int, default=2)
+    ev.add_argument("--checker", default=None, help="default: MODEL/checker.safetensors")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=cmd_evaluate)
 
     d = _defaults()
     l = sub.add_parser("learn", help="learn concept tokens and masks from images")

@@ -71,7 +71,8 @@ def test_demo_runs_offline(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "4", "--quiet"]) == 0
     curve = json.loads((tmp_path / "d" / "iou_curve.json").read_text())
     assert curve and set(curve[0]["iou"]["img1"]) == {"[v1]", "[v2]", "[v3]"}
-    assert (tmp_path / "d" / "model" / "model_index.json").is_file()
+    assert (tmp_path / "d" / "iou_curve.png").is_file() and len(list((tmp_path / "d" / "generated").glob("*.png"))) == 6
+    assert len(list((tmp_path / "d" / "run" / "masks").glob("*.png"))) == 3
     assert "mean mask IoU" in capsys.readouterr().out
 
 

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from em_core.checker import Checker, judge, load_checker, save_checker
+from em_core.plot import line_chart
+from em_core.scenes import HELD_OUT_SHAPES, SHAPES, SceneObject, random_scene, render
+
+
+def test_scenes_are_seeded_and_masks_are_exact_and_disjoint():
+    a, b = random_scene(5), random_scene(5)
+    assert a.caption == b.caption and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert random_scene(6).caption != a.caption or not np.array_equal(np.asarray(random_scene(6).image),
+                                                                       np.asarray(a.image))
+    stack = np.stack(list(a.masks.values()))
+    assert (stack.sum(0) == 1).all()  # every pixel belongs to exactly one object or the background
+    for s in range(40):
+        scene = random_scene(s)
+        assert all(o.shape not in HELD_OUT_SHAPES for o in scene.objects)
+        assert scene.caption.endswith(f"on {scene.background}") and 1 <= len(scene.objects) <= 4
+
+
+def test_render_paints_each_object_where_its_mask_is():
+    scene = render([SceneObject("red", "square"), SceneObject("blue", "star", "dotted")], "snow", seed=1,
+                   boxes=[(4, 4, 30, 30), (20, 20, 60, 60)])
+    img = np.asarray(scene.image)
+    red = scene.masks["a red square"]
+    assert red.any() and (img[red][:, 0] > 150).all() and (img[red][:, 2] < 100).all()
+    star = scene.masks["a blue dotted star"]
+    assert not (red & star).any() and star[40, 40]
+    assert scene.caption == "a red square and a blue dotted star on snow"
+    with pytest.raises(ValueError, match="unknown"):
+        render([SceneObject("red", "hexagon")])
+    assert set(SHAPES) >= set(HELD_OUT_SHAPES)
+
+
+def test_checker_round_trip_and_reading(tmp_path):
+    torch.manual_seed(0)
+    net = Checker()
+    save_checker(net, tmp_path / "c.safetensors", {"colour": 0.1})
+    again = load_checker(tmp_path / "c.safetensors")
+    imgs = [random_scene(1).image, random_scene(2).image]
+    assert judge(net.eval(), imgs) == judge(again, imgs)
+    assert all(len(x) == 2 for x in judge(again, imgs))
+
+
+def test_line_chart_draws_every_series():
+    img = line_chart({"em": [(0, 0.2), (50, 0.4)], "baseline": [(0, 0.2), (50, 0.2)]}, title="t")
+    arr = np.asarray(img)
+    assert img.size == (640, 400)
+    assert ((arr == (31, 119, 180)).all(-1)).sum() > 50 and ((arr == (255, 127, 14)).all(-1)).sum() > 50
+
+
+def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
+    from em_core.evaluate import METHODS, concept_task, eval_set, evaluate
+
+    scenes = eval_set(6)
+    assert [len(s.objects) for s in scenes] == [1, 2, 3, 1, 2, 3]
+    prompt, init, truth, info = concept_task(scenes[2])
+    assert prompt == "a photo of [v1] and [v2] and [v3] on [v4]" and set(truth) == {"[v1]", "[v2]", "[v3]", "[v4]"}
+    assert init["[v4]"] == scenes[2].background and set(info) == {"[v1]", "[v2]", "[v3]"}
+    torch.manual_seed(0)
+    save_checker(Checker(), tmp_path / "checker.safetensors", {})
+    summary = evaluate(str(tiny_dir), tmp_path / "ev", scenes=1, steps=2, refresh=1, timesteps=2, gen_images=1,
+                       gen_steps=2, checker_path=str(tmp_path / "checker.safetensors"), quality_images=2,
+                       log=lambda *a: None)
+    assert set(summary["table"]) == set(METHODS)
+    assert summary["table"]["true_masks"]["mask_iou"] == 1.0
+    assert [s for s, _ in summary["curve"]["em"]] == [0, 1, 2]
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "| em |" in report and "| baseline |" in report
+    assert (tmp_path / "ev" / "iou_curve.png").is_file() and (tmp_path / "ev" / "scenes" / "scene00.png").is_file()
