@@ -12,7 +12,7 @@ def inside(root: str | Path, relative: str | Path) -> Path:
     root = Path(root).resolve()
     target = (root / relative).resolve()
     if target != root and root not in target.parents:
-        raise ValueError(f"refusing to write {relative!r}: it resolves outside {root}")
+        raise ValueError(f"refusing {relative!r}: it resolves outside {root}; give a plain file name")
     return target
 
 

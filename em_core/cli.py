@@ -252,9 +252,18 @@ def cmd_export(args) -> int:
 
 
 def cmd_train_tiny_world(args) -> int:
-    from .world_train import train_tiny_world
+    import json
 
-    train_tiny_world(args.out, minutes=args.minutes, batch=args.batch, seed=args.seed)
+    from .checker import save_checker, train_checker
+    from .world_train import train_tiny_world, write_model_card
+
+    out = Path(args.out)
+    if not args.card_only:
+        train_tiny_world(out, minutes=args.minutes, batch=args.batch, seed=args.seed)
+        net, acc = train_checker(seconds=args.checker_seconds, seed=args.seed)
+        save_checker(net, out / "checker.safetensors", acc)
+        (out / "checker.json").write_text(json.dumps(acc))
+    print(write_model_card(out))
     return 0
 
 
@@ -353,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--minutes", type=float, default=45.0)
     tw.add_argument("--batch", type=int, default=64)
     tw.add_argument("--seed", type=int, default=0)
+    tw.add_argument("--checker-seconds", type=float, default=150)
+    tw.add_argument("--card-only", action="store_true", help="only (re)write samples.png and README.md")
     tw.set_defaults(func=cmd_train_tiny_world)
 
     tc = sub.add_parser("train-checker", help="train the tiny world's colour/shape checker")

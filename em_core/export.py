@@ -96,25 +96,49 @@ def lora_from_delta(weights, rank: int) -> tuple[dict, list[str]]:
     return out, skipped
 
 
+def embedding_name(name: str, concept: str) -> str:
+    """The file stem of a concept's embedding, used as `embedding:<stem>` in ComfyUI prompts."""
+    return f"{name}_{concept[1:-1]}"
+
+
+def export_embeddings(concepts, folder: str | Path, name: str) -> list[Path]:
+    """FOLDER/NAME_vN.safetensors, one per concept of a ConceptSet."""
+    check_export_name(name)
+    root = prepare_out(folder)
+    vectors = concepts.vectors.float()
+    key = embedding_key(vectors.shape[1])
+    written = []
+    for concept, vec in zip(concepts.names, vectors):
+        file = inside(root, f"{embedding_name(name, concept)}.safetensors")
+        tensors = {key: vec[None].clone().contiguous(), "emb_params": vec[None].clone().contiguous()}
+        meta = {"concept": concept, "init_word": str(concepts.init_words.get(concept))}
+        write_atomic(file, lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
+        written.append(file)
+    return written
+
+
+def lora_state_dict(weights, rank: int = 16) -> tuple[dict, list[str]]:
+    return lora_from_peft(weights) if weights.kind == "lora" else lora_from_delta(weights, rank)
+
+
+def export_lora(weights, folder: str | Path, name: str, rank: int = 16, concept_names=()) -> tuple[Path, list]:
+    """FOLDER/NAME.safetensors in kohya keys; returns it and the weights that have no LoRA form."""
+    check_export_name(name)
+    tensors, skipped = lora_state_dict(weights, rank)
+    file = inside(prepare_out(folder), f"{name}.safetensors")
+    meta = {"em_core.kind": weights.kind, "em_core.rank": str(weights.rank if weights.kind == "lora" else rank),
+            "concepts": ",".join(concept_names)}
+    write_atomic(file, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return file, skipped
+
+
 def export_concepts(concept_bundle, out: str | Path, name: str, rank: int = 16) -> dict:
     """Writes OUT/embeddings/NAME_vN.safetensors and, if there are weights, OUT/loras/NAME.safetensors."""
     check_export_name(name)
     root = prepare_out(out)
-    written = {"embeddings": [], "lora": None, "skipped": []}
-    vectors = concept_bundle.concepts.vectors.float()
-    key = embedding_key(vectors.shape[1])
-    for concept, vec in zip(concept_bundle.names, vectors):
-        file = inside(root, Path("embeddings") / f"{name}_{concept[1:-1]}.safetensors")
-        tensors = {key: vec[None].clone().contiguous(), "emb_params": vec[None].clone().contiguous()}
-        meta = {"concept": concept, "init_word": str(concept_bundle.concepts.init_words.get(concept))}
-        write_atomic(file, lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
-        written["embeddings"].append(file)
-    w = concept_bundle.weights
-    if w is not None:
-        tensors, skipped = lora_from_peft(w) if w.kind == "lora" else lora_from_delta(w, rank)
-        file = inside(root, Path("loras") / f"{name}.safetensors")
-        meta = {"em_core.kind": w.kind, "em_core.rank": str(w.rank if w.kind == "lora" else rank),
-                "concepts": ",".join(concept_bundle.names)}
-        write_atomic(file, lambda tmp: save_file(tensors, tmp, metadata=meta))
-        written["lora"], written["skipped"] = file, skipped
+    written = {"embeddings": export_embeddings(concept_bundle.concepts, inside(root, "embeddings"), name),
+               "lora": None, "skipped": []}
+    if concept_bundle.weights is not None:
+        written["lora"], written["skipped"] = export_lora(concept_bundle.weights, inside(root, "loras"), name, rank,
+                                                          concept_bundle.names)
     return written

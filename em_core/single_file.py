@@ -44,25 +44,55 @@ def state_dict_to_bundle(checkpoint: dict, family: str | None = None, prediction
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 
     family = family or detect_family(checkpoint)
+    if family == "sd2":
+        text_state = lambda text: convert_open_clip_checkpoint(text, checkpoint)  # noqa: E731
+    else:
+        text_state = lambda text: convert_ldm_clip_checkpoint(checkpoint)  # noqa: E731
+    return _assemble(family, lambda cfg: convert_ldm_unet_checkpoint(checkpoint, cfg),
+                     lambda cfg: convert_ldm_vae_checkpoint(checkpoint, cfg), text_state, prediction_type,
+                     source or f"state-dict:{family}")
+
+
+def bundle_from_comfy(unet_state: dict, clip_state: dict, vae_state: dict, prediction_type: str | None = None,
+                      source: str = "comfyui") -> ModelBundle:
+    """A bundle from the state dicts of ComfyUI's MODEL (diffusion_model: LDM names), CLIP
+    (clip_l.transformer.* for SD 1.x, clip_h.transformer.* for SD 2.x: Hugging Face names already)
+    and VAE (LDM names). Tensors are copied once into the engine's modules."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from .ldm_layout import UNET_PREFIX, VAE_PREFIX
+
+    prefixes = {"clip_l.transformer.": "sd15", "clip_h.transformer.": "sd2"}
+    found = [p for p in prefixes if any(k.startswith(p) for k in clip_state)]
+    if len(found) != 1:
+        raise ValueError("clip: expected the CLIP of an SD 1.x (clip_l.*) or SD 2.x (clip_h.*) checkpoint; "
+                         "SDXL and other families are not supported yet")
+    prefix = found[0]
+    unet_ldm = {UNET_PREFIX + k: v for k, v in unet_state.items()}
+    vae_ldm = {VAE_PREFIX + k: v for k, v in vae_state.items()}
+    text = {k[len(prefix):]: v for k, v in clip_state.items() if k.startswith(prefix)}
+    return _assemble(prefixes[prefix], lambda cfg: convert_ldm_unet_checkpoint(unet_ldm, cfg),
+                     lambda cfg: convert_ldm_vae_checkpoint(vae_ldm, cfg), lambda model: text, prediction_type,
+                     source)
+
+
+def _assemble(family, unet_state, vae_state, text_state, prediction_type, source) -> ModelBundle:
     if family not in FAMILIES:
         raise ValueError(f"family: unknown {family!r}; choose one of {sorted(FAMILIES)}")
     cfg = FAMILIES[family]
     unet = UNet2DConditionModel(**cfg["unet"])
-    _load_strict(unet, convert_ldm_unet_checkpoint(checkpoint, dict(unet.config)), "U-Net")
+    _load_strict(unet, unet_state(dict(unet.config)), "U-Net")
     vae = AutoencoderKL(**cfg["vae"])
-    _load_strict(vae, convert_ldm_vae_checkpoint(checkpoint, dict(vae.config)), "VAE")
+    _load_strict(vae, vae_state(dict(vae.config)), "VAE")
     text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
-    if family == "sd2":
-        _load_strict(text, convert_open_clip_checkpoint(text, checkpoint), "text encoder")
-    else:
-        _load_strict(text, convert_ldm_clip_checkpoint(checkpoint), "text encoder")
+    _load_strict(text, text_state(text), "text encoder")
     sched = dict(cfg["scheduler"])
     if prediction_type:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type: {prediction_type!r} is not epsilon or v_prediction")
         sched["prediction_type"] = prediction_type
     bundle = ModelBundle((clip_tokenizer(cfg["pad_token"]),), (text,), unet, vae, DDPMScheduler(**sched),
-                         source=source or f"state-dict:{family}")
+                         source=source)
     return bundle.freeze()
 
 

@@ -1,0 +1,15 @@
+"""ComfyUI entry point of the Concept EM node pack."""
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+if _here not in sys.path:  # so the nodes can import em_core, which ships beside them
+    sys.path.insert(0, _here)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .nodes.host import register_folders  # noqa: E402
+
+register_folders()
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,74 @@
+"""What the nodes need from ComfyUI, with plain fallbacks so the nodes also run without it
+(tests, scripts). The only module that imports comfy, server or folder_paths."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+try:  # inside ComfyUI
+    import comfy.model_management as _mm
+    import comfy.utils as _cu
+    import folder_paths as _fp
+except ImportError:  # plain Python
+    _mm = _cu = _fp = None
+
+CONCEPTS_FOLDER = "concepts"
+
+
+def in_comfy() -> bool:
+    return _fp is not None
+
+
+def register_folders() -> None:
+    """A `concepts` model folder (models/concepts) for saved bundles, as ComfyUI registers its own."""
+    if _fp is None:
+        return
+    path = os.path.join(_fp.models_dir, CONCEPTS_FOLDER)
+    if CONCEPTS_FOLDER not in _fp.folder_names_and_paths:
+        _fp.folder_names_and_paths[CONCEPTS_FOLDER] = ([path], {".safetensors"})
+
+
+def folder(kind: str, fallback: Path) -> Path:
+    """The first folder ComfyUI has for `kind` (concepts, embeddings, loras), else `fallback`."""
+    if _fp is not None:
+        try:
+            return Path(_fp.get_folder_paths(kind)[0])
+        except (KeyError, IndexError):
+            pass
+    return Path(fallback)
+
+
+def list_files(kind: str, fallback: Path) -> list[str]:
+    if _fp is not None:
+        try:
+            return sorted(_fp.get_filename_list(kind))
+        except KeyError:
+            return []
+    root = Path(fallback)
+    return sorted(p.name for p in root.glob("*.safetensors")) if root.is_dir() else []
+
+
+def interrupted() -> bool:
+    """True once the user pressed Cancel in ComfyUI."""
+    return bool(_mm is not None and _mm.processing_interrupted())
+
+
+class Progress:
+    """ComfyUI's progress bar on the node, or nothing."""
+
+    def __init__(self, total: int, node_id: str | None = None):
+        self.bar = _cu.ProgressBar(total, node_id=node_id) if _cu is not None and total > 0 else None
+
+    def update(self, done: int, total: int, preview=None) -> None:
+        if self.bar is not None:
+            self.bar.update_absolute(done, total, preview)
+
+
+def send(event: str, data: dict) -> None:
+    """A message to the front end (web/concept_em.js) through ComfyUI's PromptServer."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if PromptServer.instance is not None:
+        PromptServer.instance.send_sync(event, data)

@@ -1,0 +1,210 @@
+"""Nodes that use learned concepts: generate, save / load bundles, export, previews, and the way
+into ComfyUI's own KSampler (a MODEL / CLIP carrying the concepts, and a [vN]-aware text encode)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from em_core.atomic import inside
+from em_core.concept_file import load_concepts, save_concepts
+from em_core.config import LearnConfig
+from em_core.export import check_export_name, embedding_name, export_embeddings, export_lora, lora_state_dict
+from em_core.generate import SCHEDULERS, check_prompt_concepts, generate
+from em_core.state import LearnState
+
+from . import host
+from .convert import images_to_pil, pil_to_images
+from .live import overlay
+from .run_value import ConceptRun
+
+CATEGORY = "concept_em"
+STATE = "CONCEPT_EM_STATE"
+MODEL = "CONCEPT_EM_MODEL"
+FALLBACK_ROOT = Path("models")
+
+
+class ConceptGenerate:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "em_model": (MODEL,),
+            "concepts": (STATE,),
+            "prompt": ("STRING", {"multiline": True, "default": "a photo of [v1] and [v2] in [v3]"}),
+            "negative": ("STRING", {"multiline": True, "default": ""}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "steps": ("INT", {"default": 30, "min": 1, "max": 200}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
+            "width": ("INT", {"default": 512, "min": 8, "max": 4096, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 8, "max": 4096, "step": 8}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+            "scheduler": (list(SCHEDULERS), {"default": "ddim"}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, em_model, concepts, prompt, negative, seed, steps, cfg, width, height, batch_size, scheduler):
+        st = concepts.state
+        images = generate(em_model, prompt, concepts=st.concepts, weights=st.weights, negative=negative, seed=seed,
+                          steps=steps, guidance=cfg, scheduler=scheduler, width=width, height=height, n=batch_size,
+                          progress=False, should_stop=host.interrupted)
+        return (pil_to_images(images),)
+
+
+class SaveConceptBundle:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"em_model": (MODEL,), "concepts": (STATE,),
+                             "name": ("STRING", {"default": "my_concepts"})}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, em_model, concepts, name):
+        check_export_name(name)
+        folder = host.folder(host.CONCEPTS_FOLDER, FALLBACK_ROOT / host.CONCEPTS_FOLDER)
+        path = save_concepts(concepts.state, em_model, inside(folder, f"{name}.safetensors"))
+        return {"ui": {"text": [str(path)]}}
+
+
+def state_from_bundle(cb) -> LearnState:
+    meta = cb.meta
+    return LearnState(concepts=cb.concepts, images=meta.get("images") or [],
+                      config=LearnConfig.from_dict(meta.get("learn_config") or {}), masks=list(cb.masks),
+                      fixed=[[] for _ in cb.masks], history=meta.get("history") or {"steps": [], "refreshes": []},
+                      weights=cb.weights, finetune=meta.get("finetune"), status="loaded",
+                      model=meta["base_model"]["source"])
+
+
+class LoadConceptBundle:
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = host.list_files(host.CONCEPTS_FOLDER, FALLBACK_ROOT / host.CONCEPTS_FOLDER)
+        return {"required": {"em_model": (MODEL,), "bundle": (files or ["(none yet)"],),
+                             "allow_other_model": ("BOOLEAN", {"default": False})}}
+
+    RETURN_TYPES = (STATE,)
+    RETURN_NAMES = ("concepts",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, em_model, bundle, allow_other_model):
+        check_export_name(Path(bundle).stem)
+        folder = host.folder(host.CONCEPTS_FOLDER, FALLBACK_ROOT / host.CONCEPTS_FOLDER)
+        cb = load_concepts(inside(folder, bundle), em_model, allow_other_model=allow_other_model)
+        return (ConceptRun(state_from_bundle(cb), (), Path(bundle).stem),)
+
+
+class ExportConceptsForComfy:
+    """Embeddings into ComfyUI's embeddings folder and the weights as a LoRA into its loras folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"concepts": (STATE,), "name": ("STRING", {"default": "my_concepts"}),
+                             "lora_rank": ("INT", {"default": 16, "min": 1, "max": 256})}}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("prompt_hint",)
+    OUTPUT_NODE = True
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, concepts, name, lora_rank):
+        st = concepts.state
+        files = export_embeddings(st.concepts, host.folder("embeddings", FALLBACK_ROOT / "embeddings"), name)
+        lines = [f"{n} -> embedding:{f.stem}" for n, f in zip(st.concepts.names, files)]
+        if st.weights is not None:
+            lora, skipped = export_lora(st.weights, host.folder("loras", FALLBACK_ROOT / "loras"), name, lora_rank,
+                                        st.concepts.names)
+            lines.append(f"LoRA: {lora.name}" + (f" ({len(skipped)} weights without a LoRA form left out)"
+                                                  if skipped else ""))
+        hint = "\n".join(lines)
+        return {"ui": {"text": [hint]}, "result": (hint,)}
+
+
+class MaskOverlayPreview:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "masks": ("MASK",),
+                             "opacity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, image, masks, opacity):
+        pils = images_to_pil(image)
+        m = masks.detach().float().cpu().numpy() > 0.5
+        if m.ndim == 2:
+            m = m[None]
+        h, w = np.asarray(pils[0]).shape[:2]
+        if m.shape[-2:] != (h, w):
+            raise ValueError(f"masks: size {m.shape[-1]}x{m.shape[-2]} differs from the image's {w}x{h}")
+        per = max(1, m.shape[0] // len(pils)) if m.shape[0] % len(pils) == 0 else m.shape[0]
+        out = [overlay(np.asarray(p), m[i * per:(i + 1) * per] if per != m.shape[0] else m, opacity)
+               for i, p in enumerate(pils)]
+        return (pil_to_images(out),)
+
+
+CONCEPT_RE = re.compile(r"\[v(\d+)\]")
+
+
+def to_embedding_prompt(text: str, name: str, known: list[str]) -> str:
+    """'[v1] in [v3]' -> 'embedding:NAME_v1 in embedding:NAME_v3' for ComfyUI's own tokenizer."""
+    check_prompt_concepts(text, known)
+    return CONCEPT_RE.sub(lambda m: f" embedding:{embedding_name(name, m.group(0))} ", text).strip()
+
+
+class ApplyConceptsToModel:
+    """A MODEL and CLIP carrying the concepts, for ComfyUI's own samplers: the fine-tuned weights as a
+    LoRA patch (ComfyUI's own loader; the inputs are cloned, not changed) and the token vectors
+    written as embeddings, which Concept Text Encode refers to."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "concepts": (STATE,),
+                             "name": ("STRING", {"default": "my_concepts"}),
+                             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+                             "lora_rank": ("INT", {"default": 16, "min": 1, "max": 256})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("model", "clip", "concept_name")
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, model, clip, concepts, name, strength, lora_rank):
+        st = concepts.state
+        export_embeddings(st.concepts, host.folder("embeddings", FALLBACK_ROOT / "embeddings"), name)
+        if st.weights is None:
+            return model, clip, name
+        import comfy.sd  # only reachable inside ComfyUI
+
+        lora, _ = lora_state_dict(st.weights, lora_rank)
+        model, clip = comfy.sd.load_lora_for_models(model, clip, lora, strength, strength)
+        return model, clip, name
+
+
+class ConceptTextEncode:
+    """CLIP Text Encode that understands [vN] (after Apply Concepts To Model)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), "concept_name": ("STRING", {"default": "my_concepts"}),
+                             "text": ("STRING", {"multiline": True, "default": "a photo of [v1] and [v2]"})},
+                "optional": {"concepts": (STATE,)}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, clip, concept_name, text, concepts=None):
+        check_export_name(concept_name)
+        known = concepts.state.concepts.names if concepts is not None else \
+            [f"[v{n}]" for n in CONCEPT_RE.findall(text)]
+        tokens = clip.tokenize(to_embedding_prompt(text, concept_name, known))
+        return (clip.encode_from_tokens_scheduled(tokens),)

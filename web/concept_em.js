@@ -1,0 +1,69 @@
+// Live preview for the Concept EM nodes: while EM Token Step or Joint Finetune runs, show the
+// current masks over the image and the loss curve on the node, fed by "concept_em.progress"
+// messages that the Python nodes send through ComfyUI's PromptServer.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const WATCHED = new Set(["ConceptEM_EMTokenStep", "ConceptEM_JointFinetune"]);
+
+function drawCurve(losses, width, height) {
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#111";
+  ctx.fillRect(0, 0, width, height);
+  if (losses.length > 1) {
+    const lo = Math.min(...losses), hi = Math.max(...losses), span = hi - lo || 1;
+    ctx.strokeStyle = "#4fc3f7";
+    ctx.beginPath();
+    losses.forEach((v, i) => {
+      const x = (i / (losses.length - 1)) * (width - 8) + 4;
+      const y = height - 4 - ((v - lo) / span) * (height - 8);
+      if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+    });
+    ctx.stroke();
+    ctx.fillStyle = "#ddd";
+    ctx.font = "10px sans-serif";
+    ctx.fillText(`loss ${losses[losses.length - 1].toFixed(4)}`, 6, 12);
+  }
+  return canvas;
+}
+
+app.registerExtension({
+  name: "concept_em.live_preview",
+  setup() {
+    api.addEventListener("concept_em.progress", ({ detail }) => {
+      const node = app.graph.getNodeById(Number(detail.node));
+      if (!node || !WATCHED.has(node.comfyClass)) return;
+      node.conceptEm = node.conceptEm || {};
+      node.conceptEm.losses = detail.losses || [];
+      node.conceptEm.step = `${detail.step}/${detail.total}`;
+      if (detail.masks) {
+        const img = new Image();
+        img.onload = () => {
+          node.imgs = [img];
+          app.graph.setDirtyCanvas(true, true);
+        };
+        img.src = `data:image/png;base64,${detail.masks}`;
+      }
+      app.graph.setDirtyCanvas(true, true);
+    });
+  },
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!WATCHED.has(nodeData.name)) return;
+    const onDrawForeground = nodeType.prototype.onDrawForeground;
+    nodeType.prototype.onDrawForeground = function (ctx) {
+      const r = onDrawForeground?.apply(this, arguments);
+      const live = this.conceptEm;
+      if (live && live.losses && live.losses.length > 1 && !this.flags?.collapsed) {
+        const w = Math.max(80, this.size[0] - 20), h = 60;
+        ctx.drawImage(drawCurve(live.losses, w, h), 10, this.size[1] - h - 6);
+        ctx.fillStyle = "#aaa";
+        ctx.font = "11px sans-serif";
+        ctx.fillText(`step ${live.step}`, 12, this.size[1] - h - 10);
+      }
+      return r;
+    };
+  },
+});
