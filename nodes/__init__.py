@@ -3,6 +3,7 @@ from .learn_nodes import AttentionMaskInit, DenseCRFRefine, EMTokenStep, JointFi
 from .model_nodes import ConceptModelFromCheckpoint, ConceptModelLoader
 from .output_nodes import (ApplyConceptsToModel, ConceptGenerate, ConceptTextEncode, ExportConceptsForComfy,
                            LoadConceptBundle, MaskOverlayPreview, SaveConceptBundle)
+from .world_nodes import TinyWorldScene
 
 NODE_CLASS_MAPPINGS = {
     "ConceptEM_ModelFromCheckpoint": ConceptModelFromCheckpoint,
@@ -18,6 +19,7 @@ NODE_CLASS_MAPPINGS = {
     "ConceptEM_MaskOverlay": MaskOverlayPreview,
     "ConceptEM_ApplyToModel": ApplyConceptsToModel,
     "ConceptEM_TextEncode": ConceptTextEncode,
+    "ConceptEM_TinyWorldScene": TinyWorldScene,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -34,4 +36,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ConceptEM_MaskOverlay": "Mask Overlay Preview",
     "ConceptEM_ApplyToModel": "Apply Concepts To Model",
     "ConceptEM_TextEncode": "Concept Text Encode",
+    "ConceptEM_TinyWorldScene": "Tiny World Scene",
 }
