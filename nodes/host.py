@@ -48,6 +48,21 @@ def list_files(kind: str, fallback: Path) -> list[str]:
     return sorted(p.name for p in root.glob("*.safetensors")) if root.is_dir() else []
 
 
+def trains(fn):
+    """ComfyUI runs nodes under torch.inference_mode(); a node that learns (or makes tensors that
+    learning will use) leaves it explicitly for its whole body."""
+    import functools
+
+    import torch
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def interrupted() -> bool:
     """True once the user pressed Cancel in ComfyUI."""
     return bool(_mm is not None and _mm.processing_interrupted())

@@ -82,6 +82,7 @@ class AttentionMaskInit:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @host.trains
     def run(self, em_model, images, prompts, init_words, timesteps, threshold, warmup_steps, seed, resolution):
         pils = images_to_pil(images)
         lines = parse_prompts(prompts, len(pils))
@@ -113,6 +114,7 @@ class DenseCRFRefine:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @host.trains
     def run(self, iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb, bilateral_weight,
             concepts=None, image=None, mask=None):
         params = CRFParams(iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb, bilateral_weight)
@@ -173,6 +175,7 @@ class EMTokenStep:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @host.trains
     def run(self, em_model, concepts, steps, learning_rate, attention_loss_weight, refresh_every, use_crf,
             mask_timesteps, flip, unique_id=None):
         concepts.require_images("EM Token Step")
@@ -211,6 +214,7 @@ class JointFinetune:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @host.trains
     def run(self, em_model, concepts, steps, learning_rate, mode, lora_rank, train_text_encoder,
             gradient_checkpointing, unique_id=None):
         concepts.require_images("Joint Finetune")

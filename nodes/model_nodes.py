@@ -47,10 +47,10 @@ class ConceptModelFromCheckpoint:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @host.trains
     def run(self, model, clip, vae):
         unet, text, first_stage, prediction = comfy_state_dicts(model, clip, vae)
-        with torch.inference_mode(False):
-            bundle = bundle_from_comfy(unet, text, first_stage, prediction, source="comfyui:checkpoint")
+        bundle = bundle_from_comfy(unet, text, first_stage, prediction, source="comfyui:checkpoint")
         return (bundle.to(device=_device()),)
 
 
@@ -67,10 +67,10 @@ class ConceptModelLoader:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @host.trains
     def run(self, model_name):
         if model_name == SHIPPED:
             path = SHIPPED_DIR
         else:
             path = host.folder("diffusers", Path("models") / "diffusers") / model_name
-        with torch.inference_mode(False):
-            return (load_bundle(path, device=_device()),)
+        return (load_bundle(path, device=_device()),)

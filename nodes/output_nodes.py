@@ -46,6 +46,7 @@ class ConceptGenerate:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @host.trains
     def run(self, em_model, concepts, prompt, negative, seed, steps, cfg, width, height, batch_size, scheduler):
         st = concepts.state
         images = generate(em_model, prompt, concepts=st.concepts, weights=st.weights, negative=negative, seed=seed,
@@ -93,6 +94,7 @@ class LoadConceptBundle:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @host.trains
     def run(self, em_model, bundle, allow_other_model):
         check_export_name(Path(bundle).stem)
         folder = host.folder(host.CONCEPTS_FOLDER, FALLBACK_ROOT / host.CONCEPTS_FOLDER)

@@ -167,3 +167,24 @@ def test_bridge_from_comfyui_layout_state_dicts_of_an_sd15_shaped_model():
     with pytest.raises(ValueError, match="not supported"):
         ConceptModelFromCheckpoint().run(v_model, SimpleNamespace(cond_stage_model=_SD(clip)),
                                          SimpleNamespace(first_stage_model=_SD(vae)))
+
+
+def test_nodes_learn_under_comfyuis_inference_mode(tiny_dir, images):
+    """ComfyUI calls every node inside torch.inference_mode(); learning must still work."""
+    from nodes.model_nodes import ConceptModelLoader
+
+    with torch.inference_mode():
+        loader = ConceptModelLoader()
+        import nodes.model_nodes as mn
+
+        old = mn.SHIPPED_DIR
+        mn.SHIPPED_DIR = tiny_dir
+        try:
+            em, = loader.run(mn.SHIPPED)
+        finally:
+            mn.SHIPPED_DIR = old
+        run, _ = AttentionMaskInit().run(em, images, "[v1] and [v2] on [v3]", "[v1]=red", 2, 0.5, 0, 1, 0)
+        a, _, _ = EMTokenStep().run(em, run, 2, 5e-4, 1e-2, 1, True, 2, True)
+        b, _ = JointFinetune().run(em, a, 1, 0.0, "full", 2, True, False)
+        img, = ConceptGenerate().run(em, b, "[v1]", "", 0, 2, 3.0, 64, 64, 1, "ddim")
+    assert a.state.step == 2 and b.state.finetune["step"] == 1 and img.shape == (1, 64, 64, 3)
