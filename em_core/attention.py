@@ -7,7 +7,6 @@ attention loss can flow back into the token vectors.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 
 import torch

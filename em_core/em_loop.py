@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import prepare_out
 from .attention import AttentionCapture
+from .concept_file import save_run
 from .concepts import ConceptSet
 from .config import LearnConfig
 from .dataset import TrainImage
 from .masks import estimate_masks, iou, latent_masks
-from .atomic import prepare_out
-from .concept_file import save_run
 from .state import LearnState
 from .training import concept_step_loss, saved_on_exit, step_rng
 

@@ -15,7 +15,6 @@ checker (colour and shape read back from the render).
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
