@@ -70,3 +70,32 @@ def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
     report = (tmp_path / "ev" / "report.md").read_text()
     assert "| em |" in report and "| baseline |" in report
     assert (tmp_path / "ev" / "iou_curve.png").is_file() and (tmp_path / "ev" / "scenes" / "scene00.png").is_file()
+
+
+SHIPPED = __import__("pathlib").Path(__file__).resolve().parents[1] / "em_core" / "models" / "tiny_world"
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="the shipped tiny-world model is missing")
+def test_the_shipped_model_learns_and_generates(tmp_path):
+    from em_core.checker import load_checker
+    from em_core.config import LearnConfig
+    from em_core.dataset import prepare_image
+    from em_core.em_loop import learn, start_state
+    from em_core.evaluate import concept_task
+    from em_core.generate import generate
+    from em_core.model import load_bundle
+
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    assert size <= 30 * 1024 * 1024 and (SHIPPED / "README.md").is_file() and (SHIPPED / "samples.png").is_file()
+    bundle = load_bundle(SHIPPED)
+    assert bundle.default_resolution == 64 and "circle</w>" in bundle.tokenizer.get_vocab()
+    scene = random_scene(3, n_objects=2)
+    prompt, init, truth, _ = concept_task(scene)
+    scene.image.save(tmp_path / "s.png")
+    img = [prepare_image(bundle, tmp_path / "s.png", prompt)]
+    state = learn(bundle, img, start_state(bundle, img, LearnConfig(steps=3, refresh_every=2, mask_timesteps=8),
+                                           init), progress=False)
+    assert state.status == "done" and len(state.mask_history) == 2
+    out = generate(bundle, "a photo of [v1] on snow", concepts=state.concepts, steps=5, progress=False)
+    assert out[0].size == (64, 64)
+    assert len(judge(load_checker(SHIPPED / "checker.safetensors"), out)[0]) == 2

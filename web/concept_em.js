@@ -34,7 +34,9 @@ app.registerExtension({
   name: "concept_em.live_preview",
   setup() {
     api.addEventListener("concept_em.progress", ({ detail }) => {
-      const node = app.graph.getNodeById(Number(detail.node));
+      // Plain ids are numbers; ids of nodes inside subgraphs look like "5:12".
+      const raw = String(detail.node);
+      const node = app.graph.getNodeById(/^\d+$/.test(raw) ? Number(raw) : raw);
       if (!node || !WATCHED.has(node.comfyClass)) return;
       node.conceptEm = node.conceptEm || {};
       node.conceptEm.losses = detail.losses || [];
