@@ -92,17 +92,30 @@ def _trainable_full(module, existing: dict, skip_token_table: bool) -> dict:
 
 @contextlib.contextmanager
 def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None):
-    """Yields (parameters to train, a function returning the TunedWeights learned so far)."""
-    comps = {"unet": bundle.unet}
-    if cfg.train_text_encoder:
-        comps["text_encoder"] = bundle.text_encoder
+    """Yields (parameters to train, a function returning the TunedWeights learned so far).
+
+    Components an earlier fine-tune tuned but this one does not train (e.g. the text encoder
+    when train_text_encoder is off) keep their tuned weights, frozen, and stay in the result.
+    """
+    modules = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+    train = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
+    kept = [c for c in (previous.components() if previous else []) if c not in train]
     if previous is not None and previous.kind != cfg.mode:
         raise ValueError(f"the state holds {previous.kind} weights; continue with mode={previous.kind!r}")
+    if previous is not None and previous.kind == "lora" and previous.rank != cfg.rank:
+        raise ValueError(f"the state's LoRA has rank {previous.rank}; continue with rank={previous.rank} "
+                         "(lora_rank in the node)")
     with contextlib.ExitStack() as stack:
         params, base = [], {}
         if cfg.mode == "full":
             trained = {}
-            for comp, module in comps.items():
+            for comp in kept:
+                module, prev = modules[comp], previous.part(comp)
+                own = dict(module.named_parameters())
+                stack.enter_context(swapped_parameters(module, {n: own[n].detach() + d.to(own[n].device, own[n].dtype)
+                                                                for n, d in prev.items()}))
+            for comp in train:
+                module = modules[comp]
                 prev = previous.part(comp) if previous else {}
                 new = _trainable_full(module, prev, comp == "text_encoder")
                 base[comp] = {n: p.detach() for n, p in module.named_parameters() if n in new}
@@ -111,7 +124,7 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
                 params += list(new.values())
 
             def result() -> TunedWeights:
-                tensors = {}
+                tensors = {f"{c}.{n}": d.clone() for c in kept for n, d in previous.part(c).items()}
                 for comp, new in trained.items():
                     for n, p in new.items():
                         d = p.detach() - base[comp][n].float()
@@ -121,21 +134,24 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
         else:
             from peft.functional import get_peft_model_state_dict
 
-            for comp, module in comps.items():
-                prev = previous.part(comp) if previous else None
-                stack.enter_context(lora_injected(module, comp, cfg.rank, cfg.alpha, prev))
+            alpha = previous.alpha if previous is not None else cfg.alpha
+            for comp in train + kept:
+                module = modules[comp]
+                prev = previous.part(comp) if previous and comp in previous.components() else None
+                stack.enter_context(lora_injected(module, comp, cfg.rank, alpha, prev))
                 for n, p in module.named_parameters():
                     if "lora_" in n:
                         p.data = p.data.float()
-                        p.requires_grad_(True)
-                        params.append(p)
+                        p.requires_grad_(comp in train)
+                        if comp in train:
+                            params.append(p)
 
             def result() -> TunedWeights:
                 tensors = {}
-                for comp, module in comps.items():
-                    sd = get_peft_model_state_dict(module, adapter_name=ADAPTER)
+                for comp in train + kept:
+                    sd = get_peft_model_state_dict(modules[comp], adapter_name=ADAPTER)
                     tensors.update({f"{comp}.{k}": v.detach().float().cpu().clone() for k, v in sd.items()})
-                return TunedWeights("lora", tensors, rank=cfg.rank, alpha=cfg.alpha or float(cfg.rank))
+                return TunedWeights("lora", tensors, rank=cfg.rank, alpha=alpha or float(cfg.rank))
         yield params, result
 
 

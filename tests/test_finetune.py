@@ -253,3 +253,22 @@ def test_ctrl_c_during_finetune_keeps_what_was_learned(bundle, learned, tmp_path
     assert saved.weights.kind == "lora" and (tmp_path / "r" / "concepts.safetensors").is_file()
     resumed = finetune(bundle, images, saved, FinetuneConfig(steps=4, mode="lora"), progress=False)
     assert resumed.finetune["step"] == 4 and len(resumed.history["finetune"]) == 4
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_later_stage_without_the_text_encoder_keeps_its_tuned_weights(bundle, learned, mode):
+    images, state = learned
+    te = _snapshot(bundle.text_encoder)
+    lr = 1e-3 if mode == "full" else 1e-2
+    first = finetune(bundle, images, state, FinetuneConfig(steps=1, mode=mode, lr=lr, rank=2), progress=False)
+    te_first = first.weights.part("text_encoder")
+    second = finetune(bundle, images, first, FinetuneConfig(steps=2, mode=mode, lr=lr, rank=2,
+                                                             train_text_encoder=False), progress=False)
+    assert second.weights.components() == ["text_encoder", "unet"]
+    te_second = second.weights.part("text_encoder")
+    assert set(te_second) == set(te_first) and all(torch.equal(te_second[k], te_first[k]) for k in te_first)
+    assert any(not torch.equal(second.weights.part("unet")[k], v) for k, v in first.weights.part("unet").items())
+    assert _same(bundle.text_encoder, te)  # and the base is still untouched
+    if mode == "lora":
+        with pytest.raises(ValueError, match="rank 2; continue with rank=2"):
+            finetune(bundle, images, second, FinetuneConfig(steps=3, mode="lora", rank=8), progress=False)
