@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from em_core.attention import AttentionCapture
-from em_core.concepts import ConceptSet
 from em_core.config import LearnConfig
 from em_core.crf import refine_masks
 from em_core.dataset import prepare_image

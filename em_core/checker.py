@@ -74,6 +74,17 @@ def save_checker(net: Checker, path: str | Path, meta: dict) -> None:
               metadata={k: str(v) for k, v in meta.items()})
 
 
+def train_and_save_checker(path: str | Path, seconds: float = 150, seed: int = 0) -> dict:
+    """Trains a checker and writes PATH (.safetensors) and PATH's .json twin with its accuracy."""
+    import json
+
+    net, acc = train_checker(seconds=seconds, seed=seed, log=lambda *a: None)
+    path = Path(path)
+    save_checker(net, path, acc)
+    path.with_suffix(".json").write_text(json.dumps(acc), encoding="utf-8")
+    return acc
+
+
 def load_checker(path: str | Path) -> Checker:
     net = Checker()
     net.load_state_dict(load_file(str(path)))

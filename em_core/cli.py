@@ -252,26 +252,21 @@ def cmd_export(args) -> int:
 
 
 def cmd_train_tiny_world(args) -> int:
-    import json
-
-    from .checker import save_checker, train_checker
+    from .checker import train_and_save_checker
     from .world_train import train_tiny_world, write_model_card
 
     out = Path(args.out)
     if not args.card_only:
         train_tiny_world(out, minutes=args.minutes, batch=args.batch, seed=args.seed)
-        net, acc = train_checker(seconds=args.checker_seconds, seed=args.seed)
-        save_checker(net, out / "checker.safetensors", acc)
-        (out / "checker.json").write_text(json.dumps(acc))
+        train_and_save_checker(out / "checker.safetensors", args.checker_seconds, args.seed)
     print(write_model_card(out))
     return 0
 
 
 def cmd_train_checker(args) -> int:
-    from .checker import save_checker, train_checker
+    from .checker import train_and_save_checker
 
-    net, acc = train_checker(seconds=args.seconds, seed=args.seed)
-    save_checker(net, args.out, acc)
+    acc = train_and_save_checker(args.out, args.seconds, args.seed)
     print(f"checker: colour accuracy {acc['colour']:.3f}, shape accuracy {acc['shape']:.3f} "
           f"on 512 fresh scenes after {acc['steps']} steps; {args.out}")
     return 0

@@ -127,7 +127,8 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
     results = {m: {"final_iou": [], "curves": [], "fid_colour": [], "fid_shape": [], "fid_held_out_shape": []}
                for m in METHODS}
     per_scene = []
-    for k, scene in enumerate(eval_set(scenes)):
+    held_out = eval_set(scenes)
+    for k, scene in enumerate(held_out):
         prompt, init, truth, info = concept_task(scene)
         path = inside(out, f"scenes/scene{k:02d}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,7 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
         log(f"scene {k + 1}/{scenes} ({time.time() - t0:.0f}s): " +
             "  ".join(f"{m} {row[m]['final_iou']:.3f}" for m in METHODS))
     summary = _summary(results, steps, refresh)
-    summary["model_quality"] = {"word_attention": word_attention_iou(bundle, eval_set(scenes)),
+    summary["model_quality"] = {"word_attention": word_attention_iou(bundle, held_out),
                                 "caption_fidelity": caption_fidelity(bundle, checker, n=quality_images,
                                                                      steps=gen_steps, guidance=guidance)}
     summary["settings"] = dict(model=str(model), scenes=scenes, steps=steps, refresh=refresh, timesteps=timesteps,

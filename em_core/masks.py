@@ -91,11 +91,18 @@ def estimate_masks(bundle, concepts: ConceptSet, image, *, n_timesteps=50, batch
         if name in fixed:
             masks[k] = fixed[name]
     if use_crf:
-        masks = refine_masks(image.rgb, masks, crf_params, image.names)
-        for k, name in enumerate(image.names):
-            if name in fixed:
-                masks[k] = fixed[name]
+        masks = refine_keeping(image, masks, crf_params, fixed)
     return masks, maps
+
+
+def refine_keeping(image, masks: np.ndarray, params: CRFParams, fixed) -> np.ndarray:
+    """DenseCRF on an image's masks; the concepts named in `fixed` (user masks) come out as they went in,
+    though they still push the other concepts off their pixels."""
+    refined = refine_masks(image.rgb, masks, params, image.names)
+    for k, name in enumerate(image.names):
+        if name in fixed:
+            refined[k] = masks[k]
+    return refined
 
 
 def latent_masks(masks: np.ndarray, latent_hw: tuple[int, int]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from em_core.crf import CRFParams, refine_masks
 from em_core.dataset import check_prompts, prepare_image
 from em_core.em_loop import learn, start_state
 from em_core.finetune import FinetuneConfig, finetune
-from em_core.masks import latent_masks
+from em_core.masks import latent_masks, refine_keeping
 from em_core.plot import line_chart
 
 from . import host
@@ -122,12 +122,7 @@ class DenseCRFRefine:
             concepts.require_images("DenseCRF Refine")
             state = concepts.state.copy()
             for i, img in enumerate(concepts.images):
-                fixed = set(state.fixed[i])
-                refined = refine_masks(img.rgb, state.masks[i], params, img.names)
-                for k, n in enumerate(img.names):
-                    if n in fixed:
-                        refined[k] = state.masks[i][k]
-                state.masks[i] = refined
+                state.masks[i] = refine_keeping(img, state.masks[i], params, set(state.fixed[i]))
             state.mask_history.append({"step": state.step, "masks": [latent_masks(m, img.latent_hw)
                                                                       for m, img in zip(state.masks, concepts.images)]})
             state.history["refreshes"].append({"step": state.step, "kind": "crf", "change": {}})
@@ -225,6 +220,6 @@ class JointFinetune:
                              mixed_precision="bf16" if em_model.device.type == "cuda" else "no")
         feed = LiveFeed(unique_id, steps, concepts.images)
         state = finetune(em_model, list(concepts.images), state, cfg, progress=False, should_stop=host.interrupted,
-                         on_step=feed.on_finetune_step)
+                         on_step=feed.on_step)
         return concepts.with_state(state), curve_image(state)
 

@@ -55,6 +55,3 @@ class LiveFeed:
         self.last_refresh = refresh
         if changed or self.done % self.every == 0 or self.done == self.total:
             self._send(state, changed or self.done == 1)
-
-    def on_finetune_step(self, state, info) -> None:
-        self.on_step(state, info)
