@@ -1,18 +1,24 @@
-"""Speed of the EM machinery against its floor (issue 6; a first cut, CPU).
+"""Speed of the EM machinery against its floor (issue 6).
 
-Prints a table and writes JSON:
-- one EM token step (attention capture + attention loss) vs a plain masked-loss step with the
-  U-Net's own fused attention, same model, image and draws;
-- a whole EM run (mask refreshes and DenseCRF included) vs the same number of plain steps;
-- mask init over 50 timesteps batched vs one by one (and the largest difference of the maps);
-- DenseCRF at 512x512 with 4 labels.
+Prints a table and writes JSON. Each ratio is measured in one run, same machine and model:
+- em_step: one EM token step (attention capture + attention loss, backward, AdamW) / the plain
+  masked-loss step of the same draws with the U-Net's own fused attention;
+- em_run: a whole `learn` run (first mask estimate, refreshes with DenseCRF, all steps) / the
+  same number of plain steps; `--runs-steps` steps, refresh every `--refresh` steps;
+- mask_init: 50 timesteps in one batched call that stops after the last captured layer / the
+  straightforward one-by-one loop over full U-Net calls (plus the two halves of that gain apart),
+  and the largest difference of the maps;
+- densecrf: DenseCRF at 512x512 with 4 labels, and the share of a refresh it would be.
 
-    python benchmarks/speed.py [--model em_core/models/tiny_world] [--steps 40] [--json out.json]
+    python benchmarks/speed.py                                  # shipped tiny-world model, 64 px
+    python benchmarks/speed.py --model sd15 --size 256 --run-steps 8 --refresh 4   # SD-1.5-shaped, random
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -20,12 +26,12 @@ import numpy as np
 import torch
 
 from em_core.attention import AttentionCapture
+from em_core.concepts import ConceptSet
 from em_core.config import LearnConfig
 from em_core.crf import refine_masks
 from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
-from em_core.losses import masked_diffusion_loss
-from em_core.masks import attention_maps, latent_masks
+from em_core.masks import attention_maps, estimate_masks, latent_masks
 from em_core.model import load_bundle
 from em_core.scenes import random_scene
 from em_core.training import concept_step_loss
@@ -33,71 +39,86 @@ from em_core.training import concept_step_loss
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - t0) / repeat
+def _bundle(name: str):
+    if name == "sd15":
+        from em_core.tiny_model import build_model
+
+        return build_model("sd15", seed=0)
+    return load_bundle(name)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "em_core" / "models" / "tiny_world"))
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    bundle = load_bundle(args.model)
-    scene = random_scene(3, n_objects=2)
-    path = Path("/tmp") / "em_core_bench_scene.png"
-    scene.image.save(path)
-    img = prepare_image(bundle, path, "a photo of [v1] and [v2] on [v3]")
-    state = learn(bundle, [img], start_state(bundle, [img], LearnConfig(steps=0, mask_timesteps=10)),
-                  progress=False)
-    cs = state.concepts
-    vec = torch.nn.Parameter(cs.vectors.clone())
-    lat = [latent_masks(state.masks[0], img.latent_hw)]
-    ids = dict(zip(cs.names, cs.token_ids(bundle.tokenizer)))
-    rows = {}
+def _step_timer(bundle, img, concepts, latent):
+    """A closure timing n token steps (forward, backward, AdamW) from step `first`, with a capture
+    (EM) or without (plain: the U-Net's own processors)."""
+    vec = torch.nn.Parameter(concepts.vectors.clone().float())
+    opt = torch.optim.AdamW([vec], lr=5e-4)
+    ids = dict(zip(concepts.names, concepts.token_ids(bundle.tokenizer)))
 
-    with torch.enable_grad(), AttentionCapture(bundle.unet) as cap:
-        def em_step():
-            loss, _ = concept_step_loss(bundle, [img], cs, vec, lat, ids, 0, 0, False, 1e-2, cap)
+    def steps(first: int, n: int, capture) -> float:
+        t0 = time.perf_counter()
+        for s in range(first, first + n):
+            loss, _ = concept_step_loss(bundle, [img], concepts, vec, [latent], ids, s, 0, True, 1e-2, capture)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-        t_em = _timed(em_step, args.steps)
+            opt.step()
+        return (time.perf_counter() - t0) / n
 
-    def plain_step():
-        from em_core.concepts import encode_prompts, injected
-        z = img.sample_latent(False, torch.Generator().manual_seed(0))
-        noise = torch.randn_like(z)
-        t = torch.tensor([500])
-        with injected(bundle, cs, vec):
-            _, hidden = encode_prompts(bundle, ["a photo of [v1] and [v3]"])
-        pred = bundle.unet(bundle.scheduler.add_noise(z, noise, t), t, encoder_hidden_states=hidden).sample
-        masked_diffusion_loss(pred, noise, lat[0][:1].amax(0, keepdim=True)[None]).backward()
+    def run(first: int, n: int, em: bool) -> float:
+        with torch.enable_grad():
+            if not em:
+                return steps(first, n, None)
+            with AttentionCapture(bundle.unet) as cap:
+                return steps(first, n, cap)
 
-    with torch.enable_grad():
-        t_plain = _timed(plain_step, args.steps)
-    rows["em_step_vs_plain"] = {"em_s": t_em, "plain_s": t_plain, "ratio": t_em / t_plain}
+    return run
 
-    cfg = LearnConfig(steps=args.steps, refresh_every=max(1, args.steps // 4), mask_timesteps=50, save_every=10**9)
+
+def bench_steps(bundle, img, concepts, latent, rounds: int, per_round: int) -> dict:
+    """Interleaved rounds of EM and plain steps over the same draws; medians per step."""
+    em_t, plain_t = [], []
+    em, plain = _step_timer(bundle, img, concepts, latent), _step_timer(bundle, img, concepts, latent)
+    em(0, 1, True), plain(0, 1, False)  # warm-up
+    for r in range(rounds):
+        first = 1 + r * per_round
+        em_t.append(em(first, per_round, True))
+        plain_t.append(plain(first, per_round, False))
+    e, p = statistics.median(em_t), statistics.median(plain_t)
+    return {"em_step_s": e, "plain_step_s": p, "ratio": e / p, "rounds": rounds, "steps_per_round": per_round}
+
+
+def bench_run(bundle, img, steps: int, refresh: int, timesteps: int) -> dict:
+    cfg = LearnConfig(steps=steps, refresh_every=refresh, mask_timesteps=timesteps, save_every=10 ** 9)
+    state = start_state(bundle, [img], cfg)
     t0 = time.perf_counter()
-    learn(bundle, [img], start_state(bundle, [img], cfg), progress=False)
+    done = learn(bundle, [img], state, progress=False)
     t_run = time.perf_counter() - t0
-    rows["em_run_vs_plain_steps"] = {"em_run_s": t_run, "plain_steps_s": t_plain * args.steps,
-                                     "ratio": t_run / (t_plain * args.steps)}
+    latent = latent_masks(done.masks[0], img.latent_hw)
+    plain = _step_timer(bundle, img, done.concepts, latent)
+    plain(0, 1, False)
+    t_plain = plain(0, steps, False) * steps
+    return {"em_run_s": t_run, "plain_steps_s": t_plain, "ratio": t_run / t_plain, "steps": steps,
+            "refresh_every": refresh, "refreshes": len(done.history["refreshes"])}
+
+
+def bench_mask_init(bundle, img, concepts, timesteps: int) -> dict:
+    def timed(batch, stop):
+        gen = torch.Generator().manual_seed(1)
+        t0 = time.perf_counter()
+        maps = attention_maps(bundle, concepts, img, timesteps, batch, gen, stop_early=stop)
+        return time.perf_counter() - t0, maps
 
     with torch.no_grad():
-        t0 = time.perf_counter()
-        loop = attention_maps(bundle, cs, img, 50, 1, torch.Generator().manual_seed(1))
-        t_loop = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        batched = attention_maps(bundle, cs, img, 50, 50, torch.Generator().manual_seed(1))
-        t_batch = time.perf_counter() - t0
-    rows["mask_init_batched_vs_loop"] = {"batched_s": t_batch, "loop_s": t_loop, "ratio": t_batch / t_loop,
-                                         "max_abs_diff": float((loop - batched).abs().max())}
+        timed(timesteps, True)  # warm-up
+        t_loop, loop = timed(1, False)
+        t_loop_stop, _ = timed(1, True)
+        t_batch_full, _ = timed(timesteps, False)
+        t_batch, batched = timed(timesteps, True)
+    return {"batched_stop_s": t_batch, "loop_full_s": t_loop, "ratio": t_batch / t_loop,
+            "batching_alone": t_batch_full / t_loop, "stop_early_alone": t_loop_stop / t_loop,
+            "max_abs_diff": float((loop - batched).abs().max()), "timesteps": timesteps}
 
+
+def bench_crf(img, masks) -> dict:
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)
     masks = np.zeros((4, 512, 512), bool)
@@ -105,13 +126,54 @@ def main() -> None:
         masks[k, 128 * k:128 * k + 160, 100:400] = True
     t0 = time.perf_counter()
     refine_masks(rgb, masks)
-    rows["densecrf_512_4_labels"] = {"seconds": time.perf_counter() - t0}
+    t512 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    refine_masks(img.rgb, masks)
+    return {"crf_512_4_labels_s": t512, "crf_this_image_s": time.perf_counter() - t0,
+            "this_image": list(img.size)}
 
-    print(f"model: {args.model}  torch threads: {torch.get_num_threads()}  steps: {args.steps}")
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / "em_core" / "models" / "tiny_world"),
+                    help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model with random weights")
+    ap.add_argument("--size", type=int, default=None, help="working side in pixels (default: the model's)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--per-round", type=int, default=10)
+    ap.add_argument("--run-steps", type=int, default=400)
+    ap.add_argument("--refresh", type=int, default=50)
+    ap.add_argument("--timesteps", type=int, default=50)
+    ap.add_argument("--only", nargs="*", default=None, help="em_step em_run mask_init densecrf")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bundle = _bundle(args.model)
+    scene = random_scene(3, size=max(64, args.size or 64), n_objects=2)
+    path = Path("/tmp") / "em_core_bench_scene.png"
+    scene.image.save(path)
+    img = prepare_image(bundle, path, "a photo of [v1] and [v2] on [v3]", args.size)
+    concepts = ConceptSet.create(bundle, img.names, seed=0)
+    masks, _ = estimate_masks(bundle, concepts, img, n_timesteps=4, batch=4)
+    latent = latent_masks(masks, img.latent_hw)
+    only = set(args.only or ["em_step", "em_run", "mask_init", "densecrf"])
+    rows = {}
+    if "em_step" in only:
+        rows["em_step"] = bench_steps(bundle, img, concepts, latent, args.rounds, args.per_round)
+    if "em_run" in only:
+        rows["em_run"] = bench_run(bundle, img, args.run_steps, args.refresh, args.timesteps)
+    if "mask_init" in only:
+        rows["mask_init"] = bench_mask_init(bundle, img, concepts, args.timesteps)
+    if "densecrf" in only:
+        rows["densecrf"] = bench_crf(img, masks)
+    machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(),
+               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    print(f"model: {args.model}  image: {img.size[0]}x{img.size[1]} (latent {img.latent_hw})  {machine}")
     for name, r in rows.items():
-        print(f"{name:<28} " + "  ".join(f"{k} {v:.4g}" for k, v in r.items()))
+        print(f"{name:<10} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"model": args.model, "size": img.size, "machine": machine,
+                                               "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

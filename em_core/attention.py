@@ -46,13 +46,20 @@ def select_layers(unet, mode: str = LAYERS_COARSE) -> dict[str, int]:
     return {n: f for n, f in updown.items() if f == coarsest}
 
 
+class MapsComplete(Exception):
+    """Raised by the last captured layer of a maps-only U-Net call: the rest of the U-Net is skipped."""
+
+
 class MapStore:
     """Accumulates per-concept maps for one U-Net call.
 
     `select` is (B, L, K): which text positions belong to which concept in each batch item.
+    With `stop_early`, the layer that completes the set raises MapsComplete.
     """
 
-    def __init__(self, layers: dict[str, int], latent_hw: tuple[int, int], select: torch.Tensor):
+    def __init__(self, layers: dict[str, int], latent_hw: tuple[int, int], select: torch.Tensor,
+                 stop_early: bool = False):
+        self.stop_early = stop_early
         self.layers = layers
         self.latent_hw = latent_hw
         self.select = select
@@ -75,6 +82,8 @@ class MapStore:
             return
         self.total = maps if self.total is None else self.total + maps
         self.count += 1
+        if self.stop_early and self.count == len(self.layers):
+            raise MapsComplete
 
     def maps(self) -> torch.Tensor:
         """(B, K, h, w): the concept maps averaged over the captured layers."""
@@ -145,11 +154,13 @@ class AttentionCapture:
     """Installs capture processors on chosen layers for the life of a `with` block.
 
     Usage: `with AttentionCapture(unet) as cap: maps = cap.run(select, latent_hw, lambda: unet(...))`.
-    The U-Net's own processors are put back on exit.
+    The U-Net's own processors are put back on exit. `stop_early`: the calls are for maps only;
+    each ends after the last captured layer and `run` returns None for the U-Net's output.
     """
 
-    def __init__(self, unet, mode: str = LAYERS_COARSE):
+    def __init__(self, unet, mode: str = LAYERS_COARSE, stop_early: bool = False):
         self.unet = unet
+        self.stop_early = stop_early
         self.layers = select_layers(unet, mode)
         self.slot: list = [None]
         self._saved = None
@@ -167,10 +178,13 @@ class AttentionCapture:
 
     def run(self, select: torch.Tensor, latent_hw: tuple[int, int], call):
         """Runs `call()` (a U-Net forward) capturing maps; returns (call's result, maps (B, K, h, w))."""
-        store = MapStore(self.layers, latent_hw, select)
+        store = MapStore(self.layers, latent_hw, select, self.stop_early)
         self.slot[0] = store
+        out = None
         try:
             out = call()
+        except MapsComplete:
+            pass
         finally:
             store.closed = True  # stays in the slot for checkpoint replays until the next run
         return out, store.maps()

@@ -82,8 +82,8 @@ def cmd_learn(args) -> int:
     else:
         config = LearnConfig(
             steps=args.steps, lr=args.lr, attn_weight=args.attn_weight, refresh_every=args.refresh_every,
-            mask_timesteps=args.mask_timesteps, threshold=args.threshold, use_crf=not args.no_crf,
-            warmup_steps=args.warmup_steps, flip=not args.no_flip, layers=args.layers, resolution=args.resolution,
+            mask_timesteps=args.mask_timesteps, mask_source=args.mask_source, threshold=args.threshold,
+            use_crf=not args.no_crf, warmup_steps=args.warmup_steps, flip=not args.no_flip, layers=args.layers, resolution=args.resolution,
             seed=args.seed, save_every=args.save_every,
         )
     images = [prepare_image(bundle, Path(i).resolve(), p, config.resolution, config.flip)
@@ -257,7 +257,8 @@ def cmd_train_tiny_world(args) -> int:
 
     out = Path(args.out)
     if not args.card_only:
-        train_tiny_world(out, minutes=args.minutes, batch=args.batch, seed=args.seed)
+        train_tiny_world(out, minutes=args.minutes, batch=args.batch, seed=args.seed, vae_share=args.vae_share,
+                         init_from=args.init_from)
         train_and_save_checker(out / "checker.safetensors", args.checker_seconds, args.seed)
     print(write_model_card(out))
     return 0
@@ -358,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--batch", type=int, default=64)
     tw.add_argument("--seed", type=int, default=0)
     tw.add_argument("--checker-seconds", type=float, default=150)
+    tw.add_argument("--vae-share", type=float, default=0.15, help="fraction of the minutes spent on the VAE")
+    tw.add_argument("--init-from", default=None, help="go on training from a model this command wrote")
     tw.add_argument("--card-only", action="store_true", help="only (re)write samples.png and README.md")
     tw.set_defaults(func=cmd_train_tiny_world)
 
@@ -392,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--attn-weight", type=float, default=d.attn_weight)
     l.add_argument("--refresh-every", type=int, default=d.refresh_every, help="0: masks from attention once")
     l.add_argument("--mask-timesteps", type=int, default=d.mask_timesteps)
+    l.add_argument("--mask-source", choices=["training", "fresh"], default=d.mask_source,
+                   help="refresh masks from the maps the steps computed (training) or from new U-Net passes (fresh)")
     l.add_argument("--threshold", type=float, default=d.threshold)
     l.add_argument("--no-crf", action="store_true")
     l.add_argument("--warmup-steps", type=int, default=d.warmup_steps)

@@ -13,7 +13,11 @@ class LearnConfig:
     weight_decay: float = 1e-2  # AdamW's default, as in Break-A-Scene
     attn_weight: float = 1e-2
     refresh_every: int = 50  # re-estimate masks every this many EM steps (0: never)
-    mask_timesteps: int = 50
+    mask_timesteps: int = 50  # timesteps of the first estimate (and of every refresh with mask_source 'fresh')
+    # Where refreshes get their maps: 'training' averages the maps the token steps since the last
+    # refresh already computed for the attention loss (no extra U-Net calls); 'fresh' runs new
+    # U-Net calls over `mask_timesteps` random timesteps with the full prompt.
+    mask_source: str = "training"
     mask_batch: int = 10  # timesteps per U-Net call when estimating masks
     threshold: float = 0.5
     use_crf: bool = True
@@ -34,6 +38,7 @@ class LearnConfig:
             "mask_batch": self.mask_batch >= 1, "threshold": 0.0 <= self.threshold < 1.0,
             "warmup_steps": self.warmup_steps >= 0, "save_every": self.save_every >= 1,
             "resolution": self.resolution is None or self.resolution >= 8,
+            "mask_source": self.mask_source in ("training", "fresh"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -20,6 +20,9 @@ class CRFParams:
     bilateral_srgb: float = 3.0
     bilateral_weight: float = 4.0
     unary_scale: float = 1.0  # logits = scale * binary mask before the softmax
+    # Inference runs with the longer side at most this many pixels (None: the image's own size);
+    # the label probabilities are then resized back. Cost grows with the pixel count.
+    max_side: int | None = 256
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +51,8 @@ def crf_probabilities(image: np.ndarray, masks: np.ndarray, params: CRFParams = 
 
     image, masks = _check(image, masks)
     h, w = image.shape[:2]
+    if params.max_side and max(h, w) > params.max_side:
+        return _at_most(image, masks, params, params.max_side)
     background = ~masks.any(0, keepdims=True)
     logits = params.unary_scale * np.concatenate([background, masks]).astype(np.float32)
     probs = np.exp(logits - logits.max(0, keepdims=True))
@@ -60,6 +65,20 @@ def crf_probabilities(image: np.ndarray, masks: np.ndarray, params: CRFParams = 
                              compat=params.bilateral_weight)
     q = np.array(crf.inference(params.iterations), dtype=np.float32)
     return q.reshape(n_labels, h, w)
+
+
+def _at_most(image: np.ndarray, masks: np.ndarray, params: CRFParams, side: int) -> np.ndarray:
+    """crf_probabilities on a copy scaled so its longer side is `side`, resized back."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    small = np.asarray(Image.fromarray(image).resize((sw, sh), Image.BILINEAR))
+    small_masks = np.stack([np.asarray(Image.fromarray(m.astype(np.float32)).resize((sw, sh), Image.BOX)) > 0.5
+                            for m in masks])
+    q = crf_probabilities(small, small_masks, CRFParams(**{**asdict(params), "max_side": None}))
+    return np.stack([np.asarray(Image.fromarray(c).resize((w, h), Image.BILINEAR)) for c in q])
 
 
 def refine_masks(image: np.ndarray, masks: np.ndarray, params: CRFParams = CRFParams(), names=None) -> np.ndarray:

@@ -3,7 +3,10 @@
 Per step: one image, a random non-empty subset of its concepts ("a photo of [v1] and [v3]"),
 a random timestep and noise; loss = masked diffusion loss + w * cross-attention loss; only the
 concept vectors move. Every `refresh_every` steps the masks are re-estimated with the current
-tokens (cross-attention over random timesteps, threshold, DenseCRF).
+tokens: cross-attention averaged over random timesteps, threshold, DenseCRF. The first estimate
+runs the U-Net over `mask_timesteps` timesteps; later ones (mask_source 'training') average the
+maps the token steps since the last refresh computed anyway for the attention loss, so EM costs
+only the CRF on top of plain steps.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from .concept_file import save_run
 from .concepts import ConceptSet
 from .config import LearnConfig
 from .dataset import TrainImage
-from .masks import estimate_masks, iou, latent_masks
+from .masks import estimate_masks, iou, latent_masks, masks_from_maps
 from .state import LearnState
 from .training import concept_step_loss, saved_on_exit, step_rng
 
@@ -82,18 +85,42 @@ class _Run:
             }
         self.latent = [None if m is None or not state.mask_history else latent_masks(m, img.latent_hw)
                        for m, img in zip(state.masks, images)]
+        if not state.map_sums:
+            self.reset_maps()
+        self.pending = None  # the current step's maps, added to the sums when the step commits
+
+    def reset_maps(self) -> None:
+        n = len(self.images)
+        self.state.map_sums, self.state.map_counts = [None] * n, [None] * n
+
+    def collect(self, i: int, idx: list, maps: torch.Tensor) -> None:
+        self.pending = (i, idx, maps.float().cpu())
+
+    def _training_masks(self, i: int, img, old: np.ndarray, fixed: dict) -> np.ndarray:
+        """A refresh from the maps the steps since the last refresh captured; concepts that got
+        none keep their masks."""
+        st, cfg = self.state, self.cfg
+        sums, counts = st.map_sums[i], st.map_counts[i]
+        if sums is None:
+            return old
+        keep = {n: old[k] for k, n in enumerate(img.names) if counts[k] == 0}
+        return masks_from_maps(img, sums / counts.clamp_min(1)[:, None, None], threshold=cfg.threshold,
+                               use_crf=cfg.use_crf, crf_params=cfg.crf, fixed=fixed, keep=keep)
 
     # --- masks -------------------------------------------------------------------------
     def refresh_masks(self, kind: str) -> None:
         st, cfg = self.state, self.cfg
         gen, _ = step_rng(cfg.seed + 7919, st.step)
         concepts = ConceptSet(st.concepts.names, st.concepts.init_words, self.vectors.detach().clone())
+        source = "fresh" if kind == "init" or cfg.mask_source == "fresh" else "training"
         change, new_masks = {}, []
         for i, img in enumerate(self.images):
             old = st.masks[i]
             fixed = {n: old[img.names.index(n)] for n in st.fixed[i]}
             if len(fixed) == len(img.names):
                 masks = old
+            elif source == "training":
+                masks = self._training_masks(i, img, old, fixed)
             else:
                 masks, _ = estimate_masks(
                     self.bundle, concepts, img, n_timesteps=cfg.mask_timesteps, batch=cfg.mask_batch,
@@ -107,12 +134,15 @@ class _Run:
         self.latent = [latent_masks(m, img.latent_hw) for m, img in zip(new_masks, self.images)]
         new_latent = [m.clone() for m in self.latent]
         st.mask_history.append({"step": st.step, "masks": new_latent})
-        st.history["refreshes"].append({"step": st.step, "kind": kind, "change": change})
+        st.history["refreshes"].append({"step": st.step, "kind": kind, "source": source, "change": change})
+        self.reset_maps()
 
     def step_loss(self, warmup: bool, capture: AttentionCapture) -> tuple[torch.Tensor, dict]:
+        self.pending = None
+        wants = self.cfg.refresh_every and self.cfg.mask_source == "training"
         return concept_step_loss(self.bundle, self.images, self.state.concepts, self.vectors, self.latent,
                                  self.token_id, self.state.step, self.cfg.seed, self.cfg.flip,
-                                 self.cfg.attn_weight, capture, warmup)
+                                 self.cfg.attn_weight, capture, warmup, on_maps=self.collect if wants else None)
 
     def commit(self, info: dict) -> None:
         st = self.state
@@ -122,6 +152,14 @@ class _Run:
                         "exp_avg_sq": s["exp_avg_sq"].detach().cpu().clone(), "step": int(float(s["step"]))}
         st.history["steps"].append(info)
         st.step += 1
+        if self.pending is not None:
+            i, idx, maps = self.pending
+            if st.map_sums[i] is None:
+                k = len(self.images[i].names)
+                st.map_sums[i], st.map_counts[i] = torch.zeros(k, *maps.shape[1:]), torch.zeros(k)
+            st.map_sums[i][idx] += maps
+            st.map_counts[i][idx] += 1
+            self.pending = None
 
 
 def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, should_stop=None, on_step=None,

@@ -16,10 +16,13 @@ FALLBACK_FRACTION = 0.1  # a concept with an empty mask keeps its most attended 
 
 @torch.no_grad()
 def attention_maps(bundle, concepts: ConceptSet, image, n_timesteps: int = 50, batch: int = 10,
-                   generator: torch.Generator | None = None, layers: str = "coarse") -> torch.Tensor:
+                   generator: torch.Generator | None = None, layers: str = "coarse",
+                   stop_early: bool = True) -> torch.Tensor:
     """(K_i, h, w) maps of the image's concepts, averaged over `n_timesteps` random timesteps.
 
-    The timesteps run through the U-Net `batch` at a time rather than one by one.
+    The timesteps run through the U-Net `batch` at a time rather than one by one, and each
+    U-Net call stops right after the last captured layer (the finer up-blocks after it cannot
+    change the maps).
     """
     generator = generator or torch.Generator().manual_seed(0)
     dev = bundle.device
@@ -35,7 +38,7 @@ def attention_maps(bundle, concepts: ConceptSet, image, n_timesteps: int = 50, b
     if missing:
         raise ValueError(f"prompt {image.prompt!r}: {missing} fell beyond the text encoder's token limit; shorten it")
     total = None
-    with AttentionCapture(bundle.unet, layers) as cap:
+    with AttentionCapture(bundle.unet, layers, stop_early) as cap:
         for start in range(0, n_timesteps, batch):
             t = timesteps[start:start + batch]
             b = len(t)
@@ -85,14 +88,29 @@ def estimate_masks(bundle, concepts: ConceptSet, image, *, n_timesteps=50, batch
     part in the CRF so the other concepts are pushed off it.
     """
     maps = attention_maps(bundle, concepts, image, n_timesteps, batch, generator, layers)
-    masks = binarise(maps, image.size, threshold, image.names)
-    fixed = fixed or {}
+    masks = masks_from_maps(image, maps, threshold=threshold, use_crf=use_crf, crf_params=crf_params, fixed=fixed)
+    return masks, maps
+
+
+def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, crf_params: CRFParams = CRFParams(),
+                    fixed: dict | None = None, keep: dict | None = None) -> np.ndarray:
+    """(K_i, H, W) bool masks from (K_i, h, w) averaged maps: threshold, then DenseCRF.
+
+    `fixed`: user masks, kept as they are. `keep`: masks of concepts that have no new map (their
+    rows of `maps` are ignored); they go through the CRF like the others.
+    """
+    fixed, keep = fixed or {}, keep or {}
+    given = {**keep, **fixed}
+    rows = [k for k, n in enumerate(image.names) if n not in given]
+    masks = np.zeros((len(image.names), image.size[1], image.size[0]), dtype=bool)
+    if rows:
+        masks[rows] = binarise(maps[rows], image.size, threshold, [image.names[k] for k in rows])
     for k, name in enumerate(image.names):
-        if name in fixed:
-            masks[k] = fixed[name]
+        if name in given:
+            masks[k] = given[name]
     if use_crf:
         masks = refine_keeping(image, masks, crf_params, fixed)
-    return masks, maps
+    return masks
 
 
 def refine_keeping(image, masks: np.ndarray, params: CRFParams, fixed) -> np.ndarray:

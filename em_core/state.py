@@ -42,6 +42,10 @@ class LearnState:
     model: str = ""
     weights: TunedWeights | None = None  # from the joint fine-tune
     finetune: dict | None = None  # {config, step, status, message}
+    # Per image: sums of the (K_i, h, w) maps the token steps captured since the last refresh,
+    # and how many maps each concept got (K_i,); what a 'training'-sourced refresh averages.
+    map_sums: list = field(default_factory=list)
+    map_counts: list = field(default_factory=list)
 
     def copy(self) -> "LearnState":
         return LearnState(
@@ -57,6 +61,8 @@ class LearnState:
                 self.weights.kind, {k: v.clone() for k, v in self.weights.tensors.items()}, self.weights.rank,
                 self.weights.alpha),
             finetune=json.loads(json.dumps(self.finetune)),
+            map_sums=[None if m is None else m.clone() for m in self.map_sums],
+            map_counts=[None if c is None else c.clone() for c in self.map_counts],
         )
 
     def concept_mask(self, image_index: int, name: str) -> np.ndarray:
@@ -89,6 +95,10 @@ def save_state(state: LearnState, out: str | Path) -> Path:
     for i, m in enumerate(state.masks):
         if m is not None:
             tensors[f"masks.{i}"] = torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8))
+    for i, (m, c) in enumerate(zip(state.map_sums, state.map_counts)):
+        if m is not None:
+            tensors[f"map_sums.{i}"] = m.detach().float().cpu().contiguous()
+            tensors[f"map_counts.{i}"] = c.detach().float().cpu().contiguous()
     for r, h in enumerate(state.mask_history):
         for i, m in enumerate(h["masks"]):
             tensors[f"mask_history.{r}.{i}"] = m.detach().to(torch.float16).cpu().contiguous()
@@ -139,6 +149,9 @@ def load_state(out: str | Path) -> LearnState:
                               if f"mask_history.{r}.{i}" in tensors]}
         for r, s in enumerate(meta["mask_history_steps"])
     ]
+    n = len(meta["images"])
+    map_sums = [tensors.get(f"map_sums.{i}") for i in range(n)]
+    map_counts = [tensors.get(f"map_counts.{i}") for i in range(n)]
     optimizer = None
     if "optimizer.exp_avg" in tensors:
         optimizer = {"exp_avg": tensors["optimizer.exp_avg"], "exp_avg_sq": tensors["optimizer.exp_avg_sq"],
@@ -157,4 +170,6 @@ def load_state(out: str | Path) -> LearnState:
         concepts=concepts, images=meta["images"], config=LearnConfig.from_dict(meta["config"]), masks=masks,
         fixed=meta["fixed"], step=meta["step"], history=history, mask_history=mask_history, optimizer=optimizer,
         status=meta["status"], message=meta["message"], model=meta["model"],
+        map_sums=map_sums if any(m is not None for m in map_sums) else [],
+        map_counts=map_counts if any(c is not None for c in map_counts) else [],
     )

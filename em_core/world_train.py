@@ -82,11 +82,18 @@ def latent_scale(vae, seed: int, n: int = 256) -> float:
     return float(1.0 / vae.encode(x).latent_dist.mean.std())
 
 
-def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, log, lr: float = 3e-4) -> list:
+def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, log, lr: float = 3e-4,
+                   ema_decay: float = 0.999) -> list:
+    """Epsilon loss on U-Net + text encoder; the saved weights are an exponential moving average
+    (diffusers' EMAModel), which samples much better than the last step's weights."""
+    from diffusers.training_utils import EMAModel
+
     unet, text, tok, sched, vae = bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.scheduler, bundle.vae
     unet.train().requires_grad_(True)
     text.train().requires_grad_(True)
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(text.parameters()), lr=lr, weight_decay=1e-2)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True)
     gen = torch.Generator().manual_seed(seed)
     scale = vae.config.scaling_factor
     losses, step, start = [], 0, time.time()
@@ -104,44 +111,86 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         warm = min(1.0, (step + 1) / 100)
         for g in opt.param_groups:
             g["lr"] = lr * warm
         opt.step()
+        ema.step(params)
         losses.append(loss.item())
         step += 1
         if step % 50 == 0:
             log(f"denoiser step {step} loss {np.mean(losses[-50:]):.4f} ({time.time() - start:.0f}s)")
+    ema.copy_to(params)
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
     return losses
 
 
+def _previous(init_from) -> tuple[ModelBundle | None, dict | None]:
+    if init_from is None:
+        return None, None
+    from .model import load_bundle
+
+    init_from = Path(init_from)
+    record = json.loads((init_from / "training.json").read_text())
+    return load_bundle(init_from), record
+
+
 def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 0.15, batch: int = 64,
-                     seed: int = 0, log=print) -> dict:
-    """Trains the world's model within `minutes` and saves it (diffusers format) with a card."""
+                     seed: int = 0, log=print, init_from: str | Path | None = None) -> dict:
+    """Trains the world's model within `minutes` and saves it (diffusers format) with a card.
+
+    `init_from`: a folder this script wrote before; training goes on from its weights (the
+    data seeds move on, so it sees new scenes) and the stats add up both runs.
+    """
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    bundle = build_world_model(seed)
+    bundle, before = _previous(init_from)
+    bundle = bundle or build_world_model(seed)
+    run = len(before["stats"].get("runs", [before["stats"]])) if before else 0
     total = minutes * 60
     t0 = time.time()
-    vae_losses = train_vae(bundle.vae, total * vae_share, 32, seed, log)
+    vae_losses = train_vae(bundle.vae, total * vae_share, 32, seed + 1000 * run, log)
     bundle.vae.register_to_config(scaling_factor=latent_scale(bundle.vae, seed))
-    den_losses = train_denoiser(bundle, total - (time.time() - t0), batch, seed, log)
+    den_losses = train_denoiser(bundle, total - (time.time() - t0), batch, seed + 1000 * run, log)
     out = Path(out)
     save_bundle(bundle, out)
+    this = {"seconds": round(time.time() - t0), "vae_steps": len(vae_losses), "denoiser_steps": len(den_losses),
+            "warm_start": str(init_from) if init_from else None}
+    runs = (before["stats"].get("runs", [{k: before["stats"][k] for k in ("seconds", "vae_steps", "denoiser_steps")}])
+            if before else []) + [this]
     stats = {
-        "seconds": round(time.time() - t0), "vae_steps": len(vae_losses), "vae_batch": 32,
-        "vae_final_loss": float(np.mean(vae_losses[-50:])), "denoiser_steps": len(den_losses), "denoiser_batch": batch,
-        "denoiser_final_loss": float(np.mean(den_losses[-100:])), "latent_scale": bundle.vae.config.scaling_factor,
-        "seed": seed, "threads": torch.get_num_threads(),
+        "seconds": sum(r["seconds"] for r in runs), "vae_steps": sum(r["vae_steps"] for r in runs), "vae_batch": 32,
+        "vae_final_loss": float(np.mean(vae_losses[-50:])), "denoiser_steps": sum(r["denoiser_steps"] for r in runs),
+        "denoiser_batch": batch, "denoiser_final_loss": float(np.mean(den_losses[-100:])),
+        "latent_scale": bundle.vae.config.scaling_factor, "seed": seed, "threads": torch.get_num_threads(),
+        "runs": runs,
         "params": {k: sum(p.numel() for p in m.parameters()) for k, m in
                    (("unet", bundle.unet), ("vae", bundle.vae), ("text_encoder", bundle.text_encoder))},
     }
-    (out / "training.json").write_text(json.dumps({"stats": stats, "vae_losses": vae_losses,
-                                                   "denoiser_losses": den_losses}), encoding="utf-8")
+    vae_all = (before["vae_losses"] if before else []) + vae_losses
+    den_all = (before["denoiser_losses"] if before else []) + den_losses
+    (out / "training.json").write_text(json.dumps({"stats": stats, "vae_losses": vae_all,
+                                                   "denoiser_losses": den_all}), encoding="utf-8")
     log(json.dumps(stats))
     return stats
+
+
+@torch.no_grad()
+def reconstruction_check(vae, model_dir, n: int = 256) -> dict | None:
+    """What the checker reads from VAE round trips of fresh single-object renders: the ceiling of
+    what any denoiser on these latents can show it."""
+    from .checker import _batch, load_checker
+
+    path = Path(model_dir) / "checker.safetensors"
+    if not path.is_file():
+        return None
+    net = load_checker(path)
+    x, colour, shape = _batch(777, n)
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    pc, ps = net(rec)
+    return {"l1": float((rec - x).abs().mean()), "colour": float((pc.argmax(1) == colour).float().mean()),
+            "shape": float((ps.argmax(1) == shape).float().mean())}
 
 
 def write_model_card(model_dir: str | Path, n: int = 8, seed: int = 123, guidance: float = 4.0) -> Path:
@@ -168,11 +217,16 @@ def write_model_card(model_dir: str | Path, n: int = 8, seed: int = 123, guidanc
         draw.text((x + 2, y + cell + 14), " ".join(words[mid:]), fill="black")
     grid.save(model_dir / "samples.png")
     checker = json.loads((model_dir / "checker.json").read_text()) if (model_dir / "checker.json").is_file() else None
+    recon = reconstruction_check(bundle.vae, model_dir)
     p = info["params"]
+    runs = info.get("runs", [info])
+    how = " then ".join(f"{r['seconds']} s ({r['vae_steps']} VAE + {r['denoiser_steps']} denoiser steps"
+                        f"{', warm-started from the previous run' if r.get('warm_start') else ''})" for r in runs)
     card = f"""# tiny_world: a small latent diffusion model of Stable Diffusion's classes
 
-Trained from scratch by `python -m em_core train-tiny-world --out em_core/models/tiny_world --minutes 45`
-on {info['threads']} CPU threads in {info['seconds']} s, seed {info['seed']}. Loads with diffusers'
+Trained by `python -m em_core train-tiny-world --out em_core/models/tiny_world --minutes 45`, then
+`... --minutes 45 --vae-share 0.33 --init-from em_core/models/tiny_world`, on {info['threads']} CPU
+threads, {info['seconds']} s in all: {how}; seed {info['seed']}. Loads with diffusers'
 `StableDiffusionPipeline.from_pretrained(this_folder)` offline.
 
 - Data: procedural 64 px scenes of `em_core/scenes.py` drawn on the fly: 1-4 objects (shapes
@@ -184,8 +238,10 @@ on {info['threads']} CPU threads in {info['seconds']} s, seed {info['seed']}. Lo
   parameters; cross-attention at the 16x16 level and the mid block), CLIPTextModel
   ({p['text_encoder']:,} parameters) with a CLIPTokenizer over the world's words; DDPM schedule of SD 1.x.
 - VAE: {info['vae_steps']} steps of batch {info['vae_batch']}, L1 + 1e-6 KL, final loss {info['vae_final_loss']:.4f}.
+  {'' if not recon else f"Round trips of 256 fresh single-object renders: L1 {recon['l1']:.3f}; the checker reads colour {recon['colour']:.3f} and shape {recon['shape']:.3f} from them (the ceiling for any image decoded from these latents)."}
 - U-Net + text encoder together: {info['denoiser_steps']} steps of batch {info['denoiser_batch']}, epsilon MSE,
-  10% captions dropped for classifier-free guidance, final loss (mean of last 100) {info['denoiser_final_loss']:.4f}.
+  10% captions dropped for classifier-free guidance, final loss (mean of last 100) {info['denoiser_final_loss']:.4f};
+  the weights saved are an exponential moving average (decay 0.999, diffusers' EMAModel) of the last run.
 - `checker.safetensors`: the evaluation's colour / shape reader ({'' if not checker else f"colour accuracy {float(checker['colour']):.3f}, shape accuracy {float(checker['shape']):.3f} on 512 fresh single-object scenes"}).
 
 ![samples](samples.png)

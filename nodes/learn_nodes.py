@@ -163,6 +163,10 @@ class EMTokenStep:
             "use_crf": ("BOOLEAN", {"default": True}),
             "mask_timesteps": ("INT", {"default": 50, "min": 1, "max": 1000}),
             "flip": ("BOOLEAN", {"default": True}),
+            "mask_source": (["training", "fresh"], {
+                "default": "training",
+                "tooltip": "training: refresh from the maps the steps already computed (almost free); "
+                           "fresh: new U-Net passes over mask_timesteps timesteps at each refresh"}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = (STATE, "MASK", "IMAGE")
@@ -172,14 +176,14 @@ class EMTokenStep:
 
     @host.trains
     def run(self, em_model, concepts, steps, learning_rate, attention_loss_weight, refresh_every, use_crf,
-            mask_timesteps, flip, unique_id=None):
+            mask_timesteps, flip, mask_source="training", unique_id=None):
         concepts.require_images("EM Token Step")
         state = concepts.state.copy()
         done = state.step - state.config.warmup_steps
         cfg = state.config
         cfg.steps, cfg.lr, cfg.attn_weight, cfg.refresh_every = done + steps, learning_rate, attention_loss_weight, \
             refresh_every
-        cfg.use_crf, cfg.mask_timesteps, cfg.flip = use_crf, mask_timesteps, flip
+        cfg.use_crf, cfg.mask_timesteps, cfg.flip, cfg.mask_source = use_crf, mask_timesteps, flip, mask_source
         feed = LiveFeed(unique_id, steps, concepts.images)
         state = learn(em_model, list(concepts.images), state, progress=False, should_stop=host.interrupted,
                       on_step=feed.on_step)

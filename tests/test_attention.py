@@ -79,3 +79,22 @@ def test_absent_concept_gives_a_zero_map(bundle):
         _, maps = cap.run(sel, (16, 8), lambda: bundle.unet(latents[:1], torch.tensor([100]),
                                                             encoder_hidden_states=hidden).sample)
     assert maps[0, 0].sum() > 0 and maps[0, 1].abs().sum() == 0
+
+
+def test_stop_early_gives_the_same_maps_and_skips_the_rest_of_the_unet(bundle):
+    cs, ids, hidden, latents = _inputs(bundle)
+    t = torch.tensor([10, 500])
+    sel = concept_selector(ids, cs.token_ids(bundle.tokenizer))
+    calls = []
+    hook = bundle.unet.conv_out.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            with AttentionCapture(bundle.unet) as cap:
+                out, full = cap.run(sel, (16, 8), lambda: bundle.unet(latents, t, encoder_hidden_states=hidden).sample)
+            assert out is not None and len(calls) == 1
+            with AttentionCapture(bundle.unet, stop_early=True) as cap:
+                out, early = cap.run(sel, (16, 8), lambda: bundle.unet(latents, t, encoder_hidden_states=hidden).sample)
+    finally:
+        hook.remove()
+    assert out is None and len(calls) == 1  # the second call never reached the output convolution
+    assert torch.equal(full, early)

@@ -17,18 +17,21 @@ def _coarse(mask, rng):
 
 
 @pytest.mark.skipif(not SCENES, reason="../shared/data/scenes is not beside the checkout")
-def test_crf_brings_coarse_masks_closer_to_human_masks_on_real_photos():
+@pytest.mark.parametrize("max_side", [None, 256])
+def test_crf_brings_coarse_masks_closer_to_human_masks_on_real_photos(max_side):
+    """At the photos' own side and with the default working side of 256 px (scored at full size)."""
     rng = np.random.default_rng(0)
     before, after = [], []
     for scene in SCENES:
         img = np.asarray(open_image(scene / "img.jpg"))
         truth = [open_mask(p) for p in sorted(scene.glob("mask*.png"))]
         coarse = np.stack([_coarse(t, rng) for t in truth])
-        refined = refine_masks(img, coarse)
+        refined = refine_masks(img, coarse, CRFParams(max_side=max_side))
+        assert refined.shape == coarse.shape
         before += [iou(c, t) for c, t in zip(coarse, truth)]
         after += [iou(r, t) for r, t in zip(refined, truth)]
     gain = np.mean(after) - np.mean(before)
-    # Measured at about +6.5 IoU points with these settings; require a clear gain.
+    # Measured at +6.5 (own side) and +8.3 (256 px) IoU points: benchmarks/crf_real_photos.py.
     assert gain > 0.03, (np.mean(before), np.mean(after))
     assert np.mean(np.array(after) >= np.array(before)) >= 0.8
 

@@ -213,3 +213,58 @@ def test_a_non_square_image_runs_end_to_end(bundle, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "r" / "masks" / "img1_v2.png").size == (120, 64)
+
+
+def _count_unet_calls(bundle):
+    calls = []
+    handle = bundle.unet.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(args[0].shape[0]),
+                                                   with_kwargs=True)
+    return calls, handle
+
+
+def test_refreshes_from_training_maps_cost_no_unet_calls(bundle, scene_files):
+    images = _images(bundle, scene_files)
+    calls, handle = _count_unet_calls(bundle)
+    try:
+        out = learn(bundle, images, start_state(bundle, images, _cfg(steps=7)), progress=False)
+        n_training = len(calls)
+        calls.clear()
+        fresh = learn(bundle, images, start_state(bundle, images, _cfg(steps=7, mask_source="fresh")), progress=False)
+    finally:
+        handle.remove()
+    # The first estimate: one call of 4 timesteps per image; then only the 7 token steps.
+    assert n_training == 2 + 7
+    assert [r["source"] for r in out.history["refreshes"]] == ["fresh", "training", "training"]
+    assert len(calls) == 2 + 7 + 2 * 2  # fresh refreshes run the U-Net again for every image
+    assert [r["source"] for r in fresh.history["refreshes"]] == ["fresh", "fresh", "fresh"]
+    # The two estimates differ after the first refresh (different maps), and both moved the masks.
+    assert any(not np.array_equal(a, b) for a, b in zip(out.masks, fresh.masks))
+
+
+def test_a_training_refresh_uses_the_step_maps_and_keeps_unseen_concepts(bundle, scene_files, monkeypatch):
+    images = _images(bundle, scene_files)
+    seen = []
+    real = em_loop.masks_from_maps
+
+    def spy(img, maps, **kw):
+        seen.append((img.names, maps.clone(), dict(kw.get("keep") or {})))
+        return real(img, maps, **kw)
+
+    monkeypatch.setattr(em_loop, "masks_from_maps", spy)
+    state = learn(bundle, images, start_state(bundle, images, _cfg(steps=3, refresh_every=2)), progress=False)
+    refresh_steps = [h for h in state.history["steps"] if h["step"] < 2]
+    drawn = {}
+    for h in refresh_steps:
+        drawn.setdefault(h["image"], set()).update(h["concepts"])
+    assert len(seen) == len(drawn)  # one estimate per image the two steps drew
+    for names, maps, keep in seen:
+        i = 0 if names == images[0].names else 1
+        assert set(keep) == set(names) - drawn[i]  # concepts no step drew keep their masks
+        for k, n in enumerate(names):
+            if n in drawn[i]:
+                assert maps[k].max() > 0
+    # The sums restart at each refresh: only step 2 (after the refresh at its top) is in them now.
+    last = state.history["steps"][2]
+    counts = state.map_counts[last["image"]]
+    assert counts.sum() == len(last["concepts"])
+    assert state.map_counts[1 - last["image"]] is None
