@@ -1,0 +1,117 @@
+"""Peak memory of the joint fine-tune: full and LoRA, with and without gradient checkpointing.
+
+Each setting runs in its own process, so one peak never hides another. On the CPU the figure is
+the process's peak resident memory (ru_maxrss) and, apart, its growth over the memory held once
+the model and the concepts are loaded; on a GPU it is torch.cuda.max_memory_allocated.
+
+    python benchmarks/memory.py                                   # shipped tiny-world model, 64 px
+    python benchmarks/memory.py --model sd15 --size 256 --steps 2  # SD-1.5-shaped, random weights
+    python benchmarks/memory.py --model DIR --size 512 --dtype fp16 --mixed-precision fp16   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = [("full", False), ("full", True), ("lora", False), ("lora", True)]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(args) -> dict:
+    import torch
+
+    from em_core.config import LearnConfig
+    from em_core.dataset import prepare_image
+    from em_core.em_loop import learn, start_state
+    from em_core.finetune import FinetuneConfig, finetune
+    from em_core.scenes import random_scene
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.model == "sd15":
+        from em_core.tiny_model import build_model
+
+        bundle = build_model("sd15", seed=0).to(dev, dtype)
+    else:
+        from em_core.model import load_bundle
+
+        bundle = load_bundle(args.model, device=dev, dtype=dtype)
+    path = Path("/tmp") / f"em_core_mem_scene_{args.size}.png"
+    random_scene(3, size=args.size or 64, n_objects=2).image.save(path)
+    img = prepare_image(bundle, path, "a photo of [v1] and [v2] on [v3]", args.size)
+    state = learn(bundle, [img], start_state(bundle, [img], LearnConfig(steps=0, mask_timesteps=2, mask_batch=2)),
+                  progress=False)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_mb()
+    cfg = FinetuneConfig(steps=args.steps, mode=args.mode, gradient_checkpointing=args.checkpointing,
+                         mixed_precision=args.mixed_precision, save_every=10 ** 9)
+    t0 = time.perf_counter()
+    done = finetune(bundle, [img], state, cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    if dev == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"mode": args.mode, "checkpointing": args.checkpointing, "device": dev, "dtype": args.dtype,
+            "loaded_mb": round(base), "peak_mb": round(peak), "growth_mb": round(peak - base),
+            "steps": args.steps, "seconds_per_step": seconds / max(1, args.steps), "status": done.finetune["status"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / "em_core" / "models" / "tiny_world"),
+                    help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model with random weights")
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="full", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    rows = []
+    for mode, ckpt in SETTINGS:
+        cmd = [sys.executable, __file__, "--child", "--model", args.model, "--steps", str(args.steps),
+               "--dtype", args.dtype, "--mixed-precision", args.mixed_precision, "--mode", mode]
+        cmd += (["--size", str(args.size)] if args.size else []) + (["--checkpointing"] if ckpt else [])
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            rows.append({"mode": mode, "checkpointing": ckpt, "error": res.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\nmodel {args.model}  side {args.size or 'model default'}  dtype {args.dtype}")
+    print(f"{'mode':<5} {'ckpt':<5} {'loaded MB':>10} {'peak MB':>9} {'growth MB':>10} {'s/step':>7}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['mode']:<5} {str(r['checkpointing']):<5} failed: {r['error']}")
+            continue
+        print(f"{r['mode']:<5} {str(r['checkpointing']):<5} {r['loaded_mb']:>10} {r['peak_mb']:>9} "
+              f"{r['growth_mb']:>10} {r['seconds_per_step']:>7.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "size": args.size, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
