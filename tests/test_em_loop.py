@@ -128,21 +128,23 @@ def test_cancel_keeps_what_was_learned(bundle, scene_files):
 
 def test_ctrl_c_saves_the_last_good_step_and_resume_matches_an_unbroken_run(bundle, scene_files, tmp_path):
     images = _images(bundle, scene_files)
-    cfg = _cfg(steps=6, save_every=100)
+    cfg = _cfg(steps=8, save_every=100)  # refreshes at the top of steps 3 and 6
     unbroken = learn(bundle, images, start_state(bundle, images, cfg), progress=False)
 
     def interrupt(state, info):
-        if state.step == 4:
+        if state.step == 5:  # mid-interval: the maps of steps 3 and 4 must survive the interruption
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         learn(bundle, images, start_state(bundle, images, cfg), out=tmp_path / "r", on_step=interrupt,
               progress=False)
     saved = load_state(tmp_path / "r")
-    assert saved.status == "interrupted" and saved.step == 4
+    assert saved.status == "interrupted" and saved.step == 5
+    assert sum(float(c.sum()) for c in saved.map_counts if c is not None) > 0
     assert not list((tmp_path / "r").rglob("*.tmp"))  # atomic writes leave no temp files
     resumed = learn(bundle, images, saved, out=tmp_path / "r", progress=False)
-    assert resumed.step == 6 and resumed.status == "done"
+    assert resumed.step == 8 and resumed.status == "done"
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.masks, unbroken.masks))
     assert torch.allclose(resumed.concepts.vectors, unbroken.concepts.vectors, atol=1e-6)
     assert [h["loss"] for h in resumed.history["steps"]] == pytest.approx(
         [h["loss"] for h in unbroken.history["steps"]], rel=1e-5)
