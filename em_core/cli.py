@@ -82,7 +82,8 @@ def cmd_learn(args) -> int:
     else:
         config = LearnConfig(
             steps=args.steps, lr=args.lr, attn_weight=args.attn_weight, refresh_every=args.refresh_every,
-            mask_timesteps=args.mask_timesteps, mask_source=args.mask_source, threshold=args.threshold,
+            mask_timesteps=args.mask_timesteps, mask_source=args.mask_source, crf_overlap=args.crf_overlap,
+            threshold=args.threshold,
             use_crf=not args.no_crf, warmup_steps=args.warmup_steps, flip=not args.no_flip, layers=args.layers, resolution=args.resolution,
             seed=args.seed, save_every=args.save_every,
         )
@@ -397,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--mask-timesteps", type=int, default=d.mask_timesteps)
     l.add_argument("--mask-source", choices=["training", "fresh"], default=d.mask_source,
                    help="refresh masks from the maps the steps computed (training) or from new U-Net passes (fresh)")
+    l.add_argument("--crf-overlap", type=int, default=d.crf_overlap,
+                   help="steps to go on with the old masks while DenseCRF runs in a worker process (0: in place)")
     l.add_argument("--threshold", type=float, default=d.threshold)
     l.add_argument("--no-crf", action="store_true")
     l.add_argument("--warmup-steps", type=int, default=d.warmup_steps)

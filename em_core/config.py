@@ -20,6 +20,10 @@ class LearnConfig:
     mask_source: str = "training"
     mask_batch: int = 10  # timesteps per U-Net call when estimating masks
     threshold: float = 0.5
+    # Steps the token loop goes on with the old masks while a refresh's DenseCRF runs in a worker
+    # process (it holds the GIL, so a thread cannot overlap it); 0: refine in place. Helps where
+    # the U-Net leaves a CPU core idle, as on a GPU.
+    crf_overlap: int = 0
     use_crf: bool = True
     crf: CRFParams = field(default_factory=CRFParams)
     warmup_steps: int = 0  # plain textual inversion without masks, before the first mask estimate
@@ -38,7 +42,7 @@ class LearnConfig:
             "mask_batch": self.mask_batch >= 1, "threshold": 0.0 <= self.threshold < 1.0,
             "warmup_steps": self.warmup_steps >= 0, "save_every": self.save_every >= 1,
             "resolution": self.resolution is None or self.resolution >= 8,
-            "mask_source": self.mask_source in ("training", "fresh"),
+            "mask_source": self.mask_source in ("training", "fresh"), "crf_overlap": self.crf_overlap >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -10,6 +10,7 @@ only the CRF on top of plain steps.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -22,7 +23,8 @@ from .concept_file import save_run
 from .concepts import ConceptSet
 from .config import LearnConfig
 from .dataset import TrainImage
-from .masks import estimate_masks, iou, latent_masks, masks_from_maps
+from .crf import refine_masks
+from .masks import estimate_masks, iou, latent_masks, masks_from_maps, restore_fixed
 from .state import LearnState
 from .training import concept_step_loss, saved_on_exit, step_rng
 
@@ -88,6 +90,7 @@ class _Run:
         if not state.map_sums:
             self.reset_maps()
         self.pending = None  # the current step's maps, added to the sums when the step commits
+        self.pool, self.jobs = None, None  # the DenseCRF worker of an overlapped refresh
 
     def reset_maps(self) -> None:
         n = len(self.images)
@@ -96,7 +99,7 @@ class _Run:
     def collect(self, i: int, idx: list, maps: torch.Tensor) -> None:
         self.pending = (i, idx, maps.float().cpu())
 
-    def _training_masks(self, i: int, img, old: np.ndarray, fixed: dict) -> np.ndarray:
+    def _training_masks(self, i: int, img, old: np.ndarray, fixed: dict, use_crf: bool) -> np.ndarray:
         """A refresh from the maps the steps since the last refresh captured; concepts that got
         none keep their masks."""
         st, cfg = self.state, self.cfg
@@ -105,37 +108,90 @@ class _Run:
             return old
         keep = {n: old[k] for k, n in enumerate(img.names) if counts[k] == 0}
         return masks_from_maps(img, sums / counts.clamp_min(1)[:, None, None], threshold=cfg.threshold,
-                               use_crf=cfg.use_crf, crf_params=cfg.crf, fixed=fixed, keep=keep)
+                               use_crf=use_crf, crf_params=cfg.crf, fixed=fixed, keep=keep)
+
+    def _fixed(self, i: int) -> dict:
+        img, old = self.images[i], self.state.masks[i]
+        return {n: old[img.names.index(n)] for n in self.state.fixed[i]}
 
     # --- masks -------------------------------------------------------------------------
     def refresh_masks(self, kind: str) -> None:
         st, cfg = self.state, self.cfg
+        if st.pending_refresh is not None:  # a CRF overlap as long as the refresh interval
+            self.finish_crf()
         gen, _ = step_rng(cfg.seed + 7919, st.step)
         concepts = ConceptSet(st.concepts.names, st.concepts.init_words, self.vectors.detach().clone())
         source = "fresh" if kind == "init" or cfg.mask_source == "fresh" else "training"
-        change, new_masks = {}, []
+        overlap = cfg.use_crf and cfg.crf_overlap > 0 and kind == "refresh"
+        new_masks = []
         for i, img in enumerate(self.images):
-            old = st.masks[i]
-            fixed = {n: old[img.names.index(n)] for n in st.fixed[i]}
+            old, fixed = st.masks[i], self._fixed(i)
             if len(fixed) == len(img.names):
-                masks = old
+                masks = None if overlap else old
             elif source == "training":
-                masks = self._training_masks(i, img, old, fixed)
+                masks = self._training_masks(i, img, old, fixed, cfg.use_crf and not overlap)
+                masks = None if overlap and masks is old else masks
             else:
                 masks, _ = estimate_masks(
                     self.bundle, concepts, img, n_timesteps=cfg.mask_timesteps, batch=cfg.mask_batch,
-                    threshold=cfg.threshold, use_crf=cfg.use_crf, crf_params=cfg.crf, fixed=fixed,
+                    threshold=cfg.threshold, use_crf=cfg.use_crf and not overlap, crf_params=cfg.crf, fixed=fixed,
                     generator=gen, layers=cfg.layers)
-            if old is not None and st.mask_history:
-                change[f"img{i + 1}"] = {n: 1.0 - iou(old[k], masks[k]) for k, n in enumerate(img.names)}
             new_masks.append(masks)
+        self.reset_maps()
+        if overlap:
+            st.pending_refresh = {"step": st.step, "apply_at": st.step + cfg.crf_overlap, "kind": kind,
+                                  "source": source, "masks": new_masks}
+            self._submit_crf()
+            return
+        self._apply(new_masks, kind, source, st.step)
+
+    def _apply(self, new_masks: list, kind: str, source: str, step: int) -> None:
+        st = self.state
+        change = {}
+        if st.mask_history:
+            for i, (img, old, new) in enumerate(zip(self.images, st.masks, new_masks)):
+                change[f"img{i + 1}"] = {n: 1.0 - iou(old[k], new[k]) for k, n in enumerate(img.names)}
         # Assign only once every image is done, so an interrupt never leaves half a refresh.
         st.masks = new_masks
         self.latent = [latent_masks(m, img.latent_hw) for m, img in zip(new_masks, self.images)]
-        new_latent = [m.clone() for m in self.latent]
-        st.mask_history.append({"step": st.step, "masks": new_latent})
-        st.history["refreshes"].append({"step": st.step, "kind": kind, "source": source, "change": change})
-        self.reset_maps()
+        st.mask_history.append({"step": st.step, "masks": [m.clone() for m in self.latent]})
+        record = {"step": step, "kind": kind, "source": source, "change": change}
+        if step != st.step:
+            record["applied_at"] = st.step
+        st.history["refreshes"].append(record)
+
+    # --- DenseCRF beside the token steps ------------------------------------------------
+    def _submit_crf(self) -> None:
+        """Starts the pending refresh's DenseCRF jobs in a worker process."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from .crf import refine_masks
+
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self.jobs = [None if m is None else self.pool.submit(refine_masks, img.rgb, m, self.cfg.crf, img.names)
+                     for img, m in zip(self.images, self.state.pending_refresh["masks"])]
+
+    def finish_crf(self) -> None:
+        """Waits for the pending refresh (or, after a resume, runs its DenseCRF here) and applies it."""
+        p = self.state.pending_refresh
+        jobs = self.jobs or [None if m is None else False for m in p["masks"]]
+        new_masks = []
+        for i, (img, pre, job) in enumerate(zip(self.images, p["masks"], jobs)):
+            if pre is None:
+                new_masks.append(self.state.masks[i])
+                continue
+            refined = job.result() if job else refine_masks(img.rgb, pre, self.cfg.crf, img.names)
+            new_masks.append(restore_fixed(img.names, refined, pre, self._fixed(i)))
+        self.jobs = None
+        self.state.pending_refresh = None
+        self._apply(new_masks, p["kind"], p["source"], p["step"])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
 
     def step_loss(self, warmup: bool, capture: AttentionCapture) -> tuple[torch.Tensor, dict]:
         self.pending = None
@@ -195,13 +251,17 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
     with torch.inference_mode(False), torch.enable_grad(), saved_on_exit(save, interrupted):
         run = _Run(bundle, images, state)
         with tqdm(total=total, initial=min(state.step, total), disable=not progress, desc="learn", unit="step") as bar, \
-                AttentionCapture(bundle.unet, cfg.layers) as capture:
+                AttentionCapture(bundle.unet, cfg.layers) as capture, contextlib.closing(run):
             while True:
+                pending = state.pending_refresh
+                if pending is not None and state.step >= min(pending["apply_at"], total):
+                    run.finish_crf()
                 # Refreshes run at the top of a step, so a run stopped during one redoes it on resume.
                 if state.step >= cfg.warmup_steps and not state.mask_history:
                     with torch.no_grad():
                         run.refresh_masks("init")
-                elif _refresh_due(cfg, state.step, total) and state.mask_history[-1]["step"] != state.step:
+                elif (_refresh_due(cfg, state.step, total) and state.mask_history[-1]["step"] != state.step
+                      and not (pending is not None and pending["step"] == state.step)):
                     with torch.no_grad():
                         run.refresh_masks("refresh")
                 if state.step >= total:

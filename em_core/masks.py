@@ -116,8 +116,11 @@ def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, c
 def refine_keeping(image, masks: np.ndarray, params: CRFParams, fixed) -> np.ndarray:
     """DenseCRF on an image's masks; the concepts named in `fixed` (user masks) come out as they went in,
     though they still push the other concepts off their pixels."""
-    refined = refine_masks(image.rgb, masks, params, image.names)
-    for k, name in enumerate(image.names):
+    return restore_fixed(image.names, refine_masks(image.rgb, masks, params, image.names), masks, fixed)
+
+
+def restore_fixed(names, refined: np.ndarray, masks: np.ndarray, fixed) -> np.ndarray:
+    for k, name in enumerate(names):
         if name in fixed:
             refined[k] = masks[k]
     return refined

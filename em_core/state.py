@@ -46,6 +46,9 @@ class LearnState:
     # and how many maps each concept got (K_i,); what a 'training'-sourced refresh averages.
     map_sums: list = field(default_factory=list)
     map_counts: list = field(default_factory=list)
+    # A refresh whose DenseCRF runs beside the token steps (config.crf_overlap): step, apply_at,
+    # kind, source, and "masks", the per-image masks before the CRF (None: image unchanged).
+    pending_refresh: dict | None = None
 
     def copy(self) -> "LearnState":
         return LearnState(
@@ -63,6 +66,8 @@ class LearnState:
             finetune=json.loads(json.dumps(self.finetune)),
             map_sums=[None if m is None else m.clone() for m in self.map_sums],
             map_counts=[None if c is None else c.clone() for c in self.map_counts],
+            pending_refresh=None if self.pending_refresh is None else {
+                **self.pending_refresh, "masks": [None if m is None else m.copy() for m in self.pending_refresh["masks"]]},
         )
 
     def concept_mask(self, image_index: int, name: str) -> np.ndarray:
@@ -79,6 +84,8 @@ class LearnState:
             "optimizer_step": None if self.optimizer is None else int(self.optimizer["step"]),
             "mask_history_steps": [h["step"] for h in self.mask_history],
             "finetune": self.finetune, "weights": None if self.weights is None else self.weights.meta(),
+            "pending_refresh": None if self.pending_refresh is None else {
+                k: v for k, v in self.pending_refresh.items() if k != "masks"},
         }
 
 
@@ -99,6 +106,10 @@ def save_state(state: LearnState, out: str | Path) -> Path:
         if m is not None:
             tensors[f"map_sums.{i}"] = m.detach().float().cpu().contiguous()
             tensors[f"map_counts.{i}"] = c.detach().float().cpu().contiguous()
+    if state.pending_refresh is not None:
+        for i, m in enumerate(state.pending_refresh["masks"]):
+            if m is not None:
+                tensors[f"pending_refresh.{i}"] = torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8))
     for r, h in enumerate(state.mask_history):
         for i, m in enumerate(h["masks"]):
             tensors[f"mask_history.{r}.{i}"] = m.detach().to(torch.float16).cpu().contiguous()
@@ -152,6 +163,10 @@ def load_state(out: str | Path) -> LearnState:
     n = len(meta["images"])
     map_sums = [tensors.get(f"map_sums.{i}") for i in range(n)]
     map_counts = [tensors.get(f"map_counts.{i}") for i in range(n)]
+    pending = meta.get("pending_refresh")
+    if pending is not None:
+        pending = {**pending, "masks": [None if f"pending_refresh.{i}" not in tensors
+                                        else tensors[f"pending_refresh.{i}"].numpy().astype(bool) for i in range(n)]}
     optimizer = None
     if "optimizer.exp_avg" in tensors:
         optimizer = {"exp_avg": tensors["optimizer.exp_avg"], "exp_avg_sq": tensors["optimizer.exp_avg_sq"],
@@ -171,5 +186,5 @@ def load_state(out: str | Path) -> LearnState:
         fixed=meta["fixed"], step=meta["step"], history=history, mask_history=mask_history, optimizer=optimizer,
         status=meta["status"], message=meta["message"], model=meta["model"],
         map_sums=map_sums if any(m is not None for m in map_sums) else [],
-        map_counts=map_counts if any(c is not None for c in map_counts) else [],
+        map_counts=map_counts if any(c is not None for c in map_counts) else [], pending_refresh=pending,
     )

@@ -270,3 +270,34 @@ def test_a_training_refresh_uses_the_step_maps_and_keeps_unseen_concepts(bundle,
     counts = state.map_counts[last["image"]]
     assert counts.sum() == len(last["concepts"])
     assert state.map_counts[1 - last["image"]] is None
+
+
+def test_densecrf_beside_the_token_steps_gives_the_same_masks_later_and_resumes_exactly(bundle, scene_files,
+                                                                                       tmp_path):
+    import multiprocessing
+
+    images = _images(bundle, scene_files)
+    in_place = learn(bundle, images, start_state(bundle, images, _cfg(steps=8)), progress=False)
+    cfg = _cfg(steps=8, crf_overlap=2, save_every=100)
+    unbroken = learn(bundle, images, start_state(bundle, images, cfg), progress=False)
+    assert not multiprocessing.active_children()  # the worker is gone with the run
+    refreshes = unbroken.history["refreshes"]
+    assert [(r["step"], r.get("applied_at")) for r in refreshes] == [(0, None), (3, 5), (6, 8)]
+    assert [h["step"] for h in unbroken.mask_history] == [0, 5, 8]
+    # Steps 0-2 drew the same maps in both runs, so the refresh at step 3 gives the same masks;
+    # beside the steps they take effect two steps later.
+    assert torch.equal(unbroken.mask_history[1]["masks"][0], in_place.mask_history[1]["masks"][0])
+    assert torch.equal(unbroken.mask_history[1]["masks"][1], in_place.mask_history[1]["masks"][1])
+
+    def interrupt(state, info):
+        if state.step == 4:  # the refresh of step 3 is still pending
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        learn(bundle, images, start_state(bundle, images, cfg), out=tmp_path / "r", on_step=interrupt, progress=False)
+    saved = load_state(tmp_path / "r")
+    assert saved.pending_refresh is not None and saved.pending_refresh["apply_at"] == 5
+    resumed = learn(bundle, images, saved, progress=False)
+    assert torch.allclose(resumed.concepts.vectors, unbroken.concepts.vectors, atol=1e-6)
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.masks, unbroken.masks))
+    assert resumed.pending_refresh is None
