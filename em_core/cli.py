@@ -38,7 +38,7 @@ def cmd_refine_masks(args) -> int:
 
     img = open_image(args.image, "--image")
     masks = np.stack([open_mask(m, img.size, f"--mask {m}") for m in args.mask])
-    params = CRFParams(iterations=args.iterations, unary_scale=args.unary_scale)
+    params = CRFParams(iterations=args.iterations, unary_scale=args.unary_scale, max_side=args.max_side or None)
     refined = refine_masks(np.asarray(img), masks, params)
     out = prepare_out(args.out)
     for path, m in zip(args.mask, refined):
@@ -302,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--iterations", type=int, default=10)
     r.add_argument("--unary-scale", type=float, default=1.0)
+    r.add_argument("--max-side", type=int, default=CRFParams().max_side,
+                   help="DenseCRF works with the longer side at most this many pixels (0: full size)")
     r.set_defaults(func=cmd_refine_masks)
 
     dm = sub.add_parser("demo", help="the main job on the embedded default model, with no download")

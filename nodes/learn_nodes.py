@@ -107,6 +107,8 @@ class DenseCRFRefine:
             "bilateral_sxy": ("FLOAT", {"default": 67.0, "min": 0.1, "max": 1000.0}),
             "bilateral_srgb": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 255.0}),
             "bilateral_weight": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 100.0}),
+            "working_side": ("INT", {"default": 256, "min": 0, "max": 16384, "tooltip":
+                                     "DenseCRF runs with the longer side at most this many pixels (0: full size)"}),
         }, "optional": {"concepts": (STATE,), "image": ("IMAGE",), "mask": ("MASK",)}}
 
     RETURN_TYPES = (STATE, "MASK")
@@ -116,8 +118,9 @@ class DenseCRFRefine:
 
     @host.trains
     def run(self, iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb, bilateral_weight,
-            concepts=None, image=None, mask=None):
-        params = CRFParams(iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb, bilateral_weight)
+            working_side=256, concepts=None, image=None, mask=None):
+        params = CRFParams(iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb, bilateral_weight,
+                           max_side=working_side or None)
         if concepts is not None:
             concepts.require_images("DenseCRF Refine")
             state = concepts.state.copy()
