@@ -242,6 +242,8 @@ threads, {info['seconds']} s in all: {how}; seed {info['seed']}. Loads with diff
 - U-Net + text encoder together: {info['denoiser_steps']} steps of batch {info['denoiser_batch']}, epsilon MSE,
   10% captions dropped for classifier-free guidance, final loss (mean of last 100) {info['denoiser_final_loss']:.4f};
   the weights saved are an exponential moving average (decay 0.999, diffusers' EMAModel) of the last run.
+  Losses of runs on different VAEs are not comparable (a sharper VAE gives latents with more
+  detail to predict); what the model can do is measured in `docs/tiny_world_eval/report.md`.
 - `checker.safetensors`: the evaluation's colour / shape reader ({'' if not checker else f"colour accuracy {float(checker['colour']):.3f}, shape accuracy {float(checker['shape']):.3f} on 512 fresh single-object scenes"}).
 
 ![samples](samples.png)
