@@ -15,8 +15,9 @@ class LearnConfig:
     refresh_every: int = 50  # re-estimate masks every this many EM steps (0: never)
     mask_timesteps: int = 50  # timesteps of the first estimate (and of every refresh with mask_source 'fresh')
     # Where refreshes get their maps: 'training' averages the maps the token steps since the last
-    # refresh already computed for the attention loss (no extra U-Net calls); 'fresh' runs new
-    # U-Net calls over `mask_timesteps` random timesteps with the full prompt.
+    # refresh already computed for the attention loss, from steps whose prompt named all of the
+    # image's concepts (no extra U-Net calls); 'fresh' runs new U-Net calls over `mask_timesteps`
+    # random timesteps with the full prompt.
     mask_source: str = "training"
     mask_batch: int = 10  # timesteps per U-Net call when estimating masks
     threshold: float = 0.5

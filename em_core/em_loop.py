@@ -5,8 +5,9 @@ a random timestep and noise; loss = masked diffusion loss + w * cross-attention 
 concept vectors move. Every `refresh_every` steps the masks are re-estimated with the current
 tokens: cross-attention averaged over random timesteps, threshold, DenseCRF. The first estimate
 runs the U-Net over `mask_timesteps` timesteps; later ones (mask_source 'training') average the
-maps the token steps since the last refresh computed anyway for the attention loss, so EM costs
-only the CRF on top of plain steps.
+maps the token steps since the last refresh computed anyway for the attention loss, from the
+steps whose prompt named all of the image's concepts, so EM costs only the CRF on top of plain
+steps (an image no such step drew since the last refresh gets a fresh estimate).
 """
 from __future__ import annotations
 
@@ -97,18 +98,17 @@ class _Run:
         self.state.map_sums, self.state.map_counts = [None] * n, [None] * n
 
     def collect(self, i: int, idx: list, maps: torch.Tensor) -> None:
-        self.pending = (i, idx, maps.float().cpu())
+        # Only steps whose prompt named all of the image's concepts: a token alone in its prompt
+        # takes attention from everywhere, so subset maps are too broad to compete with the others.
+        if len(idx) == len(self.images[i].names):
+            self.pending = (i, idx, maps.float().cpu())
 
-    def _training_masks(self, i: int, img, old: np.ndarray, fixed: dict, use_crf: bool) -> np.ndarray:
-        """A refresh from the maps the steps since the last refresh captured; concepts that got
-        none keep their masks."""
+    def _training_masks(self, i: int, img, fixed: dict, use_crf: bool) -> np.ndarray:
+        """A refresh from the full-prompt maps the steps since the last refresh captured."""
         st, cfg = self.state, self.cfg
         sums, counts = st.map_sums[i], st.map_counts[i]
-        if sums is None:
-            return old
-        keep = {n: old[k] for k, n in enumerate(img.names) if counts[k] == 0}
         return masks_from_maps(img, sums / counts.clamp_min(1)[:, None, None], threshold=cfg.threshold,
-                               use_crf=use_crf, crf_params=cfg.crf, fixed=fixed, keep=keep)
+                               use_crf=use_crf, crf_params=cfg.crf, fixed=fixed)
 
     def _fixed(self, i: int) -> dict:
         img, old = self.images[i], self.state.masks[i]
@@ -123,15 +123,16 @@ class _Run:
         concepts = ConceptSet(st.concepts.names, st.concepts.init_words, self.vectors.detach().clone())
         source = "fresh" if kind == "init" or cfg.mask_source == "fresh" else "training"
         overlap = cfg.use_crf and cfg.crf_overlap > 0 and kind == "refresh"
-        new_masks = []
+        new_masks, fallback = [], []
         for i, img in enumerate(self.images):
             old, fixed = st.masks[i], self._fixed(i)
             if len(fixed) == len(img.names):
                 masks = None if overlap else old
-            elif source == "training":
-                masks = self._training_masks(i, img, old, fixed, cfg.use_crf and not overlap)
-                masks = None if overlap and masks is old else masks
+            elif source == "training" and st.map_sums[i] is not None:
+                masks = self._training_masks(i, img, fixed, cfg.use_crf and not overlap)
             else:
+                if source == "training":  # no step drew all of this image's concepts since the last refresh
+                    fallback.append(i + 1)
                 masks, _ = estimate_masks(
                     self.bundle, concepts, img, n_timesteps=cfg.mask_timesteps, batch=cfg.mask_batch,
                     threshold=cfg.threshold, use_crf=cfg.use_crf and not overlap, crf_params=cfg.crf, fixed=fixed,
@@ -140,12 +141,12 @@ class _Run:
         self.reset_maps()
         if overlap:
             st.pending_refresh = {"step": st.step, "apply_at": st.step + cfg.crf_overlap, "kind": kind,
-                                  "source": source, "masks": new_masks}
+                                  "source": source, "fresh_images": fallback, "masks": new_masks}
             self._submit_crf()
             return
-        self._apply(new_masks, kind, source, st.step)
+        self._apply(new_masks, kind, source, st.step, fallback)
 
-    def _apply(self, new_masks: list, kind: str, source: str, step: int) -> None:
+    def _apply(self, new_masks: list, kind: str, source: str, step: int, fallback: list) -> None:
         st = self.state
         change = {}
         if st.mask_history:
@@ -156,6 +157,8 @@ class _Run:
         self.latent = [latent_masks(m, img.latent_hw) for m, img in zip(new_masks, self.images)]
         st.mask_history.append({"step": st.step, "masks": [m.clone() for m in self.latent]})
         record = {"step": step, "kind": kind, "source": source, "change": change}
+        if fallback:
+            record["fresh_images"] = fallback
         if step != st.step:
             record["applied_at"] = st.step
         st.history["refreshes"].append(record)
@@ -186,7 +189,7 @@ class _Run:
             new_masks.append(restore_fixed(img.names, refined, pre, self._fixed(i)))
         self.jobs = None
         self.state.pending_refresh = None
-        self._apply(new_masks, p["kind"], p["source"], p["step"])
+        self._apply(new_masks, p["kind"], p["source"], p["step"], p.get("fresh_images", []))
 
     def close(self) -> None:
         if self.pool is not None:

@@ -128,22 +128,28 @@ def test_cancel_keeps_what_was_learned(bundle, scene_files):
 
 def test_ctrl_c_saves_the_last_good_step_and_resume_matches_an_unbroken_run(bundle, scene_files, tmp_path):
     images = _images(bundle, scene_files)
-    cfg = _cfg(steps=8, save_every=100)  # refreshes at the top of steps 3 and 6
+    cfg = _cfg(steps=13, refresh_every=6, save_every=100)  # refreshes at the top of steps 6 and 12
     unbroken = learn(bundle, images, start_state(bundle, images, cfg), progress=False)
+    # Interrupt mid-interval, after a step whose full-prompt maps the refresh at step 12 will use.
+    full = [h["step"] for h in unbroken.history["steps"]
+            if 6 <= h["step"] < 11 and len(h["concepts"]) == len(images[h["image"]].names)]
+    assert full
+    stop = full[0] + 1
 
     def interrupt(state, info):
-        if state.step == 5:  # mid-interval: the maps of steps 3 and 4 must survive the interruption
+        if state.step == stop:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         learn(bundle, images, start_state(bundle, images, cfg), out=tmp_path / "r", on_step=interrupt,
               progress=False)
     saved = load_state(tmp_path / "r")
-    assert saved.status == "interrupted" and saved.step == 5
+    assert saved.status == "interrupted" and saved.step == stop
     assert sum(float(c.sum()) for c in saved.map_counts if c is not None) > 0
     assert not list((tmp_path / "r").rglob("*.tmp"))  # atomic writes leave no temp files
     resumed = learn(bundle, images, saved, out=tmp_path / "r", progress=False)
-    assert resumed.step == 8 and resumed.status == "done"
+    assert resumed.step == 13 and resumed.status == "done"
+    assert [r["step"] for r in resumed.history["refreshes"]] == [0, 6, 12]
     assert all(np.array_equal(a, b) for a, b in zip(resumed.masks, unbroken.masks))
     assert torch.allclose(resumed.concepts.vectors, unbroken.concepts.vectors, atol=1e-6)
     assert [h["loss"] for h in resumed.history["steps"]] == pytest.approx(
@@ -234,42 +240,40 @@ def test_refreshes_from_training_maps_cost_no_unet_calls(bundle, scene_files):
         fresh = learn(bundle, images, start_state(bundle, images, _cfg(steps=7, mask_source="fresh")), progress=False)
     finally:
         handle.remove()
-    # The first estimate: one call of 4 timesteps per image; then only the 7 token steps.
-    assert n_training == 2 + 7
-    assert [r["source"] for r in out.history["refreshes"]] == ["fresh", "training", "training"]
+    refreshes = out.history["refreshes"]
+    assert [r["source"] for r in refreshes] == ["fresh", "training", "training"]
+    # The first estimate: one call of 4 timesteps per image; then the 7 token steps; and one more
+    # call only for an image no step drew with all its concepts since the last refresh.
+    fallbacks = sum(len(r.get("fresh_images", [])) for r in refreshes)
+    assert n_training == 2 + 7 + fallbacks and fallbacks < 4
     assert len(calls) == 2 + 7 + 2 * 2  # fresh refreshes run the U-Net again for every image
     assert [r["source"] for r in fresh.history["refreshes"]] == ["fresh", "fresh", "fresh"]
-    # The two estimates differ after the first refresh (different maps), and both moved the masks.
     assert any(not np.array_equal(a, b) for a, b in zip(out.masks, fresh.masks))
 
 
-def test_a_training_refresh_uses_the_step_maps_and_keeps_unseen_concepts(bundle, scene_files, monkeypatch):
+def test_a_training_refresh_averages_the_full_prompt_maps_of_its_interval(bundle, scene_files, monkeypatch):
     images = _images(bundle, scene_files)
     seen = []
     real = em_loop.masks_from_maps
 
     def spy(img, maps, **kw):
-        seen.append((img.names, maps.clone(), dict(kw.get("keep") or {})))
+        seen.append((img.names, maps.clone()))
         return real(img, maps, **kw)
 
     monkeypatch.setattr(em_loop, "masks_from_maps", spy)
-    state = learn(bundle, images, start_state(bundle, images, _cfg(steps=3, refresh_every=2)), progress=False)
-    refresh_steps = [h for h in state.history["steps"] if h["step"] < 2]
-    drawn = {}
-    for h in refresh_steps:
-        drawn.setdefault(h["image"], set()).update(h["concepts"])
-    assert len(seen) == len(drawn)  # one estimate per image the two steps drew
-    for names, maps, keep in seen:
-        i = 0 if names == images[0].names else 1
-        assert set(keep) == set(names) - drawn[i]  # concepts no step drew keep their masks
-        for k, n in enumerate(names):
-            if n in drawn[i]:
-                assert maps[k].max() > 0
-    # The sums restart at each refresh: only step 2 (after the refresh at its top) is in them now.
-    last = state.history["steps"][2]
-    counts = state.map_counts[last["image"]]
-    assert counts.sum() == len(last["concepts"])
-    assert state.map_counts[1 - last["image"]] is None
+    cfg = _cfg(steps=9, refresh_every=8)
+    state = learn(bundle, images, start_state(bundle, images, cfg), progress=False)
+    steps = [h for h in state.history["steps"] if h["step"] < 8]
+    full = {h["image"] for h in steps if len(h["concepts"]) == len(images[h["image"]].names)}
+    refresh = state.history["refreshes"][1]
+    assert set(refresh.get("fresh_images", [])) == {i + 1 for i in range(2)} - {i + 1 for i in full}
+    assert len(seen) == len(full) and full  # one estimate from step maps per image that had full-prompt steps
+    for names, maps in seen:
+        assert maps.shape[0] == len(names) and (maps.flatten(1).amax(1) > 0).all()
+    # The sums restart at each refresh: only step 8 (after the refresh at its top) can be in them now.
+    last = state.history["steps"][8]
+    counted = sum(float(c.sum()) for c in state.map_counts if c is not None)
+    assert counted == (len(last["concepts"]) if len(last["concepts"]) == len(images[last["image"]].names) else 0)
 
 
 def test_densecrf_beside_the_token_steps_gives_the_same_masks_later_and_resumes_exactly(bundle, scene_files,
