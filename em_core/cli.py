@@ -398,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--attn-weight", type=float, default=d.attn_weight)
     l.add_argument("--refresh-every", type=int, default=d.refresh_every, help="0: masks from attention once")
     l.add_argument("--mask-timesteps", type=int, default=d.mask_timesteps)
-    l.add_argument("--mask-source", choices=["training", "fresh"], default=d.mask_source,
-                   help="refresh masks from the maps the steps computed (training) or from new U-Net passes (fresh)")
+    l.add_argument("--mask-source", choices=["fresh", "training"], default=d.mask_source,
+                   help="refresh masks from new U-Net passes (fresh) or from the maps the steps computed (training)")
     l.add_argument("--crf-overlap", type=int, default=d.crf_overlap,
                    help="steps to go on with the old masks while DenseCRF runs in a worker process (0: in place)")
     l.add_argument("--threshold", type=float, default=d.threshold)

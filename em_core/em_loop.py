@@ -3,11 +3,11 @@
 Per step: one image, a random non-empty subset of its concepts ("a photo of [v1] and [v3]"),
 a random timestep and noise; loss = masked diffusion loss + w * cross-attention loss; only the
 concept vectors move. Every `refresh_every` steps the masks are re-estimated with the current
-tokens: cross-attention averaged over random timesteps, threshold, DenseCRF. The first estimate
-runs the U-Net over `mask_timesteps` timesteps; later ones (mask_source 'training') average the
-maps the token steps since the last refresh computed anyway for the attention loss, from the
-steps whose prompt named all of the image's concepts, so EM costs only the CRF on top of plain
-steps (an image no such step drew since the last refresh gets a fresh estimate).
+tokens: cross-attention averaged over `mask_timesteps` random timesteps, threshold, DenseCRF.
+With mask_source 'training', refreshes after the first instead average the maps the token steps
+since the last refresh computed anyway for the attention loss, from the steps whose prompt named
+all of the image's concepts, so EM costs only the CRF on top of plain steps (an image no such
+step drew since the last refresh gets a fresh estimate); on the tiny world these masks are worse.
 """
 from __future__ import annotations
 

@@ -3,9 +3,10 @@ DenseCRF help? Over a fixed, seeded held-out set of scenes (2-4 concepts each, h
 included), concepts are learned with
 
   baseline    masks from attention once, never refreshed (the paper's baseline)
-  em          masks re-estimated every R steps, with DenseCRF (the paper's method), from the maps
-              the token steps computed since the last refresh (the default, almost free)
-  em_fresh    the same, each refresh from new U-Net passes over random timesteps
+  em          masks re-estimated every R steps from new U-Net passes over random timesteps, with
+              DenseCRF (the paper's method, the default)
+  em_step_maps  the same, each refresh from the maps the token steps already computed (mask_source
+              'training': almost free)
   em_no_crf   the same without DenseCRF
   true_masks  the scenes' exact masks, fixed (Break-A-Scene; the upper bound)
 
@@ -34,7 +35,7 @@ from .metrics import iou_curve
 from .plot import line_chart
 from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
 
-METHODS = ("baseline", "em", "em_fresh", "em_no_crf", "true_masks")
+METHODS = ("baseline", "em", "em_step_maps", "em_no_crf", "true_masks")
 
 
 def eval_set(n: int, seed: int = 20_000) -> list:
@@ -60,7 +61,7 @@ def _method_config(method: str, steps: int, refresh: int, timesteps: int, seed: 
     if method == "baseline" or method == "true_masks":
         return LearnConfig(refresh_every=0, **kw)
     return LearnConfig(refresh_every=refresh, use_crf=(method != "em_no_crf"),
-                       mask_source="fresh" if method == "em_fresh" else "training", **kw)
+                       mask_source="training" if method == "em_step_maps" else "fresh", **kw)
 
 
 @torch.no_grad()

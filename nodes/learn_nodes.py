@@ -166,10 +166,10 @@ class EMTokenStep:
             "use_crf": ("BOOLEAN", {"default": True}),
             "mask_timesteps": ("INT", {"default": 50, "min": 1, "max": 1000}),
             "flip": ("BOOLEAN", {"default": True}),
-            "mask_source": (["training", "fresh"], {
-                "default": "training",
-                "tooltip": "training: refresh from the maps the steps already computed (almost free); "
-                           "fresh: new U-Net passes over mask_timesteps timesteps at each refresh"}),
+            "mask_source": (["fresh", "training"], {
+                "default": "fresh",
+                "tooltip": "fresh: new U-Net passes over mask_timesteps timesteps at each refresh (the paper); "
+                           "training: from the maps the steps already computed (almost free, noisier masks)"}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = (STATE, "MASK", "IMAGE")
@@ -179,7 +179,7 @@ class EMTokenStep:
 
     @host.trains
     def run(self, em_model, concepts, steps, learning_rate, attention_loss_weight, refresh_every, use_crf,
-            mask_timesteps, flip, mask_source="training", unique_id=None):
+            mask_timesteps, flip, mask_source="fresh", unique_id=None):
         concepts.require_images("EM Token Step")
         state = concepts.state.copy()
         done = state.step - state.config.warmup_steps

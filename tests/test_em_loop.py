@@ -126,9 +126,10 @@ def test_cancel_keeps_what_was_learned(bundle, scene_files):
     assert out.status == "cancelled" and out.step == 2
 
 
-def test_ctrl_c_saves_the_last_good_step_and_resume_matches_an_unbroken_run(bundle, scene_files, tmp_path):
+@pytest.mark.parametrize("source", ["fresh", "training"])
+def test_ctrl_c_saves_the_last_good_step_and_resume_matches_an_unbroken_run(bundle, scene_files, tmp_path, source):
     images = _images(bundle, scene_files)
-    cfg = _cfg(steps=13, refresh_every=6, save_every=100)  # refreshes at the top of steps 6 and 12
+    cfg = _cfg(steps=13, refresh_every=6, save_every=100, mask_source=source)  # refreshes at the top of steps 6 and 12
     unbroken = learn(bundle, images, start_state(bundle, images, cfg), progress=False)
     # Interrupt mid-interval, after a step whose full-prompt maps the refresh at step 12 will use.
     full = [h["step"] for h in unbroken.history["steps"]
@@ -145,7 +146,7 @@ def test_ctrl_c_saves_the_last_good_step_and_resume_matches_an_unbroken_run(bund
               progress=False)
     saved = load_state(tmp_path / "r")
     assert saved.status == "interrupted" and saved.step == stop
-    assert sum(float(c.sum()) for c in saved.map_counts if c is not None) > 0
+    assert (sum(float(c.sum()) for c in saved.map_counts if c is not None) > 0) == (source == "training")
     assert not list((tmp_path / "r").rglob("*.tmp"))  # atomic writes leave no temp files
     resumed = learn(bundle, images, saved, out=tmp_path / "r", progress=False)
     assert resumed.step == 13 and resumed.status == "done"
@@ -234,7 +235,8 @@ def test_refreshes_from_training_maps_cost_no_unet_calls(bundle, scene_files):
     images = _images(bundle, scene_files)
     calls, handle = _count_unet_calls(bundle)
     try:
-        out = learn(bundle, images, start_state(bundle, images, _cfg(steps=7)), progress=False)
+        out = learn(bundle, images, start_state(bundle, images, _cfg(steps=7, mask_source="training")),
+                    progress=False)
         n_training = len(calls)
         calls.clear()
         fresh = learn(bundle, images, start_state(bundle, images, _cfg(steps=7, mask_source="fresh")), progress=False)
@@ -261,7 +263,7 @@ def test_a_training_refresh_averages_the_full_prompt_maps_of_its_interval(bundle
         return real(img, maps, **kw)
 
     monkeypatch.setattr(em_loop, "masks_from_maps", spy)
-    cfg = _cfg(steps=9, refresh_every=8)
+    cfg = _cfg(steps=9, refresh_every=8, mask_source="training")
     state = learn(bundle, images, start_state(bundle, images, cfg), progress=False)
     steps = [h for h in state.history["steps"] if h["step"] < 8]
     full = {h["image"] for h in steps if len(h["concepts"]) == len(images[h["image"]].names)}
