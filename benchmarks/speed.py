@@ -4,7 +4,8 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
 - em_step: one EM token step (attention capture + attention loss, backward, AdamW) / the plain
   masked-loss step of the same draws with the U-Net's own fused attention;
 - em_run: a whole `learn` run (first mask estimate, refreshes with DenseCRF, all steps) / the
-  same number of plain steps; `--runs-steps` steps, refresh every `--refresh` steps;
+  same number of plain steps; `--run-steps` steps, refresh every `--refresh` steps, refreshes
+  from `--mask-source` (fresh U-Net passes, or the maps the steps computed);
 - mask_init: 50 timesteps in one batched call that stops after the last captured layer / the
   straightforward one-by-one loop over full U-Net calls (plus the two halves of that gain apart),
   and the largest difference of the maps;
@@ -28,7 +29,7 @@ import torch
 from em_core.attention import AttentionCapture
 from em_core.concepts import ConceptSet
 from em_core.config import LearnConfig
-from em_core.crf import refine_masks
+from em_core.crf import CRFParams, refine_masks
 from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
 from em_core.masks import attention_maps, estimate_masks, latent_masks
@@ -86,8 +87,9 @@ def bench_steps(bundle, img, concepts, latent, rounds: int, per_round: int) -> d
     return {"em_step_s": e, "plain_step_s": p, "ratio": e / p, "rounds": rounds, "steps_per_round": per_round}
 
 
-def bench_run(bundle, img, steps: int, refresh: int, timesteps: int) -> dict:
-    cfg = LearnConfig(steps=steps, refresh_every=refresh, mask_timesteps=timesteps, save_every=10 ** 9)
+def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str = "fresh") -> dict:
+    cfg = LearnConfig(steps=steps, refresh_every=refresh, mask_timesteps=timesteps, save_every=10 ** 9,
+                      mask_source=source)
     state = start_state(bundle, [img], cfg)
     t0 = time.perf_counter()
     done = learn(bundle, [img], state, progress=False)
@@ -101,7 +103,7 @@ def bench_run(bundle, img, steps: int, refresh: int, timesteps: int) -> dict:
     t_plain = plain(0, steps, False) * steps
     return {"em_run_s": t_run, "plain_steps_s": t_plain, "ratio": t_run / t_plain, "first_estimate_s": t_init,
             "ratio_without_first_estimate": (t_run - t_init) / t_plain, "steps": steps,
-            "refresh_every": refresh, "refreshes": len(done.history["refreshes"])}
+            "refresh_every": refresh, "refreshes": len(done.history["refreshes"]), "mask_source": source}
 
 
 def bench_mask_init(bundle, img, concepts, timesteps: int) -> dict:
@@ -122,19 +124,25 @@ def bench_mask_init(bundle, img, concepts, timesteps: int) -> dict:
             "max_abs_diff": float((loop - batched).abs().max()), "timesteps": timesteps}
 
 
-def bench_crf(img, masks) -> dict:
+def bench_crf(img, own_masks) -> dict:
+    """DenseCRF on a 512x512 noise image with 4 labels, at full size and at the default working
+    side; and on this benchmark's image with its own masks."""
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)
     masks = np.zeros((4, 512, 512), bool)
     for k in range(4):
         masks[k, 128 * k:128 * k + 160, 100:400] = True
+    out = {}
+    for key, params in (("crf_512_4_labels_full_s", CRFParams(max_side=None)),
+                        ("crf_512_4_labels_side256_s", CRFParams())):
+        t0 = time.perf_counter()
+        refine_masks(rgb, masks, params)
+        out[key] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    refine_masks(rgb, masks)
-    t512 = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    refine_masks(img.rgb, masks)
-    return {"crf_512_4_labels_s": t512, "crf_this_image_s": time.perf_counter() - t0,
-            "this_image": list(img.size)}
+    refine_masks(img.rgb, own_masks)
+    out["crf_this_image_s"] = time.perf_counter() - t0
+    out["this_image"] = list(img.size)
+    return out
 
 
 def main() -> None:
@@ -147,6 +155,7 @@ def main() -> None:
     ap.add_argument("--run-steps", type=int, default=400)
     ap.add_argument("--refresh", type=int, default=50)
     ap.add_argument("--timesteps", type=int, default=50)
+    ap.add_argument("--mask-source", choices=["fresh", "training"], default="fresh")
     ap.add_argument("--only", nargs="*", default=None, help="em_step em_run mask_init densecrf")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -164,7 +173,7 @@ def main() -> None:
     if "em_step" in only:
         rows["em_step"] = bench_steps(bundle, img, concepts, latent, args.rounds, args.per_round)
     if "em_run" in only:
-        rows["em_run"] = bench_run(bundle, img, args.run_steps, args.refresh, args.timesteps)
+        rows["em_run"] = bench_run(bundle, img, args.run_steps, args.refresh, args.timesteps, args.mask_source)
     if "mask_init" in only:
         rows["mask_init"] = bench_mask_init(bundle, img, concepts, args.timesteps)
     if "densecrf" in only:
