@@ -169,8 +169,6 @@ class _Run:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        from .crf import refine_masks
-
         if self.pool is None:
             self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         self.jobs = [None if m is None else self.pool.submit(refine_masks, img.rgb, m, self.cfg.crf, img.names)
