@@ -66,16 +66,14 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
     def unet():
         return b.unet(noisy, t, encoder_hidden_states=hidden.to(b.dtype)).sample
 
-    if warmup:
-        loss = masked_diffusion_loss(unet(), target, None)
-        info.update(loss=loss.item(), mask_loss=loss.item(), attn_loss=0.0)
-        return loss, info
-    idx = [img.names.index(n) for n in subset]
-    m = latent_masks[i][idx].to(b.device)
-    if flip:
-        m = m.flip(-1)
-    union = m.amax(0, keepdim=True)[None]
-    if capture is None:  # the plain masked step (the floor EM's extra work is measured against)
+    union = None  # warm-up: no masks yet
+    if not warmup:
+        idx = [img.names.index(n) for n in subset]
+        m = latent_masks[i][idx].to(b.device)
+        if flip:
+            m = m.flip(-1)
+        union = m.amax(0, keepdim=True)[None]
+    if warmup or capture is None:  # no attention loss: the U-Net's own (fused) attention
         loss = masked_diffusion_loss(unet(), target, union)
         info.update(loss=loss.item(), mask_loss=loss.item(), attn_loss=0.0)
         return loss, info
