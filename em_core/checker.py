@@ -61,12 +61,17 @@ def train_checker(seconds: float = 120, seed: int = 0, log=print) -> tuple[Check
         if step % 100 == 0:
             log(f"checker step {step} loss {loss.item():.3f}")
     net.eval()
-    x, c, s = _batch(seed * 1_000_000 + 999_000_000, 512)
-    with torch.no_grad():
-        pc, ps = net(x)
-    acc = {"colour": float((pc.argmax(1) == c).float().mean()), "shape": float((ps.argmax(1) == s).float().mean()),
-           "steps": step}
+    acc = accuracy(net, *_batch(seed * 1_000_000 + 999_000_000, 512))
+    acc["steps"] = step
     return net, acc
+
+
+@torch.no_grad()
+def accuracy(net: "Checker", x: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor) -> dict:
+    """Fractions of images (B, 3, 64, 64) in [-1, 1] whose colour and shape the checker reads right."""
+    pc, ps = net(x)
+    return {"colour": float((pc.argmax(1) == colour).float().mean()),
+            "shape": float((ps.argmax(1) == shape).float().mean())}
 
 
 def save_checker(net: Checker, path: str | Path, meta: dict) -> None:

@@ -137,6 +137,14 @@ def _previous(init_from) -> tuple[ModelBundle | None, dict | None]:
     return load_bundle(init_from), record
 
 
+def _past_runs(before: dict | None) -> list:
+    """The runs a training record holds; a record from before runs were listed is one run."""
+    if before is None:
+        return []
+    stats = before["stats"]
+    return stats.get("runs", [{k: stats[k] for k in ("seconds", "vae_steps", "denoiser_steps")}])
+
+
 def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 0.15, batch: int = 64,
                      seed: int = 0, log=print, init_from: str | Path | None = None) -> dict:
     """Trains the world's model within `minutes` and saves it (diffusers format) with a card.
@@ -147,7 +155,8 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bundle, before = _previous(init_from)
     bundle = bundle or build_world_model(seed)
-    run = len(before["stats"].get("runs", [before["stats"]])) if before else 0
+    past = _past_runs(before)
+    run = len(past)
     total = minutes * 60
     t0 = time.time()
     vae_losses = train_vae(bundle.vae, total * vae_share, 32, seed + 1000 * run, log)
@@ -157,8 +166,7 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
     save_bundle(bundle, out)
     this = {"seconds": round(time.time() - t0), "vae_steps": len(vae_losses), "denoiser_steps": len(den_losses),
             "warm_start": str(init_from) if init_from else None}
-    runs = (before["stats"].get("runs", [{k: before["stats"][k] for k in ("seconds", "vae_steps", "denoiser_steps")}])
-            if before else []) + [this]
+    runs = past + [this]
     stats = {
         "seconds": sum(r["seconds"] for r in runs), "vae_steps": sum(r["vae_steps"] for r in runs), "vae_batch": 32,
         "vae_final_loss": float(np.mean(vae_losses[-50:])), "denoiser_steps": sum(r["denoiser_steps"] for r in runs),
@@ -180,17 +188,14 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
 def reconstruction_check(vae, model_dir, n: int = 256) -> dict | None:
     """What the checker reads from VAE round trips of fresh single-object renders: the ceiling of
     what any denoiser on these latents can show it."""
-    from .checker import _batch, load_checker
+    from .checker import _batch, accuracy, load_checker
 
     path = Path(model_dir) / "checker.safetensors"
     if not path.is_file():
         return None
-    net = load_checker(path)
     x, colour, shape = _batch(777, n)
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    pc, ps = net(rec)
-    return {"l1": float((rec - x).abs().mean()), "colour": float((pc.argmax(1) == colour).float().mean()),
-            "shape": float((ps.argmax(1) == shape).float().mean())}
+    return {"l1": float((rec - x).abs().mean()), **accuracy(load_checker(path), rec, colour, shape)}
 
 
 def write_model_card(model_dir: str | Path, n: int = 8, seed: int = 123, guidance: float = 4.0) -> Path:
