@@ -5,7 +5,7 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
   masked-loss step of the same draws with the U-Net's own fused attention;
 - em_run: a whole `learn` run (first mask estimate, refreshes with DenseCRF, all steps) / the
   same number of plain steps; `--run-steps` steps, refresh every `--refresh` steps, refreshes
-  from `--mask-source` (fresh U-Net passes, or the maps the steps computed);
+  from `--mask-source` (fresh U-Net passes over `--refresh-timesteps`, or the maps the steps computed);
 - mask_init: 50 timesteps in one batched call that stops after the last captured layer / the
   straightforward one-by-one loop over full U-Net calls (plus the two halves of that gain apart),
   and the largest difference of the maps;
@@ -87,9 +87,10 @@ def bench_steps(bundle, img, concepts, latent, rounds: int, per_round: int) -> d
     return {"em_step_s": e, "plain_step_s": p, "ratio": e / p, "rounds": rounds, "steps_per_round": per_round}
 
 
-def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str = "fresh") -> dict:
+def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str = "fresh",
+              refresh_timesteps: int = LearnConfig.refresh_timesteps) -> dict:
     cfg = LearnConfig(steps=steps, refresh_every=refresh, mask_timesteps=timesteps, save_every=10 ** 9,
-                      mask_source=source)
+                      mask_source=source, refresh_timesteps=refresh_timesteps)
     state = start_state(bundle, [img], cfg)
     t0 = time.perf_counter()
     done = learn(bundle, [img], state, progress=False)
@@ -103,7 +104,8 @@ def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str
     t_plain = plain(0, steps, False) * steps
     return {"em_run_s": t_run, "plain_steps_s": t_plain, "ratio": t_run / t_plain, "first_estimate_s": t_init,
             "ratio_without_first_estimate": (t_run - t_init) / t_plain, "steps": steps,
-            "refresh_every": refresh, "refreshes": len(done.history["refreshes"]), "mask_source": source}
+            "refresh_every": refresh, "refresh_timesteps": refresh_timesteps,
+            "refreshes": len(done.history["refreshes"]), "mask_source": source}
 
 
 def bench_mask_init(bundle, img, concepts, timesteps: int) -> dict:
@@ -154,7 +156,8 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--run-steps", type=int, default=400)
     ap.add_argument("--refresh", type=int, default=50)
-    ap.add_argument("--timesteps", type=int, default=50)
+    ap.add_argument("--timesteps", type=int, default=50, help="of the first mask estimate, and of mask_init")
+    ap.add_argument("--refresh-timesteps", type=int, default=LearnConfig.refresh_timesteps)
     ap.add_argument("--mask-source", choices=["fresh", "training"], default="fresh")
     ap.add_argument("--only", nargs="*", default=None, help="em_step em_run mask_init densecrf")
     ap.add_argument("--json", default=None)
@@ -173,7 +176,8 @@ def main() -> None:
     if "em_step" in only:
         rows["em_step"] = bench_steps(bundle, img, concepts, latent, args.rounds, args.per_round)
     if "em_run" in only:
-        rows["em_run"] = bench_run(bundle, img, args.run_steps, args.refresh, args.timesteps, args.mask_source)
+        rows["em_run"] = bench_run(bundle, img, args.run_steps, args.refresh, args.timesteps, args.mask_source,
+                                   args.refresh_timesteps)
     if "mask_init" in only:
         rows["mask_init"] = bench_mask_init(bundle, img, concepts, args.timesteps)
     if "densecrf" in only:

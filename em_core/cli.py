@@ -82,7 +82,8 @@ def cmd_learn(args) -> int:
     else:
         config = LearnConfig(
             steps=args.steps, lr=args.lr, attn_weight=args.attn_weight, refresh_every=args.refresh_every,
-            mask_timesteps=args.mask_timesteps, mask_source=args.mask_source, crf_overlap=args.crf_overlap,
+            mask_timesteps=args.mask_timesteps, refresh_timesteps=args.refresh_timesteps,
+            timestep_sampling=args.timestep_sampling, mask_source=args.mask_source, crf_overlap=args.crf_overlap,
             threshold=args.threshold,
             use_crf=not args.no_crf, warmup_steps=args.warmup_steps, flip=not args.no_flip, layers=args.layers, resolution=args.resolution,
             seed=args.seed, save_every=args.save_every,
@@ -278,9 +279,10 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate
 
     s = evaluate(args.model, args.out, scenes=args.scenes, steps=args.steps, refresh=args.refresh,
-                 timesteps=args.mask_timesteps, gen_images=args.gen_images, checker_path=args.checker, seed=args.seed)
+                 timesteps=args.mask_timesteps, refresh_timesteps=args.refresh_timesteps, gen_images=args.gen_images,
+                 checker_path=args.checker, seed=args.seed)
     for m, row in s["table"].items():
-        print(f"{m:<11} mask IoU {row['mask_iou']:.3f}  colour {row['fid_colour']:.3f}  "
+        print(f"{m:<17} mask IoU {row['mask_iou']:.3f}  colour {row['fid_colour']:.3f}  "
               f"shape {row['fid_shape_seen']:.3f} (held-out {row['fid_shape_held_out']:.3f})")
     print(f"report: {Path(args.out) / 'report.md'}, plot: {Path(args.out) / 'iou_curve.png'}")
     return 0
@@ -379,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scenes", type=int, default=30)
     ev.add_argument("--steps", type=int, default=200)
     ev.add_argument("--refresh", type=int, default=25)
-    ev.add_argument("--mask-timesteps", type=int, default=50)
+    ev.add_argument("--mask-timesteps", type=int, default=50, help="timesteps of the first mask estimate")
+    ev.add_argument("--refresh-timesteps", type=int, default=30, help="timesteps of each refresh (em methods)")
     ev.add_argument("--gen-images", type=int, default=2)
     ev.add_argument("--checker", default=None, help="default: MODEL/checker.safetensors")
     ev.add_argument("--seed", type=int, default=0)
@@ -397,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--lr", type=float, default=d.lr)
     l.add_argument("--attn-weight", type=float, default=d.attn_weight)
     l.add_argument("--refresh-every", type=int, default=d.refresh_every, help="0: masks from attention once")
-    l.add_argument("--mask-timesteps", type=int, default=d.mask_timesteps)
+    l.add_argument("--mask-timesteps", type=int, default=d.mask_timesteps, help="timesteps of the first mask estimate")
+    l.add_argument("--refresh-timesteps", type=int, default=d.refresh_timesteps, help="timesteps of each later refresh")
+    l.add_argument("--timestep-sampling", choices=["stratified", "uniform"], default=d.timestep_sampling,
+                   help="one timestep per equal slice of the schedule, or independent draws")
     l.add_argument("--mask-source", choices=["fresh", "training"], default=d.mask_source,
                    help="refresh masks from new U-Net passes (fresh) or from the maps the steps computed (training)")
     l.add_argument("--crf-overlap", type=int, default=d.crf_overlap,

@@ -3,7 +3,8 @@
 Per step: one image, a random non-empty subset of its concepts ("a photo of [v1] and [v3]"),
 a random timestep and noise; loss = masked diffusion loss + w * cross-attention loss; only the
 concept vectors move. Every `refresh_every` steps the masks are re-estimated with the current
-tokens: cross-attention averaged over `mask_timesteps` random timesteps, threshold, DenseCRF.
+tokens: cross-attention averaged over random timesteps (`mask_timesteps` for the first estimate,
+`refresh_timesteps` after), threshold, DenseCRF.
 With mask_source 'training', refreshes after the first instead average the maps the token steps
 since the last refresh computed anyway for the attention loss, from the steps whose prompt named
 all of the image's concepts, so EM costs only the CRF on top of plain steps (an image no such
@@ -123,6 +124,7 @@ class _Run:
         concepts = ConceptSet(st.concepts.names, st.concepts.init_words, self.vectors.detach().clone())
         source = "fresh" if kind == "init" or cfg.mask_source == "fresh" else "training"
         overlap = cfg.use_crf and cfg.crf_overlap > 0 and kind == "refresh"
+        n_timesteps = cfg.mask_timesteps if kind == "init" else cfg.refresh_timesteps
         new_masks, fallback = [], []
         for i, img in enumerate(self.images):
             old, fixed = st.masks[i], self._fixed(i)
@@ -134,9 +136,9 @@ class _Run:
                 if source == "training":  # no step drew all of this image's concepts since the last refresh
                     fallback.append(i + 1)
                 masks, _ = estimate_masks(
-                    self.bundle, concepts, img, n_timesteps=cfg.mask_timesteps, batch=cfg.mask_batch,
+                    self.bundle, concepts, img, n_timesteps=n_timesteps, batch=cfg.mask_batch,
                     threshold=cfg.threshold, use_crf=cfg.use_crf and not overlap, crf_params=cfg.crf, fixed=fixed,
-                    generator=gen, layers=cfg.layers)
+                    generator=gen, layers=cfg.layers, stratified=cfg.timestep_sampling == "stratified")
             new_masks.append(masks)
         self.reset_maps()
         if overlap:

@@ -164,11 +164,13 @@ class EMTokenStep:
             "attention_loss_weight": ("FLOAT", {"default": 1e-2, "min": 0.0, "max": 10.0, "step": 1e-3}),
             "refresh_every": ("INT", {"default": 50, "min": 0, "max": 100000, "tooltip": "0: keep the masks"}),
             "use_crf": ("BOOLEAN", {"default": True}),
-            "mask_timesteps": ("INT", {"default": 50, "min": 1, "max": 1000}),
+            "refresh_timesteps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip":
+                                          "timesteps (stratified) of each refresh; 30 match the accuracy of 50 "
+                                          "independent ones"}),
             "flip": ("BOOLEAN", {"default": True}),
             "mask_source": (["fresh", "training"], {
                 "default": "fresh",
-                "tooltip": "fresh: new U-Net passes over mask_timesteps timesteps at each refresh (the paper); "
+                "tooltip": "fresh: new U-Net passes over refresh_timesteps timesteps at each refresh (the paper); "
                            "training: from the maps the steps already computed (almost free, noisier masks)"}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
@@ -179,14 +181,14 @@ class EMTokenStep:
 
     @host.trains
     def run(self, em_model, concepts, steps, learning_rate, attention_loss_weight, refresh_every, use_crf,
-            mask_timesteps, flip, mask_source="fresh", unique_id=None):
+            refresh_timesteps, flip, mask_source="fresh", unique_id=None):
         concepts.require_images("EM Token Step")
         state = concepts.state.copy()
         done = state.step - state.config.warmup_steps
         cfg = state.config
         cfg.steps, cfg.lr, cfg.attn_weight, cfg.refresh_every = done + steps, learning_rate, attention_loss_weight, \
             refresh_every
-        cfg.use_crf, cfg.mask_timesteps, cfg.flip, cfg.mask_source = use_crf, mask_timesteps, flip, mask_source
+        cfg.use_crf, cfg.refresh_timesteps, cfg.flip, cfg.mask_source = use_crf, refresh_timesteps, flip, mask_source
         feed = LiveFeed(unique_id, steps, concepts.images)
         state = learn(em_model, list(concepts.images), state, progress=False, should_stop=host.interrupted,
                       on_step=feed.on_step)

@@ -16,7 +16,7 @@ def _images(bundle, scene_files, prompts=("a photo of [v1] and [v2] on [v3]", "[
 
 
 def _cfg(**kw):
-    base = dict(steps=6, refresh_every=3, mask_timesteps=4, mask_batch=4, save_every=2, seed=1)
+    base = dict(steps=6, refresh_every=3, mask_timesteps=4, refresh_timesteps=4, mask_batch=4, save_every=2, seed=1)
     base.update(kw)
     return LearnConfig(**base)
 
@@ -251,6 +251,29 @@ def test_refreshes_from_training_maps_cost_no_unet_calls(bundle, scene_files):
     assert len(calls) == 2 + 7 + 2 * 2  # fresh refreshes run the U-Net again for every image
     assert [r["source"] for r in fresh.history["refreshes"]] == ["fresh", "fresh", "fresh"]
     assert any(not np.array_equal(a, b) for a, b in zip(out.masks, fresh.masks))
+
+
+def test_the_first_estimate_and_the_refreshes_take_their_own_timestep_counts(bundle, scene_files):
+    images = _images(bundle, scene_files)
+    calls, handle = _count_unet_calls(bundle)
+    try:
+        learn(bundle, images, start_state(bundle, images, _cfg(steps=4, refresh_timesteps=3, mask_batch=2)),
+              progress=False)
+    finally:
+        handle.remove()
+    # Per image: the first estimate's 4 timesteps in calls of 2; 3 token steps (batch 1); a refresh
+    # of 3 timesteps (2 + 1) per image; the last token step.
+    assert calls == [2, 2, 2, 2, 1, 1, 1, 2, 1, 2, 1, 1]
+
+
+def test_a_run_saved_before_refresh_timesteps_existed_resumes_as_it_began():
+    old = LearnConfig(mask_timesteps=40).to_dict()
+    del old["refresh_timesteps"], old["timestep_sampling"]
+    back = LearnConfig.from_dict(old)
+    assert (back.refresh_timesteps, back.timestep_sampling) == (40, "uniform")
+    assert LearnConfig().timestep_sampling == "stratified" and LearnConfig().refresh_timesteps == 30
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        LearnConfig(timestep_sampling="sobol")
 
 
 def test_a_training_refresh_averages_the_full_prompt_maps_of_its_interval(bundle, scene_files, monkeypatch):

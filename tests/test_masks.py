@@ -6,7 +6,7 @@ import torch
 
 from em_core.concepts import ConceptSet
 from em_core.dataset import prepare_image
-from em_core.masks import attention_maps, binarise, estimate_masks, latent_masks, normalise
+from em_core.masks import attention_maps, binarise, draw_timesteps, estimate_masks, latent_masks, normalise
 
 
 def _setup(bundle, scene_files):
@@ -23,6 +23,19 @@ def test_batched_timesteps_give_the_same_maps_as_one_by_one(bundle, scene_files)
     assert torch.allclose(one, many, atol=1e-5)
     fewer = attention_maps(bundle, cs, img, n_timesteps=12, batch=5, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(one, fewer, atol=1e-5)
+
+
+def test_stratified_timesteps_fall_one_in_each_slice_and_still_vary():
+    for n in (1, 7, 30, 50, 1000):
+        t = draw_timesteps(n, 1000, torch.Generator().manual_seed(n))
+        assert t.dtype == torch.int64 and t.shape == (n,)
+        k = torch.arange(n)  # slice k is [1000 k / n, 1000 (k + 1) / n), floored to whole timesteps
+        assert bool((t >= torch.div(1000 * k, n, rounding_mode="floor")).all())
+        assert bool((t < -torch.div(-1000 * (k + 1), n, rounding_mode="floor")).all())
+    a, b = (draw_timesteps(30, 1000, torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert not torch.equal(a, b)
+    iid = draw_timesteps(200, 1000, torch.Generator().manual_seed(3), stratified=False)
+    assert iid.min() >= 0 and iid.max() < 1000 and len(set(iid.tolist())) < 200  # independent draws repeat
 
 
 def test_masks_at_image_size_with_crf(bundle, scene_files):

@@ -61,7 +61,7 @@ def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
     assert init["[v4]"] == scenes[2].background and set(info) == {"[v1]", "[v2]", "[v3]"}
     torch.manual_seed(0)
     save_checker(Checker(), tmp_path / "checker.safetensors", {})
-    summary = evaluate(str(tiny_dir), tmp_path / "ev", scenes=1, steps=2, refresh=1, timesteps=2, gen_images=1,
+    summary = evaluate(str(tiny_dir), tmp_path / "ev", scenes=1, steps=2, refresh=1, timesteps=2, refresh_timesteps=2, gen_images=1,
                        gen_steps=2, checker_path=str(tmp_path / "checker.safetensors"), quality_images=2,
                        log=lambda *a: None)
     assert set(summary["table"]) == set(METHODS)
