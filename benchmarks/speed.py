@@ -6,7 +6,7 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
 - em_run: a whole `learn` run (first mask estimate, refreshes with DenseCRF, all steps) / the
   same number of plain steps; `--run-steps` steps, refresh every `--refresh` steps, refreshes
   from `--mask-source` (fresh U-Net passes over `--refresh-timesteps`, or the maps the steps computed);
-- mask_init: 50 timesteps in one batched call that stops after the last captured layer / the
+- mask_init: 50 timesteps in batched calls (the runs' `mask_batch`) that stop after the last captured layer / the
   straightforward one-by-one loop over full U-Net calls (plus the two halves of that gain apart),
   and the largest difference of the maps;
 - densecrf: DenseCRF at 512x512 with 4 labels, and the share of a refresh it would be.
@@ -88,24 +88,31 @@ def bench_steps(bundle, img, concepts, latent, rounds: int, per_round: int) -> d
 
 
 def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str = "fresh",
-              refresh_timesteps: int = LearnConfig.refresh_timesteps) -> dict:
+              refresh_timesteps: int = LearnConfig.refresh_timesteps, repeats: int = 3) -> dict:
+    """Whole runs and the same number of plain steps, alternating `repeats` times; median ratio."""
     cfg = LearnConfig(steps=steps, refresh_every=refresh, mask_timesteps=timesteps, save_every=10 ** 9,
                       mask_source=source, refresh_timesteps=refresh_timesteps)
-    state = start_state(bundle, [img], cfg)
-    t0 = time.perf_counter()
-    done = learn(bundle, [img], state, progress=False)
-    t_run = time.perf_counter() - t0
+    runs, plains = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        done = learn(bundle, [img], start_state(bundle, [img], cfg), progress=False)
+        runs.append(time.perf_counter() - t0)
+        plain = _step_timer(bundle, img, done.concepts, latent_masks(done.masks[0], img.latent_hw))
+        plain(0, 1, False)
+        plains.append(plain(0, steps, False) * steps)
     t0 = time.perf_counter()  # the first estimate alone: a run of no steps
     learn(bundle, [img], start_state(bundle, [img], LearnConfig(steps=0, mask_timesteps=timesteps)), progress=False)
     t_init = time.perf_counter() - t0
-    latent = latent_masks(done.masks[0], img.latent_hw)
-    plain = _step_timer(bundle, img, done.concepts, latent)
-    plain(0, 1, False)
-    t_plain = plain(0, steps, False) * steps
-    return {"em_run_s": t_run, "plain_steps_s": t_plain, "ratio": t_run / t_plain, "first_estimate_s": t_init,
-            "ratio_without_first_estimate": (t_run - t_init) / t_plain, "steps": steps,
+    t0 = time.perf_counter()  # one refresh alone: new maps with the learned tokens, threshold, DenseCRF
+    estimate_masks(bundle, done.concepts, img, n_timesteps=refresh_timesteps, batch=cfg.mask_batch,
+                   generator=torch.Generator().manual_seed(2))
+    t_refresh = time.perf_counter() - t0
+    ratios = [r / p for r, p in zip(runs, plains)]
+    k = ratios.index(statistics.median(ratios))
+    return {"em_run_s": runs[k], "plain_steps_s": plains[k], "ratio": ratios[k], "ratios": ratios,
+            "first_estimate_s": t_init, "refresh_s": t_refresh, "steps": steps,
             "refresh_every": refresh, "refresh_timesteps": refresh_timesteps,
-            "refreshes": len(done.history["refreshes"]), "mask_source": source}
+            "refreshes": len(done.history["refreshes"]) - 1, "mask_source": source}
 
 
 def bench_mask_init(bundle, img, concepts, timesteps: int) -> dict:
@@ -115,13 +122,14 @@ def bench_mask_init(bundle, img, concepts, timesteps: int) -> dict:
         maps = attention_maps(bundle, concepts, img, timesteps, batch, gen, stop_early=stop)
         return time.perf_counter() - t0, maps
 
+    batch = LearnConfig.mask_batch  # what a run uses
     with torch.no_grad():
-        timed(timesteps, True)  # warm-up
+        timed(batch, True)  # warm-up
         t_loop, loop = timed(1, False)
         t_loop_stop, _ = timed(1, True)
-        t_batch_full, _ = timed(timesteps, False)
-        t_batch, batched = timed(timesteps, True)
-    return {"batched_stop_s": t_batch, "loop_full_s": t_loop, "ratio": t_batch / t_loop,
+        t_batch_full, _ = timed(batch, False)
+        t_batch, batched = timed(batch, True)
+    return {"batched_stop_s": t_batch, "loop_full_s": t_loop, "ratio": t_batch / t_loop, "batch": batch,
             "batching_alone": t_batch_full / t_loop, "stop_early_alone": t_loop_stop / t_loop,
             "max_abs_diff": float((loop - batched).abs().max()), "timesteps": timesteps}
 
@@ -153,12 +161,16 @@ def main() -> None:
                     help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model with random weights")
     ap.add_argument("--size", type=int, default=None, help="working side in pixels (default: the model's)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--run-repeats", type=int, default=3, help="whole runs (each against its plain steps)")
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--run-steps", type=int, default=400)
     ap.add_argument("--refresh", type=int, default=50)
     ap.add_argument("--timesteps", type=int, default=50, help="of the first mask estimate, and of mask_init")
     ap.add_argument("--refresh-timesteps", type=int, default=LearnConfig.refresh_timesteps)
     ap.add_argument("--mask-source", choices=["fresh", "training"], default="fresh")
+    ap.add_argument("--project", type=int, nargs=2, default=(400, 50), metavar=("STEPS", "EVERY"),
+                    help="also give the whole-run ratio of this many steps refreshed this often, from the measured "
+                         "step, first estimate and refresh times")
     ap.add_argument("--only", nargs="*", default=None, help="em_step em_run mask_init densecrf")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -177,7 +189,13 @@ def main() -> None:
         rows["em_step"] = bench_steps(bundle, img, concepts, latent, args.rounds, args.per_round)
     if "em_run" in only:
         rows["em_run"] = bench_run(bundle, img, args.run_steps, args.refresh, args.timesteps, args.mask_source,
-                                   args.refresh_timesteps)
+                                   args.refresh_timesteps, args.run_repeats)
+    if "em_step" in rows and "em_run" in rows:  # a longer run from its measured parts
+        n, every = args.project
+        step, plain, run = rows["em_step"]["em_step_s"], rows["em_step"]["plain_step_s"], rows["em_run"]
+        refreshes = len(range(every, n, every))
+        rows["em_run"][f"projected_ratio_{n}_steps_refresh_{every}"] = \
+            (n * step + run["first_estimate_s"] + refreshes * run["refresh_s"]) / (n * plain)
     if "mask_init" in only:
         rows["mask_init"] = bench_mask_init(bundle, img, concepts, args.timesteps)
     if "densecrf" in only:
