@@ -23,9 +23,9 @@ def attention_maps(bundle, concepts: ConceptSet, image, n_timesteps: int = 50, b
     `stratified`: one random timestep in each of `n_timesteps` equal slices of the schedule rather
     than independent draws; the same expected map with less spread (on the tiny world 30
     stratified timesteps come as close to a 400-timestep map as 50 independent ones:
-    benchmarks/mask_estimate_error.py). The timesteps run through the U-Net `batch` at a time rather than one by one, and each
-    U-Net call stops right after the last captured layer (the finer up-blocks after it cannot
-    change the maps).
+    benchmarks/mask_estimate_error.py). The timesteps run through the U-Net `batch` at a time
+    rather than one by one, and each U-Net call stops right after the last captured layer (the
+    finer up-blocks after it cannot change the maps).
     """
     generator = generator or torch.Generator().manual_seed(0)
     dev = bundle.device
