@@ -13,8 +13,14 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
   of that gain apart), and the largest difference of the maps;
 - densecrf: DenseCRF at 512x512 with 4 labels, at full size and at the default working side.
 
+With both em_step and em_run, em_run also gets `overhead`: what the run spent beyond its plain
+steps, split into the capture + attention loss of every step, the first estimate, the refreshes
+and the rest (the loop's own bookkeeping, and noise), each as a share of the plain steps' time.
+`--device cuda --dtype fp16` runs it on a GPU (timings synchronise the device).
+
     python benchmarks/speed.py                                  # shipped tiny-world model, 64 px
     python benchmarks/speed.py --model sd15 --size 256 --run-steps 8 --refresh 4   # SD-1.5-shaped, random
+    python benchmarks/speed.py --model SD_FOLDER --size 512 --device cuda --dtype fp16       # on a GPU
 """
 from __future__ import annotations
 
@@ -42,29 +48,39 @@ from em_core.training import concept_step_loss
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bundle(name: str):
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _bundle(name: str, device: str = "cpu", dtype: str = "fp32"):
     if name == "sd15":
         from em_core.tiny_model import build_model
 
-        return build_model("sd15", seed=0)
-    return load_bundle(name)
+        return build_model("sd15", seed=0).to(device, DTYPES[dtype])
+    return load_bundle(name, device=device, dtype=DTYPES[dtype])
+
+
+def clock() -> float:
+    """perf_counter after the GPU's queued work is done, so a timing covers the work, not its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _step_timer(bundle, img, concepts, latent):
     """A closure timing n token steps (forward, backward, AdamW) from step `first`, with a capture
     (EM) or without (plain: the U-Net's own processors)."""
-    vec = torch.nn.Parameter(concepts.vectors.clone().float())
+    vec = torch.nn.Parameter(concepts.vectors.clone().float().to(bundle.device))
     opt = torch.optim.AdamW([vec], lr=5e-4)
     ids = dict(zip(concepts.names, concepts.token_ids(bundle.tokenizer)))
 
     def steps(first: int, n: int, capture) -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         for s in range(first, first + n):
             loss, _ = concept_step_loss(bundle, [img], concepts, vec, [latent], ids, s, 0, True, 1e-2, capture)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        return (time.perf_counter() - t0) / n
+        return (clock() - t0) / n
 
     def run(first: int, n: int, em: bool) -> float:
         with torch.enable_grad():
@@ -96,19 +112,19 @@ def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str
                       mask_source=source, refresh_timesteps=refresh_timesteps)
     runs, plains = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         done = learn(bundle, [img], start_state(bundle, [img], cfg), progress=False)
-        runs.append(time.perf_counter() - t0)
+        runs.append(clock() - t0)
         plain = _step_timer(bundle, img, done.concepts, latent_masks(done.masks[0], img.latent_hw))
         plain(0, 1, False)
         plains.append(plain(0, steps, False) * steps)
-    t0 = time.perf_counter()  # the first estimate alone: a run of no steps
+    t0 = clock()  # the first estimate alone: a run of no steps
     learn(bundle, [img], start_state(bundle, [img], LearnConfig(steps=0, mask_timesteps=timesteps)), progress=False)
-    t_init = time.perf_counter() - t0
-    t0 = time.perf_counter()  # one refresh alone: new maps with the learned tokens, threshold, DenseCRF
+    t_init = clock() - t0
+    t0 = clock()  # one refresh alone: new maps with the learned tokens, threshold, DenseCRF
     estimate_masks(bundle, done.concepts, img, n_timesteps=refresh_timesteps, batch=cfg.mask_batch,
                    generator=torch.Generator().manual_seed(2))
-    t_refresh = time.perf_counter() - t0
+    t_refresh = clock() - t0
     ratios = [r / p for r, p in zip(runs, plains)]
     k = ratios.index(statistics.median(ratios))
     return {"em_run_s": runs[k], "plain_steps_s": plains[k], "ratio": ratios[k], "ratios": ratios,
@@ -117,14 +133,23 @@ def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str
             "refreshes": len(done.history["refreshes"]) - 1, "mask_source": source}
 
 
+def overhead(step: dict, run: dict) -> dict:
+    """Where a whole run's time beyond its plain steps went, as shares of the plain steps' time."""
+    plain = run["plain_steps_s"]
+    parts = {"capture_and_attention_loss": (step["em_step_s"] - step["plain_step_s"]) * run["steps"],
+             "first_estimate": run["first_estimate_s"], "refreshes": run["refresh_s"] * run["refreshes"]}
+    parts["rest"] = run["em_run_s"] - plain - sum(parts.values())
+    return {k: v / plain for k, v in parts.items()}
+
+
 def bench_mask_init(bundle, img, concepts, timesteps: int, repeats: int = 1) -> dict:
     def timed(batch, stop):
         best, maps = float("inf"), None
         for _ in range(repeats):  # the fastest of `repeats`: this machine's timings wander
             gen = torch.Generator().manual_seed(1)
-            t0 = time.perf_counter()
+            t0 = clock()
             maps = attention_maps(bundle, concepts, img, timesteps, batch, gen, stop_early=stop)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
         return best, maps
 
     batch = LearnConfig.mask_batch  # what a run uses
@@ -150,14 +175,20 @@ def bench_crf(img, own_masks) -> dict:
     out = {}
     for key, params in (("crf_512_4_labels_full_s", CRFParams(max_side=None)),
                         ("crf_512_4_labels_side256_s", CRFParams())):
-        t0 = time.perf_counter()
+        t0 = clock()
         refine_masks(rgb, masks, params)
-        out[key] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        out[key] = clock() - t0
+    t0 = clock()
     refine_masks(img.rgb, own_masks)
-    out["crf_this_image_s"] = time.perf_counter() - t0
+    out["crf_this_image_s"] = clock() - t0
     out["this_image"] = list(img.size)
     return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} {_fmt(x)}" for k, x in v.items()) + "}"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def main() -> None:
@@ -178,10 +209,12 @@ def main() -> None:
                     help="also give the whole-run ratio of this many steps refreshed this often, from the measured "
                          "step, first estimate and refresh times")
     ap.add_argument("--only", nargs="*", default=None, help="em_step em_run mask_init densecrf")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the model's weights (fp16/bf16: GPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    bundle = _bundle(args.model)
+    bundle = _bundle(args.model, args.device, args.dtype)
     scene = random_scene(3, size=max(64, args.size or 64), n_objects=2)
     path = Path("/tmp") / "em_core_bench_scene.png"
     scene.image.save(path)
@@ -202,16 +235,18 @@ def main() -> None:
         refreshes = len(range(every, n, every))
         rows["em_run"][f"projected_ratio_{n}_steps_refresh_{every}"] = \
             (n * step + run["first_estimate_s"] + refreshes * run["refresh_s"]) / (n * plain)
+        rows["em_run"]["overhead"] = overhead(rows["em_step"], run)
     if "mask_init" in only:
         rows["mask_init"] = bench_mask_init(bundle, img, concepts, args.timesteps, args.mask_repeats)
     if "densecrf" in only:
         rows["densecrf"] = bench_crf(img, masks)
-    machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+    machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "device": args.device,
+               "dtype": args.dtype,
                "threads": torch.get_num_threads(),
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     print(f"model: {args.model}  image: {img.size[0]}x{img.size[1]} (latent {img.latent_hw})  {machine}")
     for name, r in rows.items():
-        print(f"{name:<10} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+        print(f"{name:<10} " + "  ".join(f"{k} {_fmt(v)}" for k, v in r.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "size": img.size, "machine": machine,
                                                "rows": rows}, indent=1))
