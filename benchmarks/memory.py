@@ -6,6 +6,7 @@ the model and the concepts are loaded; on a GPU it is torch.cuda.max_memory_allo
 
     python benchmarks/memory.py                                   # shipped tiny-world model, 64 px
     python benchmarks/memory.py --model sd15 --size 256 --steps 2  # SD-1.5-shaped, random weights
+    python benchmarks/memory.py --model sd15 --size 512 --steps 1 --only lora lora+ckpt   # LoRA at 512 px
     python benchmarks/memory.py --model DIR --size 512 --dtype fp16 --mixed-precision fp16   # on a GPU
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = [("full", False), ("full", True), ("lora", False), ("lora", True)]
+SETTINGS = {"full": ("full", False), "full+ckpt": ("full", True), "lora": ("lora", False), "lora+ckpt": ("lora", True)}
 
 
 def _rss_mb() -> float:
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    ap.add_argument("--only", nargs="*", choices=sorted(SETTINGS), default=None,
+                    help="settings to run (default: all four); ckpt = gradient checkpointing")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="full", help=argparse.SUPPRESS)
@@ -91,7 +94,7 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     rows = []
-    for mode, ckpt in SETTINGS:
+    for mode, ckpt in (SETTINGS[k] for k in (args.only or SETTINGS)):
         cmd = [sys.executable, __file__, "--child", "--model", args.model, "--steps", str(args.steps),
                "--dtype", args.dtype, "--mixed-precision", args.mixed_precision, "--mode", mode]
         cmd += (["--size", str(args.size)] if args.size else []) + (["--checkpointing"] if ckpt else [])

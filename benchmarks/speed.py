@@ -11,7 +11,9 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
 - mask_init: 50 timesteps in batched calls (the runs' `mask_batch`) that stop after the last
   captured layer / the straightforward one-by-one loop over full U-Net calls (plus the two halves
   of that gain apart), and the largest difference of the maps;
-- densecrf: DenseCRF at 512x512 with 4 labels, at full size and at the default working side.
+- densecrf: DenseCRF at 512x512 with 4 labels, at full size and at the default working side;
+- text_side: a step's text side (concept injection + prompt encoding, forward), every step's
+  host work besides the U-Net.
 
 With both em_step and em_run, em_run also gets `overhead`: what the run spent beyond its plain
 steps, split into the capture + attention loss of every step, the first estimate, the refreshes
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from em_core.attention import AttentionCapture
-from em_core.concepts import ConceptSet
+from em_core.concepts import ConceptSet, encode_prompts, injected
 from em_core.config import LearnConfig
 from em_core.crf import CRFParams, refine_masks
 from em_core.dataset import prepare_image
@@ -191,6 +193,19 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def bench_text_side(bundle, concepts, repeats: int = 50) -> dict:
+    vec = torch.nn.Parameter(concepts.vectors.clone().float().to(bundle.device))
+    prompt = "a photo of " + " and ".join(concepts.names)
+    times = []
+    with torch.enable_grad():
+        for _ in range(repeats):
+            t0 = clock()
+            with injected(bundle, concepts, vec):
+                encode_prompts(bundle, [prompt])
+            times.append(clock() - t0)
+    return {"text_side_s": statistics.median(times), "repeats": repeats}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "em_core" / "models" / "tiny_world"),
@@ -208,7 +223,7 @@ def main() -> None:
     ap.add_argument("--project", type=int, nargs=2, default=(400, 50), metavar=("STEPS", "EVERY"),
                     help="also give the whole-run ratio of this many steps refreshed this often, from the measured "
                          "step, first estimate and refresh times")
-    ap.add_argument("--only", nargs="*", default=None, help="em_step em_run mask_init densecrf")
+    ap.add_argument("--only", nargs="*", default=None, help="em_step em_run mask_init densecrf text_side")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the model's weights (fp16/bf16: GPU)")
     ap.add_argument("--json", default=None)
@@ -222,7 +237,7 @@ def main() -> None:
     concepts = ConceptSet.create(bundle, img.names, seed=0)
     masks, _ = estimate_masks(bundle, concepts, img, n_timesteps=4, batch=4)
     latent = latent_masks(masks, img.latent_hw)
-    only = set(args.only or ["em_step", "em_run", "mask_init", "densecrf"])
+    only = set(args.only or ["em_step", "em_run", "mask_init", "densecrf", "text_side"])
     rows = {}
     if "em_step" in only:
         rows["em_step"] = bench_steps(bundle, img, concepts, latent, args.rounds, args.per_round)
@@ -240,6 +255,8 @@ def main() -> None:
         rows["mask_init"] = bench_mask_init(bundle, img, concepts, args.timesteps, args.mask_repeats)
     if "densecrf" in only:
         rows["densecrf"] = bench_crf(img, masks)
+    if "text_side" in only:
+        rows["text_side"] = bench_text_side(bundle, concepts)
     machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "device": args.device,
                "dtype": args.dtype,
                "threads": torch.get_num_threads(),

@@ -39,7 +39,12 @@ def check_name(name: str) -> str:
 def register_tokens(tokenizer, text_encoder, names) -> list[int]:
     """Adds the placeholder tokens (idempotent) and grows the embedding so their ids exist."""
     tokens = [placeholder(check_name(n)) for n in names]
-    tokenizer.add_tokens([t for t in tokens if t not in tokenizer.get_vocab()])
+    # Every step passes here: look in the few added tokens first, since get_vocab() copies the
+    # whole vocabulary (49k entries for CLIP, milliseconds a call).
+    added = tokenizer.added_tokens_encoder
+    if any(t not in added for t in tokens):
+        vocab = tokenizer.get_vocab()
+        tokenizer.add_tokens([t for t in tokens if t not in vocab])
     ids = tokenizer.convert_tokens_to_ids(tokens)
     emb = text_encoder.get_input_embeddings()
     if max(ids, default=-1) >= emb.num_embeddings:
