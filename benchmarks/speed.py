@@ -144,7 +144,7 @@ def overhead(step: dict, run: dict) -> dict:
     return {k: v / plain for k, v in parts.items()}
 
 
-def bench_mask_init(bundle, img, concepts, timesteps: int, repeats: int = 1) -> dict:
+def bench_mask_init(bundle, img, concepts, timesteps: int, repeats: int = 1, batches=()) -> dict:
     def timed(batch, stop):
         best, maps = float("inf"), None
         for _ in range(repeats):  # the fastest of `repeats`: this machine's timings wander
@@ -161,9 +161,12 @@ def bench_mask_init(bundle, img, concepts, timesteps: int, repeats: int = 1) -> 
         t_loop_stop, _ = timed(1, True)
         t_batch_full, _ = timed(batch, False)
         t_batch, batched = timed(batch, True)
+        # Other batch sizes: where batching stops paying, the calls are at the model's compute floor.
+        other = {str(n): timed(n, True)[0] for n in batches}
     return {"batched_stop_s": t_batch, "loop_full_s": t_loop, "ratio": t_batch / t_loop, "batch": batch,
             "batching_alone": t_batch_full / t_loop, "stop_early_alone": t_loop_stop / t_loop,
-            "max_abs_diff": float((loop - batched).abs().max()), "timesteps": timesteps, "repeats": repeats}
+            "max_abs_diff": float((loop - batched).abs().max()), "timesteps": timesteps, "repeats": repeats,
+            "other_batches_s": other}
 
 
 def bench_crf(img, own_masks) -> dict:
@@ -214,6 +217,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--run-repeats", type=int, default=3, help="whole runs (each against its plain steps)")
     ap.add_argument("--mask-repeats", type=int, default=5, help="timings of each mask-init variant (fastest kept)")
+    ap.add_argument("--mask-batches", type=int, nargs="*", default=[],
+                    help="also time mask init at these batch sizes (stopping early)")
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--run-steps", type=int, default=400)
     ap.add_argument("--refresh", type=int, default=50)
@@ -252,7 +257,8 @@ def main() -> None:
             (n * step + run["first_estimate_s"] + refreshes * run["refresh_s"]) / (n * plain)
         rows["em_run"]["overhead"] = overhead(rows["em_step"], run)
     if "mask_init" in only:
-        rows["mask_init"] = bench_mask_init(bundle, img, concepts, args.timesteps, args.mask_repeats)
+        rows["mask_init"] = bench_mask_init(bundle, img, concepts, args.timesteps, args.mask_repeats,
+                                              args.mask_batches)
     if "densecrf" in only:
         rows["densecrf"] = bench_crf(img, masks)
     if "text_side" in only:
