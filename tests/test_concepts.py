@@ -20,6 +20,21 @@ def test_each_concept_is_one_new_token(bundle):
     assert tokens.count(ids[0]) == 1 and tokens.count(ids[1]) == 1
 
 
+def test_registered_tokens_are_found_without_copying_the_vocabulary(bundle, monkeypatch):
+    # Every token step passes through register_tokens; get_vocab() copies CLIP's 49k entries
+    # (milliseconds a call), so once the tokens exist it must not be called.
+    ids = register_tokens(bundle.tokenizer, bundle.text_encoder, ["[v1]", "[v2]"])
+
+    def no_copy():
+        raise AssertionError("get_vocab called for tokens that are already registered")
+
+    monkeypatch.setattr(bundle.tokenizer, "get_vocab", no_copy)
+    assert register_tokens(bundle.tokenizer, bundle.text_encoder, ["[v2]", "[v1]"]) == ids[::-1]
+    cs = ConceptSet(["[v1]", "[v2]"], {}, torch.zeros(2, bundle.text_encoder.config.hidden_size))
+    with injected(bundle, cs) as got:
+        assert got == ids
+
+
 def test_init_from_word_and_random(bundle):
     cs = ConceptSet.create(bundle, ["[v1]", "[v2]"], {"[v1]": "dog"}, seed=0)
     table = bundle.text_encoder.get_input_embeddings().weight
