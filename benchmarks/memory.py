@@ -94,7 +94,9 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     rows = []
-    for mode, ckpt in (SETTINGS[k] for k in (args.only or SETTINGS)):
+    if args.only == []:
+        ap.error("--only: name at least one setting: " + ", ".join(SETTINGS))
+    for mode, ckpt in (SETTINGS[k] for k in dict.fromkeys(args.only or SETTINGS)):
         cmd = [sys.executable, __file__, "--child", "--model", args.model, "--steps", str(args.steps),
                "--dtype", args.dtype, "--mixed-precision", args.mixed_precision, "--mode", mode]
         cmd += (["--size", str(args.size)] if args.size else []) + (["--checkpointing"] if ckpt else [])

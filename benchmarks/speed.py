@@ -4,7 +4,7 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
 - em_step: one EM token step (attention capture + attention loss, backward, AdamW) / the plain
   masked-loss step of the same draws with the U-Net's own fused attention;
 - em_run: whole `learn` runs (first mask estimate, refreshes with DenseCRF, all steps) / the same
-  number of plain steps, alternating `--run-repeats` times (median); `--run-steps` steps, refresh
+  number of plain steps, alternating `--run-repeats` times (lower median); `--run-steps` steps, refresh
   every `--refresh` steps, refreshes from `--mask-source` (fresh U-Net passes over
   `--refresh-timesteps`, or the maps the steps computed); plus a refresh timed alone and the ratio
   of a `--project` run (default 400 steps, refresh every 50) from the measured parts;
@@ -61,10 +61,13 @@ def _bundle(name: str, device: str = "cpu", dtype: str = "fp32"):
     return load_bundle(name, device=device, dtype=DTYPES[dtype])
 
 
+SYNC: list = [None]  # the CUDA device the timings wait for (set from --device), or None
+
+
 def clock() -> float:
     """perf_counter after the GPU's queued work is done, so a timing covers the work, not its launch."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if SYNC[0] is not None:
+        torch.cuda.synchronize(SYNC[0])
     return time.perf_counter()
 
 
@@ -128,7 +131,7 @@ def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str
                    generator=torch.Generator().manual_seed(2))
     t_refresh = clock() - t0
     ratios = [r / p for r, p in zip(runs, plains)]
-    k = ratios.index(statistics.median(ratios))
+    k = ratios.index(statistics.median_low(ratios))
     return {"em_run_s": runs[k], "plain_steps_s": plains[k], "ratio": ratios[k], "ratios": ratios,
             "first_estimate_s": t_init, "refresh_s": t_refresh, "steps": steps,
             "refresh_every": refresh, "refresh_timesteps": refresh_timesteps,
@@ -190,6 +193,13 @@ def bench_crf(img, own_masks) -> dict:
     return out
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: give 1 or more")
+    return n
+
+
 def _fmt(v) -> str:
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k} {_fmt(x)}" for k, x in v.items()) + "}"
@@ -215,8 +225,8 @@ def main() -> None:
                     help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model with random weights")
     ap.add_argument("--size", type=int, default=None, help="working side in pixels (default: the model's)")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--run-repeats", type=int, default=3, help="whole runs (each against its plain steps)")
-    ap.add_argument("--mask-repeats", type=int, default=5, help="timings of each mask-init variant (fastest kept)")
+    ap.add_argument("--run-repeats", type=_positive, default=3, help="whole runs (each against its plain steps)")
+    ap.add_argument("--mask-repeats", type=_positive, default=5, help="timings of each mask-init variant (fastest kept)")
     ap.add_argument("--mask-batches", type=int, nargs="*", default=[],
                     help="also time mask init at these batch sizes (stopping early)")
     ap.add_argument("--per-round", type=int, default=10)
@@ -235,6 +245,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     bundle = _bundle(args.model, args.device, args.dtype)
+    SYNC[0] = bundle.device if bundle.device.type == "cuda" else None
     scene = random_scene(3, size=max(64, args.size or 64), n_objects=2)
     path = Path("/tmp") / "em_core_bench_scene.png"
     scene.image.save(path)
@@ -249,7 +260,9 @@ def main() -> None:
     if "em_run" in only:
         rows["em_run"] = bench_run(bundle, img, args.run_steps, args.refresh, args.timesteps, args.mask_source,
                                    args.refresh_timesteps, args.run_repeats)
-    if "em_step" in rows and "em_run" in rows:  # a longer run from its measured parts
+    # A longer run from its measured parts, and where the run's time went; `refresh_s` times a fresh
+    # refresh, so neither applies to refreshes from the steps' own maps.
+    if "em_step" in rows and "em_run" in rows and args.mask_source == "fresh":
         n, every = args.project
         step, plain, run = rows["em_step"]["em_step_s"], rows["em_step"]["plain_step_s"], rows["em_run"]
         refreshes = len(range(every, n, every))
