@@ -40,16 +40,10 @@ def child(args) -> dict:
     from em_core.finetune import FinetuneConfig, finetune
     from em_core.scenes import random_scene
 
+    from speed import _bundle  # this folder's model loading: sd15 or a diffusers folder
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    if args.model == "sd15":
-        from em_core.tiny_model import build_model
-
-        bundle = build_model("sd15", seed=0).to(dev, dtype)
-    else:
-        from em_core.model import load_bundle
-
-        bundle = load_bundle(args.model, device=dev, dtype=dtype)
+    bundle = _bundle(args.model, dev, args.dtype)
     path = Path("/tmp") / f"em_core_mem_scene_{args.size}.png"
     random_scene(3, size=args.size or 64, n_objects=2).image.save(path)
     img = prepare_image(bundle, path, "a photo of [v1] and [v2] on [v3]", args.size)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -22,12 +21,9 @@ from em_core.config import LearnConfig
 from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
 from em_core.evaluate import concept_task, eval_set
-from em_core.masks import latent_masks
 from em_core.metrics import iou_curve
 from em_core.model import load_bundle
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import _step_timer  # noqa: E402  (the same plain step the speed benchmark times)
+from speed import plain_steps_s  # the same plain steps the speed benchmark times (this folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (refresh every N steps, timesteps per refresh); 0 = the paper's baseline, masks estimated once
@@ -56,9 +52,7 @@ def main() -> None:
             state = learn(bundle, [img], start_state(bundle, [img], cfg, init), progress=False)
             run_s = time.perf_counter() - t0
             if plain_s is None:  # the plain steps of this scene, under the first schedule's final masks
-                plain = _step_timer(bundle, img, state.concepts, latent_masks(state.masks[0], img.latent_hw))
-                plain(0, 1, False)
-                plain_s = plain(0, args.steps, False) * args.steps
+                plain_s = plain_steps_s(bundle, img, state, args.steps)
             last = iou_curve(state, {(0, n): m for n, m in truth.items()})[-1]
             rows[name]["iou"].append(float(np.mean(list(last["iou"]["img1"].values()))))
             rows[name]["ratio"].append(run_s / plain_s)

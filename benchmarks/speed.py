@@ -97,6 +97,13 @@ def _step_timer(bundle, img, concepts, latent):
     return run
 
 
+def plain_steps_s(bundle, img, state, steps: int) -> float:
+    """Seconds of `steps` plain steps (after one warm-up) with a finished run's tokens and masks."""
+    plain = _step_timer(bundle, img, state.concepts, latent_masks(state.masks[0], img.latent_hw))
+    plain(0, 1, False)
+    return plain(0, steps, False) * steps
+
+
 def bench_steps(bundle, img, concepts, latent, rounds: int, per_round: int) -> dict:
     """Interleaved rounds of EM and plain steps over the same draws; medians per step."""
     em_t, plain_t = [], []
@@ -120,9 +127,7 @@ def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str
         t0 = clock()
         done = learn(bundle, [img], start_state(bundle, [img], cfg), progress=False)
         runs.append(clock() - t0)
-        plain = _step_timer(bundle, img, done.concepts, latent_masks(done.masks[0], img.latent_hw))
-        plain(0, 1, False)
-        plains.append(plain(0, steps, False) * steps)
+        plains.append(plain_steps_s(bundle, img, done, steps))
     t0 = clock()  # the first estimate alone: a run of no steps
     learn(bundle, [img], start_state(bundle, [img], LearnConfig(steps=0, mask_timesteps=timesteps)), progress=False)
     t_init = clock() - t0

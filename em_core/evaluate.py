@@ -125,7 +125,8 @@ def caption_fidelity(bundle, checker, n: int = 48, seed: int = 50_000, steps: in
 
 def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, refresh: int = 25,
              timesteps: int = 50, refresh_timesteps: int = LearnConfig.refresh_timesteps, gen_images: int = 2,
-             gen_steps: int = 25, guidance: float = 4.0, checker_path: str | None = None, seed: int = 0, quality_images: int = 48, log=print) -> dict:
+             gen_steps: int = 25, guidance: float = 4.0, checker_path: str | None = None, seed: int = 0,
+             quality_images: int = 48, log=print) -> dict:
     from .checker import judge, load_checker
     from .model import load_bundle
 
@@ -207,7 +208,8 @@ def report_markdown(summary: dict) -> str:
         f"{s['scenes']} held-out scenes, {s['steps']} token steps per method, masks estimated first from "
         f"{s['timesteps']} timesteps and refreshed every {s['refresh']} steps from {s['refresh_timesteps']} "
         f"(stratified; em_50_independent: {s['timesteps']} independent draws at every estimate); fidelity from "
-        f"{s['gen_images']} images per object concept ({s['gen_steps']} DDIM steps, guidance {s['guidance']}), read back by the checker. Took {s['seconds']} s.",
+        f"{s['gen_images']} images per object concept ({s['gen_steps']} DDIM steps, guidance {s['guidance']}), "
+        f"read back by the checker. Took {s['seconds']} s.",
         "", "| method | mask IoU | colour right | shape right (seen shapes) | shape right (held-out shapes) |",
         "|---|---|---|---|---|",
     ]
