@@ -15,9 +15,9 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
 - text_side: a step's text side (concept injection + prompt encoding, forward), every step's
   host work besides the U-Net.
 
-With both em_step and em_run, em_run also gets `overhead`: what the run spent beyond its plain
-steps, split into the capture + attention loss of every step, the first estimate, the refreshes
-and the rest (the loop's own bookkeeping, and noise), each as a share of the plain steps' time.
+em_run's `split` says where the run's time beyond its plain steps went, from times taken inside
+the run: its token steps' extra (capture + attention loss + the loop's bookkeeping), its first
+estimate and its refreshes, each as a share of the plain steps' time (they add up to ratio - 1).
 `--device cuda --dtype fp16` runs it on a GPU (timings synchronise the device).
 
     python benchmarks/speed.py                                  # shipped tiny-world model, 64 px
@@ -119,37 +119,41 @@ def bench_steps(bundle, img, concepts, latent, rounds: int, per_round: int) -> d
 
 def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str = "fresh",
               refresh_timesteps: int = LearnConfig.refresh_timesteps, repeats: int = 3) -> dict:
-    """Whole runs and the same number of plain steps, alternating `repeats` times; median ratio."""
+    """Whole runs and the same number of plain steps, alternating `repeats` times; median ratio.
+
+    `split` divides the chosen run's time beyond its plain steps into its token steps' extra
+    (capture + attention loss + the loop's bookkeeping), its first estimate and its refreshes,
+    each timed inside the run (the refresh records' `seconds`), as shares of the plain steps'
+    time; the three add up to ratio - 1.
+    """
     cfg = LearnConfig(steps=steps, refresh_every=refresh, mask_timesteps=timesteps, save_every=10 ** 9,
                       mask_source=source, refresh_timesteps=refresh_timesteps)
-    runs, plains = [], []
+    runs, plains, done = [], [], []
     for _ in range(repeats):
         t0 = clock()
-        done = learn(bundle, [img], start_state(bundle, [img], cfg), progress=False)
+        done.append(learn(bundle, [img], start_state(bundle, [img], cfg), progress=False))
         runs.append(clock() - t0)
-        plains.append(plain_steps_s(bundle, img, done, steps))
+        plains.append(plain_steps_s(bundle, img, done[-1], steps))
     t0 = clock()  # the first estimate alone: a run of no steps
     learn(bundle, [img], start_state(bundle, [img], LearnConfig(steps=0, mask_timesteps=timesteps)), progress=False)
     t_init = clock() - t0
     t0 = clock()  # one refresh alone: new maps with the learned tokens, threshold, DenseCRF
-    estimate_masks(bundle, done.concepts, img, n_timesteps=refresh_timesteps, batch=cfg.mask_batch,
+    estimate_masks(bundle, done[-1].concepts, img, n_timesteps=refresh_timesteps, batch=cfg.mask_batch,
                    generator=torch.Generator().manual_seed(2))
     t_refresh = clock() - t0
     ratios = [r / p for r, p in zip(runs, plains)]
     k = ratios.index(statistics.median_low(ratios))
+    records = done[k].history["refreshes"]
+    init_s = sum(r["seconds"] for r in records if r["kind"] == "init")
+    refreshes_s = sum(r["seconds"] for r in records if r["kind"] != "init")
+    steps_s = runs[k] - init_s - refreshes_s
+    split = {"token_steps": steps_s / plains[k] - 1, "first_estimate": init_s / plains[k],
+             "refreshes": refreshes_s / plains[k]}
     return {"em_run_s": runs[k], "plain_steps_s": plains[k], "ratio": ratios[k], "ratios": ratios,
+            "split": split, "in_run_s": {"token_steps": steps_s, "first_estimate": init_s, "refreshes": refreshes_s},
             "first_estimate_s": t_init, "refresh_s": t_refresh, "steps": steps,
             "refresh_every": refresh, "refresh_timesteps": refresh_timesteps,
-            "refreshes": len(done.history["refreshes"]) - 1, "mask_source": source}
-
-
-def overhead(step: dict, run: dict) -> dict:
-    """Where a whole run's time beyond its plain steps went, as shares of the plain steps' time."""
-    plain = run["plain_steps_s"]
-    parts = {"capture_and_attention_loss": (step["em_step_s"] - step["plain_step_s"]) * run["steps"],
-             "first_estimate": run["first_estimate_s"], "refreshes": run["refresh_s"] * run["refreshes"]}
-    parts["rest"] = run["em_run_s"] - plain - sum(parts.values())
-    return {k: v / plain for k, v in parts.items()}
+            "refreshes": len(records) - 1, "mask_source": source}
 
 
 def bench_mask_init(bundle, img, concepts, timesteps: int, repeats: int = 1, batches=()) -> dict:
@@ -265,15 +269,14 @@ def main() -> None:
     if "em_run" in only:
         rows["em_run"] = bench_run(bundle, img, args.run_steps, args.refresh, args.timesteps, args.mask_source,
                                    args.refresh_timesteps, args.run_repeats)
-    # A longer run from its measured parts, and where the run's time went; `refresh_s` times a fresh
-    # refresh, so neither applies to refreshes from the steps' own maps.
+    # A longer run from its measured parts; `refresh_s` times a fresh refresh, so this does not
+    # apply to refreshes from the steps' own maps.
     if "em_step" in rows and "em_run" in rows and args.mask_source == "fresh":
         n, every = args.project
         step, plain, run = rows["em_step"]["em_step_s"], rows["em_step"]["plain_step_s"], rows["em_run"]
         refreshes = len(range(every, n, every))
         rows["em_run"][f"projected_ratio_{n}_steps_refresh_{every}"] = \
             (n * step + run["first_estimate_s"] + refreshes * run["refresh_s"]) / (n * plain)
-        rows["em_run"]["overhead"] = overhead(rows["em_step"], run)
     if "mask_init" in only:
         rows["mask_init"] = bench_mask_init(bundle, img, concepts, args.timesteps, args.mask_repeats,
                                               args.mask_batches)

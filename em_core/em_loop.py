@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import numpy as np
 import torch
@@ -120,6 +121,7 @@ class _Run:
         st, cfg = self.state, self.cfg
         if st.pending_refresh is not None:  # a CRF overlap as long as the refresh interval
             self.finish_crf()
+        t0 = time.perf_counter()
         gen, _ = step_rng(cfg.seed + 7919, st.step)
         concepts = ConceptSet(st.concepts.names, st.concepts.init_words, self.vectors.detach().clone())
         source = "fresh" if kind == "init" or cfg.mask_source == "fresh" else "training"
@@ -143,12 +145,14 @@ class _Run:
         self.reset_maps()
         if overlap:
             st.pending_refresh = {"step": st.step, "apply_at": st.step + cfg.crf_overlap, "kind": kind,
-                                  "source": source, "fresh_images": fallback, "masks": new_masks}
+                                  "source": source, "fresh_images": fallback, "masks": new_masks,
+                                  "seconds": time.perf_counter() - t0}
             self._submit_crf()
             return
-        self._apply(new_masks, kind, source, st.step, fallback)
+        self._apply(new_masks, kind, source, st.step, fallback, time.perf_counter() - t0)
 
-    def _apply(self, new_masks: list, kind: str, source: str, step: int, fallback: list) -> None:
+    def _apply(self, new_masks: list, kind: str, source: str, step: int, fallback: list, seconds: float) -> None:
+        """Installs a refresh's masks; `seconds`: the wall time the loop spent on it (the EM's cost)."""
         st = self.state
         change = {}
         if st.mask_history:
@@ -158,7 +162,7 @@ class _Run:
         st.masks = new_masks
         self.latent = [latent_masks(m, img.latent_hw) for m, img in zip(new_masks, self.images)]
         st.mask_history.append({"step": st.step, "masks": [m.clone() for m in self.latent]})
-        record = {"step": step, "kind": kind, "source": source, "change": change}
+        record = {"step": step, "kind": kind, "source": source, "change": change, "seconds": round(seconds, 4)}
         if fallback:
             record["fresh_images"] = fallback
         if step != st.step:
@@ -179,6 +183,7 @@ class _Run:
     def finish_crf(self) -> None:
         """Waits for the pending refresh (or, after a resume, runs its DenseCRF here) and applies it."""
         p = self.state.pending_refresh
+        t0 = time.perf_counter()
         jobs = self.jobs or [None if m is None else False for m in p["masks"]]
         new_masks = []
         for i, (img, pre, job) in enumerate(zip(self.images, p["masks"], jobs)):
@@ -189,7 +194,8 @@ class _Run:
             new_masks.append(restore_fixed(img.names, refined, pre, self._fixed(i)))
         self.jobs = None
         self.state.pending_refresh = None
-        self._apply(new_masks, p["kind"], p["source"], p["step"], p.get("fresh_images", []))
+        self._apply(new_masks, p["kind"], p["source"], p["step"], p.get("fresh_images", []),
+                    p.get("seconds", 0.0) + time.perf_counter() - t0)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -54,6 +54,7 @@ def test_history_records_losses_masks_and_changes(bundle, scene_files, tmp_path)
     assert all(s["attn_loss"] == 0 for s in steps[:2])
     refreshes = out.history["refreshes"]
     assert [(r["step"], r["kind"]) for r in refreshes] == [(2, "init"), (5, "refresh")]
+    assert all(r["seconds"] > 0 for r in refreshes)  # what each E-step cost, for the speed benchmark
     change = refreshes[1]["change"]
     assert set(change) == {"img1", "img2"} and set(change["img2"]) == {"[v1]", "[v4]"}
     assert all(0.0 <= v <= 1.0 for per in change.values() for v in per.values())
@@ -312,6 +313,7 @@ def test_densecrf_beside_the_token_steps_gives_the_same_masks_later_and_resumes_
     assert not multiprocessing.active_children()  # the worker is gone with the run
     refreshes = unbroken.history["refreshes"]
     assert [(r["step"], r.get("applied_at")) for r in refreshes] == [(0, None), (3, 5), (6, 8)]
+    assert all(r["seconds"] > 0 for r in refreshes)
     assert [h["step"] for h in unbroken.mask_history] == [0, 5, 8]
     # Steps 0-2 drew the same maps in both runs, so the refresh at step 3 gives the same masks;
     # beside the steps they take effect two steps later.
