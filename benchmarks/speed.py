@@ -4,7 +4,8 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
 - em_step: one EM token step (attention capture + attention loss, backward, AdamW) / the plain
   masked-loss step of the same draws with the U-Net's own fused attention;
 - em_run: whole `learn` runs (first mask estimate, refreshes with DenseCRF, all steps) / the same
-  number of plain steps, alternating `--run-repeats` times (lower median); `--run-steps` steps, refresh
+  number of plain steps, one timed after each of the run's steps so that the machine's drift
+  weighs on both, `--run-repeats` times (lower median); `--run-steps` steps, refresh
   every `--refresh` steps, refreshes from `--mask-source` (fresh U-Net passes over
   `--refresh-timesteps`, or the maps the steps computed); plus a refresh timed alone and the ratio
   of a `--project` run (default 400 steps, refresh every 50) from the measured parts;
@@ -117,9 +118,33 @@ def bench_steps(bundle, img, concepts, latent, rounds: int, per_round: int) -> d
     return {"em_step_s": e, "plain_step_s": p, "ratio": e / p, "rounds": rounds, "steps_per_round": per_round}
 
 
+def interleaved_run(bundle, img, cfg: LearnConfig):
+    """One `learn` run with a plain step timed after each of its steps, so a drift of the machine's
+    speed during the run weighs on both alike. Returns (the run's seconds less the plain steps,
+    the plain steps' seconds, the finished state). The plain steps run with the U-Net's own
+    processors and their own tokens and optimiser, on the run's masks; the run is unchanged."""
+    plain = {"timer": None, "s": 0.0, "spent": 0.0}
+
+    def on_step(state, info):
+        t0 = clock()
+        if plain["timer"] is None:
+            plain["timer"] = _step_timer(bundle, img, state.concepts, latent_masks(state.masks[0], img.latent_hw))
+        procs = bundle.unet.attn_processors  # the run's capture processors, put back after
+        bundle.unet.set_attn_processor({n: getattr(p, "original", p) for n, p in procs.items()})
+        try:
+            plain["s"] += plain["timer"](info["step"], 1, False)
+        finally:
+            bundle.unet.set_attn_processor(procs)
+        plain["spent"] += clock() - t0
+
+    t0 = clock()
+    done = learn(bundle, [img], start_state(bundle, [img], cfg), progress=False, on_step=on_step)
+    return clock() - t0 - plain["spent"], plain["s"], done
+
+
 def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str = "fresh",
               refresh_timesteps: int = LearnConfig.refresh_timesteps, repeats: int = 3) -> dict:
-    """Whole runs and the same number of plain steps, alternating `repeats` times; median ratio.
+    """Whole runs against as many plain steps interleaved with them, `repeats` times; median ratio.
 
     `split` divides the chosen run's time beyond its plain steps into its token steps' extra
     (capture + attention loss + the loop's bookkeeping), its first estimate and its refreshes,
@@ -130,10 +155,10 @@ def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str
                       mask_source=source, refresh_timesteps=refresh_timesteps)
     runs, plains, done = [], [], []
     for _ in range(repeats):
-        t0 = clock()
-        done.append(learn(bundle, [img], start_state(bundle, [img], cfg), progress=False))
-        runs.append(clock() - t0)
-        plains.append(plain_steps_s(bundle, img, done[-1], steps))
+        run_s, plain_s, state = interleaved_run(bundle, img, cfg)
+        runs.append(run_s)
+        plains.append(plain_s)
+        done.append(state)
     t0 = clock()  # the first estimate alone: a run of no steps
     learn(bundle, [img], start_state(bundle, [img], LearnConfig(steps=0, mask_timesteps=timesteps)), progress=False)
     t_init = clock() - t0
