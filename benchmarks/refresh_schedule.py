@@ -23,7 +23,7 @@ from em_core.em_loop import learn, start_state
 from em_core.evaluate import concept_task, eval_set
 from em_core.metrics import iou_curve
 from em_core.model import load_bundle
-from speed import plain_steps_s  # the same plain steps the speed benchmark times (this folder)
+from speed import plain_steps_s  # plain steps timed after each run (this folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (refresh every N steps, timesteps per refresh); 0 = the paper's baseline, masks estimated once

@@ -122,16 +122,20 @@ def interleaved_run(bundle, img, cfg: LearnConfig):
     """One `learn` run with a plain step timed after each of its steps, so a drift of the machine's
     speed during the run weighs on both alike. Returns (the run's seconds less the plain steps,
     the plain steps' seconds, the finished state). The plain steps run with the U-Net's own
-    processors and their own tokens and optimiser, on the run's masks; the run is unchanged."""
+    processors and their own copy of the tokens and optimiser, on the first estimate's masks
+    (what a step costs does not depend on their values); the run's own draws are unchanged."""
+    if cfg.warmup_steps:
+        raise ValueError("interleaved_run: warm-up steps have no masks to time plain steps on; use warmup_steps=0")
     plain = {"timer": None, "s": 0.0, "spent": 0.0}
 
     def on_step(state, info):
         t0 = clock()
-        if plain["timer"] is None:
-            plain["timer"] = _step_timer(bundle, img, state.concepts, latent_masks(state.masks[0], img.latent_hw))
         procs = bundle.unet.attn_processors  # the run's capture processors, put back after
         bundle.unet.set_attn_processor({n: getattr(p, "original", p) for n, p in procs.items()})
         try:
+            if plain["timer"] is None:
+                plain["timer"] = _step_timer(bundle, img, state.concepts, latent_masks(state.masks[0], img.latent_hw))
+                plain["timer"](0, 1, False)  # warm-up (the optimiser's first step), not counted
             plain["s"] += plain["timer"](info["step"], 1, False)
         finally:
             bundle.unet.set_attn_processor(procs)
@@ -146,10 +150,10 @@ def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str
               refresh_timesteps: int = LearnConfig.refresh_timesteps, repeats: int = 3) -> dict:
     """Whole runs against as many plain steps interleaved with them, `repeats` times; median ratio.
 
-    `split` divides the chosen run's time beyond its plain steps into its token steps' extra
-    (capture + attention loss + the loop's bookkeeping), its first estimate and its refreshes,
-    each timed inside the run (the refresh records' `seconds`), as shares of the plain steps'
-    time; the three add up to ratio - 1.
+    `split` divides the chosen run's time beyond its plain steps into its first estimate and its
+    refreshes, each timed inside the run (the refresh records' `seconds`), and the rest, named
+    token steps' extra: capture + attention loss, the loop's bookkeeping, and `learn`'s own set-up;
+    as shares of the plain steps' time, the three add up to ratio - 1.
     """
     cfg = LearnConfig(steps=steps, refresh_every=refresh, mask_timesteps=timesteps, save_every=10 ** 9,
                       mask_source=source, refresh_timesteps=refresh_timesteps)

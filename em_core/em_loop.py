@@ -145,14 +145,16 @@ class _Run:
         self.reset_maps()
         if overlap:
             st.pending_refresh = {"step": st.step, "apply_at": st.step + cfg.crf_overlap, "kind": kind,
-                                  "source": source, "fresh_images": fallback, "masks": new_masks,
-                                  "seconds": time.perf_counter() - t0}
+                                  "source": source, "fresh_images": fallback, "masks": new_masks}
             self._submit_crf()
+            st.pending_refresh["seconds"] = time.perf_counter() - t0
             return
-        self._apply(new_masks, kind, source, st.step, fallback, time.perf_counter() - t0)
+        self._apply(new_masks, kind, source, st.step, fallback, t0)
 
-    def _apply(self, new_masks: list, kind: str, source: str, step: int, fallback: list, seconds: float) -> None:
-        """Installs a refresh's masks; `seconds`: the wall time the loop spent on it (the EM's cost)."""
+    def _apply(self, new_masks: list, kind: str, source: str, step: int, fallback: list, started: float,
+               earlier: float = 0.0) -> None:
+        """Installs a refresh's masks. Its record's `seconds` is the wall time the loop spent on the
+        refresh (EM's cost over plain steps): `earlier` seconds plus those since `started`."""
         st = self.state
         change = {}
         if st.mask_history:
@@ -162,11 +164,12 @@ class _Run:
         st.masks = new_masks
         self.latent = [latent_masks(m, img.latent_hw) for m, img in zip(new_masks, self.images)]
         st.mask_history.append({"step": st.step, "masks": [m.clone() for m in self.latent]})
-        record = {"step": step, "kind": kind, "source": source, "change": change, "seconds": round(seconds, 4)}
+        record = {"step": step, "kind": kind, "source": source, "change": change}
         if fallback:
             record["fresh_images"] = fallback
         if step != st.step:
             record["applied_at"] = st.step
+        record["seconds"] = round(earlier + time.perf_counter() - started, 6)
         st.history["refreshes"].append(record)
 
     # --- DenseCRF beside the token steps ------------------------------------------------
@@ -194,8 +197,8 @@ class _Run:
             new_masks.append(restore_fixed(img.names, refined, pre, self._fixed(i)))
         self.jobs = None
         self.state.pending_refresh = None
-        self._apply(new_masks, p["kind"], p["source"], p["step"], p.get("fresh_images", []),
-                    p.get("seconds", 0.0) + time.perf_counter() - t0)
+        self._apply(new_masks, p["kind"], p["source"], p["step"], p.get("fresh_images", []), t0,
+                    p.get("seconds", 0.0))
 
     def close(self) -> None:
         if self.pool is not None:
