@@ -18,7 +18,8 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
 
 em_run's `split` says where the run's time beyond its plain steps went, from times taken inside
 the run: its first estimate, its refreshes, and the rest, its token steps' extra (capture +
-attention loss, the loop's bookkeeping, `learn`'s set-up), each as a share of the plain steps' time (they add up to ratio - 1).
+attention loss, the loop's bookkeeping, `learn`'s set-up), each as a share of the plain steps'
+time (they add up to ratio - 1).
 `--device cuda --dtype fp16` runs it on a GPU (timings synchronise the device).
 
     python benchmarks/speed.py                                  # shipped tiny-world model, 64 px
