@@ -99,11 +99,17 @@ def _step_timer(bundle, img, concepts, latent):
     return run
 
 
-def plain_steps_s(bundle, img, state, steps: int) -> float:
-    """Seconds of `steps` plain steps (after one warm-up) with a finished run's tokens and masks."""
+def _plain_timer(bundle, img, state):
+    """A step timer on a run's tokens and first image's masks, past its warm-up step (the
+    optimiser's first step, not counted)."""
     plain = _step_timer(bundle, img, state.concepts, latent_masks(state.masks[0], img.latent_hw))
     plain(0, 1, False)
-    return plain(0, steps, False) * steps
+    return plain
+
+
+def plain_steps_s(bundle, img, state, steps: int) -> float:
+    """Seconds of `steps` plain steps (after one warm-up) with a finished run's tokens and masks."""
+    return _plain_timer(bundle, img, state)(0, steps, False) * steps
 
 
 def bench_steps(bundle, img, concepts, latent, rounds: int, per_round: int) -> dict:
@@ -135,8 +141,7 @@ def interleaved_run(bundle, img, cfg: LearnConfig):
         bundle.unet.set_attn_processor({n: getattr(p, "original", p) for n, p in procs.items()})
         try:
             if plain["timer"] is None:
-                plain["timer"] = _step_timer(bundle, img, state.concepts, latent_masks(state.masks[0], img.latent_hw))
-                plain["timer"](0, 1, False)  # warm-up (the optimiser's first step), not counted
+                plain["timer"] = _plain_timer(bundle, img, state)
             plain["s"] += plain["timer"](info["step"], 1, False)
         finally:
             bundle.unet.set_attn_processor(procs)
