@@ -14,7 +14,9 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
   of that gain apart), and the largest difference of the maps;
 - densecrf: DenseCRF at 512x512 with 4 labels, at full size and at the default working side;
 - text_side: a step's text side (concept injection + prompt encoding, forward), every step's
-  host work besides the U-Net.
+  host work besides the U-Net;
+- maps_pass: the GFLOP of one maps-only U-Net call, and the share of it spent projecting the
+  prompt into keys and values (identical for every item of a batch).
 
 em_run's `split` says where the run's time beyond its plain steps went, from times taken inside
 the run: its first estimate, its refreshes, and the rest, its token steps' extra (capture +
@@ -38,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from em_core.attention import AttentionCapture
+from em_core.attention import AttentionCapture, concept_selector
 from em_core.concepts import ConceptSet, encode_prompts, injected
 from em_core.config import LearnConfig
 from em_core.crf import CRFParams, refine_masks
@@ -237,6 +239,37 @@ def bench_crf(img, own_masks) -> dict:
     return out
 
 
+def bench_maps_pass(bundle, img, concepts) -> dict:
+    """Floating-point work of one maps-only U-Net call (one timestep, stopping after the last
+    captured layer), and the share of it that projects the prompt into each cross-attention
+    layer's keys and values: the same for every item of a batched call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with injected(bundle, concepts):
+        ids, hidden = encode_prompts(bundle, [img.prompt])
+    select = concept_selector(ids, concepts.token_ids(bundle.tokenizer))
+    noisy = img.latent_mean[0:1].to(bundle.device, bundle.dtype)
+    t = torch.tensor([500], device=bundle.device)
+    text_kv = {}
+
+    def count(name):
+        def hook(module, args, out):
+            text_kv[name] = 2 * out.numel() * args[0].shape[-1]  # one multiply-add per weight use
+        return hook
+
+    handles = [m.register_forward_hook(count(f"{n}.{w}")) for n, a in bundle.unet.named_modules()
+               if n.endswith("attn2") for w, m in (("k", a.to_k), ("v", a.to_v))]
+    try:
+        with torch.no_grad(), AttentionCapture(bundle.unet, stop_early=True) as cap, \
+                FlopCounterMode(display=False) as fc:
+            cap.run(select, img.latent_hw, lambda: bundle.unet(noisy, t, encoder_hidden_states=hidden).sample)
+    finally:
+        for h in handles:
+            h.remove()
+    total, kv = fc.get_total_flops(), sum(text_kv.values())
+    return {"gflop": total / 1e9, "text_kv_gflop": kv / 1e9, "text_kv_share": kv / total}
+
+
 def _positive(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -282,7 +315,7 @@ def main() -> None:
     ap.add_argument("--project", type=int, nargs=2, default=(400, 50), metavar=("STEPS", "EVERY"),
                     help="also give the whole-run ratio of this many steps refreshed this often, from the measured "
                          "step, first estimate and refresh times")
-    ap.add_argument("--only", nargs="*", default=None, help="em_step em_run mask_init densecrf text_side")
+    ap.add_argument("--only", nargs="*", default=None, help="em_step em_run mask_init densecrf text_side maps_pass")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the model's weights (fp16/bf16: GPU)")
     ap.add_argument("--json", default=None)
@@ -297,7 +330,7 @@ def main() -> None:
     concepts = ConceptSet.create(bundle, img.names, seed=0)
     masks, _ = estimate_masks(bundle, concepts, img, n_timesteps=4, batch=4)
     latent = latent_masks(masks, img.latent_hw)
-    only = set(args.only or ["em_step", "em_run", "mask_init", "densecrf", "text_side"])
+    only = set(args.only or ["em_step", "em_run", "mask_init", "densecrf", "text_side", "maps_pass"])
     rows = {}
     if "em_step" in only:
         rows["em_step"] = bench_steps(bundle, img, concepts, latent, args.rounds, args.per_round)
@@ -319,6 +352,8 @@ def main() -> None:
         rows["densecrf"] = bench_crf(img, masks)
     if "text_side" in only:
         rows["text_side"] = bench_text_side(bundle, concepts)
+    if "maps_pass" in only:
+        rows["maps_pass"] = bench_maps_pass(bundle, img, concepts)
     machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "device": args.device,
                "dtype": args.dtype,
                "threads": torch.get_num_threads(),
