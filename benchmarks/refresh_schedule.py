@@ -1,6 +1,7 @@
 """What a cheaper E-step costs in masks: whole `learn` runs on held-out tiny-world scenes under
-several refresh schedules, each run's time against the same number of plain steps, and the final
-masks' IoU against the true masks.
+several refresh schedules, each run's time against the same number of plain steps (one timed
+after each of the run's steps, as speed.py's whole runs are), and the final masks' IoU against
+the true masks.
 
 The runs of one scene share their seed, so their steps draw the same images, subsets, timesteps
 and noise; they differ only in the masks the schedule gives. Prints a table and writes JSON.
@@ -12,18 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 from em_core.config import LearnConfig
 from em_core.dataset import prepare_image
-from em_core.em_loop import learn, start_state
 from em_core.evaluate import concept_task, eval_set
 from em_core.metrics import iou_curve
 from em_core.model import load_bundle
-from speed import plain_steps_s  # plain steps timed after each run (this folder)
+from speed import interleaved_run  # a run with a plain step timed after each of its steps (this folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (refresh every N steps, timesteps per refresh); 0 = the paper's baseline, masks estimated once
@@ -45,14 +44,9 @@ def main() -> None:
         path = Path("/tmp") / f"em_core_schedule_scene{k}.png"
         scene.image.save(path)
         img = prepare_image(bundle, path, prompt)
-        plain_s = None
         for name, (every, ts) in SCHEDULES.items():
             cfg = LearnConfig(steps=args.steps, refresh_every=every, refresh_timesteps=ts, save_every=10 ** 9)
-            t0 = time.perf_counter()
-            state = learn(bundle, [img], start_state(bundle, [img], cfg, init), progress=False)
-            run_s = time.perf_counter() - t0
-            if plain_s is None:  # the plain steps of this scene, under the first schedule's final masks
-                plain_s = plain_steps_s(bundle, img, state, args.steps)
+            run_s, plain_s, state = interleaved_run(bundle, img, cfg, init)
             last = iou_curve(state, {(0, n): m for n, m in truth.items()})[-1]
             rows[name]["iou"].append(float(np.mean(list(last["iou"]["img1"].values()))))
             rows[name]["ratio"].append(run_s / plain_s)

@@ -127,7 +127,7 @@ def bench_steps(bundle, img, concepts, latent, rounds: int, per_round: int) -> d
     return {"em_step_s": e, "plain_step_s": p, "ratio": e / p, "rounds": rounds, "steps_per_round": per_round}
 
 
-def interleaved_run(bundle, img, cfg: LearnConfig):
+def interleaved_run(bundle, img, cfg: LearnConfig, init_words: dict | None = None):
     """One `learn` run with a plain step timed after each of its steps, so a drift of the machine's
     speed during the run weighs on both alike. Returns (the run's seconds less the plain steps,
     the plain steps' seconds, the finished state). The plain steps run with the U-Net's own
@@ -150,7 +150,7 @@ def interleaved_run(bundle, img, cfg: LearnConfig):
         plain["spent"] += clock() - t0
 
     t0 = clock()
-    done = learn(bundle, [img], start_state(bundle, [img], cfg), progress=False, on_step=on_step)
+    done = learn(bundle, [img], start_state(bundle, [img], cfg, init_words), progress=False, on_step=on_step)
     return clock() - t0 - plain["spent"], plain["s"], done
 
 
