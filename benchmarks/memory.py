@@ -4,20 +4,34 @@ Each setting runs in its own process, so one peak never hides another. On the CP
 the process's peak resident memory (ru_maxrss) and, apart, its growth over the memory held once
 the model and the concepts are loaded; on a GPU it is torch.cuda.max_memory_allocated.
 
+`--tensor-peak` also counts, on the CPU, the bytes of live tensors at their peak (model,
+trainable copies or adapters, gradients, optimiser state, activations: every storage an op
+makes, until it is freed), the quantity torch.cuda.max_memory_allocated reports on a GPU, without the allocator and libraries
+around it; with `--mixed-precision` the fine-tune then runs under the CPU's own autocast, as it
+would under a GPU's. A stand-in for a GPU's figure, not a measurement of one.
+
     python benchmarks/memory.py                                   # shipped tiny-world model, 64 px
     python benchmarks/memory.py --model sd15 --size 256 --steps 2  # SD-1.5-shaped, random weights
     python benchmarks/memory.py --model sd15 --size 512 --steps 1 --only lora lora+ckpt   # LoRA at 512 px
     python benchmarks/memory.py --model DIR --size 512 --dtype fp16 --mixed-precision fp16   # on a GPU
+    python benchmarks/memory.py --model sd15 --size 512 --steps 1 --dtype bf16 --mixed-precision bf16 \
+        --tensor-peak                                             # the GPU's quantity, counted on the CPU
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"full": ("full", False), "full+ckpt": ("full", True), "lora": ("lora", False), "lora+ckpt": ("lora", True)}
@@ -31,9 +45,40 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def child(args) -> dict:
-    import torch
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages alive, and their peak, while ops run inside it: what a GPU's
+    caching allocator would be asked for, counted on any device. A storage is counted when an op
+    first returns it (or, for `tensors` given up front, at once) and dropped when it is freed."""
 
+    def __init__(self, tensors=()):
+        super().__init__()
+        self.seen: dict[int, int] = {}  # id of a storage's StorageImpl -> its bytes
+        self.now = self.peak = 0
+        for t in tensors:
+            self._count(t)
+
+    def _count(self, t) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.seen or st.nbytes() == 0:
+            return
+        self.seen[key] = st.nbytes()
+        self.now += st.nbytes()
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(st, self._free, key)  # the Python storage lives as long as its StorageImpl
+
+    def _free(self, key: int) -> None:
+        self.now -= self.seen.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._count(t)
+        return out
+
+
+def child(args) -> dict:
     from em_core.config import LearnConfig
     from em_core.dataset import prepare_image
     from em_core.em_loop import learn, start_state
@@ -57,16 +102,34 @@ def child(args) -> dict:
         base = _rss_mb()
     cfg = FinetuneConfig(steps=args.steps, mode=args.mode, gradient_checkpointing=args.checkpointing,
                          mixed_precision=args.mixed_precision, save_every=10 ** 9)
-    t0 = time.perf_counter()
-    done = finetune(bundle, [img], state, cfg, progress=False)
-    seconds = time.perf_counter() - t0
+    tracker = None
+    with contextlib.ExitStack() as stack:
+        if args.tensor_peak and dev == "cpu":
+            held = [t for m in (bundle.unet, bundle.text_encoder, bundle.vae) for t in (*m.parameters(), *m.buffers())]
+            held += [img.latent_mean, img.latent_std]
+            tracker = stack.enter_context(LiveTensorBytes(held))
+            if args.mixed_precision != "no":  # finetune honours it on a GPU only; here, the CPU's autocast
+                half = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
+                stack.enter_context(torch.autocast("cpu", dtype=half))
+        t0 = time.perf_counter()
+        done = finetune(bundle, [img], state, cfg, progress=False)
+        seconds = time.perf_counter() - t0
     if dev == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": args.mode, "checkpointing": args.checkpointing, "device": dev, "dtype": args.dtype,
-            "loaded_mb": round(base), "peak_mb": round(peak), "growth_mb": round(peak - base),
-            "steps": args.steps, "seconds_per_step": seconds / max(1, args.steps), "status": done.finetune["status"]}
+    row = {"mode": args.mode, "checkpointing": args.checkpointing, "device": dev, "dtype": args.dtype,
+           "mixed_precision": args.mixed_precision, "loaded_mb": round(base), "peak_mb": round(peak),
+           "growth_mb": round(peak - base), "steps": args.steps, "seconds_per_step": seconds / max(1, args.steps),
+           "status": done.finetune["status"]}
+    if tracker is not None:  # its per-op bookkeeping slows the steps: their time means nothing here
+        row["tensor_peak_mb"] = round(tracker.peak / 2**20)
+        row["seconds_per_step"] = None
+    return row
+
+
+def _secs(s) -> str:
+    return "-" if s is None else f"{s:.2f}"
 
 
 def main() -> None:
@@ -79,6 +142,8 @@ def main() -> None:
     ap.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     ap.add_argument("--only", nargs="*", choices=sorted(SETTINGS), default=None,
                     help="settings to run (default: all four); ckpt = gradient checkpointing")
+    ap.add_argument("--tensor-peak", action="store_true",
+                    help="on the CPU, also count live tensor bytes at their peak (slower steps)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="full", help=argparse.SUPPRESS)
@@ -94,6 +159,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--model", args.model, "--steps", str(args.steps),
                "--dtype", args.dtype, "--mixed-precision", args.mixed_precision, "--mode", mode]
         cmd += (["--size", str(args.size)] if args.size else []) + (["--checkpointing"] if ckpt else [])
+        cmd += ["--tensor-peak"] if args.tensor_peak else []
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             rows.append({"mode": mode, "checkpointing": ckpt, "error": res.stderr.strip().splitlines()[-1:]})
@@ -101,13 +167,13 @@ def main() -> None:
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\nmodel {args.model}  side {args.size or 'model default'}  dtype {args.dtype}")
-    print(f"{'mode':<5} {'ckpt':<5} {'loaded MB':>10} {'peak MB':>9} {'growth MB':>10} {'s/step':>7}")
+    print(f"{'mode':<5} {'ckpt':<5} {'loaded MB':>10} {'peak MB':>9} {'growth MB':>10} {'s/step':>7} {'tensors MB':>11}")
     for r in rows:
         if "error" in r:
             print(f"{r['mode']:<5} {str(r['checkpointing']):<5} failed: {r['error']}")
             continue
         print(f"{r['mode']:<5} {str(r['checkpointing']):<5} {r['loaded_mb']:>10} {r['peak_mb']:>9} "
-              f"{r['growth_mb']:>10} {r['seconds_per_step']:>7.2f}")
+              f"{r['growth_mb']:>10} {_secs(r['seconds_per_step']):>7} {r.get('tensor_peak_mb', '-'):>11}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "size": args.size, "rows": rows}, indent=1))
 

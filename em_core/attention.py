@@ -131,11 +131,13 @@ class CaptureProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         # Scores and softmax in float32: fp16 scores overflow (why SD 2.x sets upcast_attention).
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
-        probs = scores.softmax(dim=-1)
+        # Autocast is held off here, or it would run the float32 matmul in half precision anyway.
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+                scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+            probs = scores.softmax(dim=-1)
         # The same ops run whether or not a capture is live, so gradient checkpointing's
         # replay of this layer during backward matches its first pass.
         if store is not None:

@@ -38,7 +38,7 @@ class FinetuneConfig:
     train_text_encoder: bool = True
     attn_weight: float = 1e-2
     gradient_checkpointing: bool = False
-    mixed_precision: str = "no"  # no | fp16 | bf16; honoured on a GPU only
+    mixed_precision: str = "no"  # no | fp16 | bf16; fp16 on a GPU only, bf16 on a GPU or the CPU
     flip: bool = True
     layers: str = "coarse"
     seed: int = 0
@@ -175,12 +175,16 @@ def _train_mode(bundle, cfg: FinetuneConfig):
 
 
 def _autocast(bundle, cfg: FinetuneConfig):
+    """The forward's autocast: fp16 or bf16 on a GPU, bf16 on the CPU too (torch's CPU autocast
+    is bf16 first, as accelerate's is), otherwise float32."""
     if cfg.mixed_precision == "no":
         return contextlib.nullcontext()
-    if bundle.device.type != "cuda":
-        warnings.warn("mixed precision is for GPUs; running in float32 on this device", stacklevel=3)
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
+    kind = bundle.device.type
+    if kind == "cuda" or (kind == "cpu" and cfg.mixed_precision == "bf16"):
+        return torch.autocast(kind, dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
+    warnings.warn(f"mixed precision {cfg.mixed_precision} is for GPUs (bf16 also runs on the CPU); running in "
+                  f"float32 on {kind}", stacklevel=3)
+    return contextlib.nullcontext()
 
 
 def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = None, *, out=None,

@@ -98,3 +98,26 @@ def test_stop_early_gives_the_same_maps_and_skips_the_rest_of_the_unet(bundle):
         hook.remove()
     assert out is None and len(calls) == 1  # the second call never reached the output convolution
     assert torch.equal(full, early)
+
+
+def test_captured_scores_stay_float32_under_autocast():
+    """Mixed precision must not round the captured scores to half precision (fp16 ones overflow)."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=16, heads=1, dim_head=16)
+    x, text = torch.randn(1, 64, 16) * 4, torch.randn(1, 7, 16) * 4  # scores of several units: rounding shows
+
+    class Keep:
+        probs = []
+
+        def add(self, name, probs):
+            self.probs.append(probs)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        CaptureProcessor("layer", [Keep()])(attn, x, text)
+        q, k = attn.to_q(x), attn.to_k(text)  # the projections autocast makes half, as the processor saw them
+    got = Keep.probs[0][0, 0]
+    want = ((q[0].float() @ k[0].float().T) * attn.scale).softmax(-1)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-5)

@@ -272,3 +272,22 @@ def test_a_later_stage_without_the_text_encoder_keeps_its_tuned_weights(bundle, 
     if mode == "lora":
         with pytest.raises(ValueError, match="rank 2; continue with rank=2"):
             finetune(bundle, images, second, FinetuneConfig(steps=3, mode="lora", rank=8), progress=False)
+
+
+def test_bf16_mixed_precision_runs_on_the_cpu_and_fp16_falls_back(bundle, learned):
+    images, state = learned
+    seen = []
+    hook = bundle.unet.conv_out.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    try:
+        out = finetune(bundle, images, state, FinetuneConfig(steps=2, mode="lora", rank=2, mixed_precision="bf16"),
+                       progress=False)
+        assert seen == [torch.bfloat16] * 2  # the forward ran under the CPU's autocast
+        assert out.finetune["status"] == "done"
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in out.weights.tensors.values())
+        seen.clear()
+        with pytest.warns(UserWarning, match="fp16 is for GPUs"):
+            finetune(bundle, images, state, FinetuneConfig(steps=1, mode="lora", rank=2, mixed_precision="fp16"),
+                     progress=False)
+        assert seen == [torch.float32]
+    finally:
+        hook.remove()
