@@ -6,9 +6,10 @@ the model and the concepts are loaded; on a GPU it is torch.cuda.max_memory_allo
 
 `--tensor-peak` also counts, on the CPU, the bytes of live tensors at their peak (model,
 trainable copies or adapters, gradients, optimiser state, activations: every storage an op
-makes, until it is freed), the quantity torch.cuda.max_memory_allocated reports on a GPU, without the allocator and libraries
-around it; with `--mixed-precision` the fine-tune then runs under the CPU's own autocast, as it
-would under a GPU's. A stand-in for a GPU's figure, not a measurement of one.
+makes, until it is freed): the quantity torch.cuda.max_memory_allocated reports on a GPU,
+without the CUDA context, kernel workspaces and allocator slack around it. With `--dtype bf16
+--mixed-precision bf16` the fine-tune runs under the CPU's bf16 autocast as it would under a
+GPU's, so the count stands in for a GPU's figure; it is not a measurement of one.
 
     python benchmarks/memory.py                                   # shipped tiny-world model, 64 px
     python benchmarks/memory.py --model sd15 --size 256 --steps 2  # SD-1.5-shaped, random weights
@@ -103,14 +104,10 @@ def child(args) -> dict:
     cfg = FinetuneConfig(steps=args.steps, mode=args.mode, gradient_checkpointing=args.checkpointing,
                          mixed_precision=args.mixed_precision, save_every=10 ** 9)
     tracker = None
-    with contextlib.ExitStack() as stack:
-        if args.tensor_peak and dev == "cpu":
-            held = [t for m in (bundle.unet, bundle.text_encoder, bundle.vae) for t in (*m.parameters(), *m.buffers())]
-            held += [img.latent_mean, img.latent_std]
-            tracker = stack.enter_context(LiveTensorBytes(held))
-            if args.mixed_precision != "no":  # finetune honours it on a GPU only; here, the CPU's autocast
-                half = torch.float16 if args.mixed_precision == "fp16" else torch.bfloat16
-                stack.enter_context(torch.autocast("cpu", dtype=half))
+    if args.tensor_peak and dev == "cpu":
+        held = [t for m in (bundle.unet, bundle.text_encoder, bundle.vae) for t in (*m.parameters(), *m.buffers())]
+        tracker = LiveTensorBytes(held + [img.latent_mean, img.latent_std])
+    with tracker or contextlib.nullcontext():
         t0 = time.perf_counter()
         done = finetune(bundle, [img], state, cfg, progress=False)
         seconds = time.perf_counter() - t0
