@@ -7,7 +7,10 @@ the model and the concepts are loaded; on a GPU it is torch.cuda.max_memory_allo
 `--tensor-peak` also counts, on the CPU, the bytes of live tensors at their peak (model,
 trainable copies or adapters, gradients, optimiser state, activations: every storage an op
 makes, until it is freed): the quantity torch.cuda.max_memory_allocated reports on a GPU,
-without the CUDA context, kernel workspaces and allocator slack around it. With `--dtype bf16
+without the CUDA context, kernel workspaces and allocator slack around it. It is given twice:
+over the steps, and over the whole call, whose end builds the result (a full fine-tune's delta)
+beside the optimiser state; on a GPU that delta goes to host memory a tensor at a time, so the
+first figure is the one that stands for the GPU. With `--dtype bf16
 --mixed-precision bf16` the fine-tune runs under the CPU's bf16 autocast as it would under a
 GPU's, so the count stands in for a GPU's figure; it is not a measurement of one.
 
@@ -107,9 +110,14 @@ def child(args) -> dict:
     if args.tensor_peak and dev == "cpu":
         held = [t for m in (bundle.unet, bundle.text_encoder, bundle.vae) for t in (*m.parameters(), *m.buffers())]
         tracker = LiveTensorBytes(held + [img.latent_mean, img.latent_std])
+    steps_peak = [0]  # the count's peak up to the end of the last step, before the result is built
+
+    def on_step(*_):
+        steps_peak[0] = tracker.peak
+
     with tracker or contextlib.nullcontext():
         t0 = time.perf_counter()
-        done = finetune(bundle, [img], state, cfg, progress=False)
+        done = finetune(bundle, [img], state, cfg, progress=False, on_step=on_step if tracker else None)
         seconds = time.perf_counter() - t0
     if dev == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -121,6 +129,7 @@ def child(args) -> dict:
            "status": done.finetune["status"]}
     if tracker is not None:  # its per-op bookkeeping slows the steps: their time means nothing here
         row["tensor_peak_mb"] = round(tracker.peak / 2**20)
+        row["tensor_steps_peak_mb"] = round(steps_peak[0] / 2**20)
         row["seconds_per_step"] = None
     return row
 
@@ -164,13 +173,15 @@ def main() -> None:
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     print(f"\nmodel {args.model}  side {args.size or 'model default'}  dtype {args.dtype}")
-    print(f"{'mode':<5} {'ckpt':<5} {'loaded MB':>10} {'peak MB':>9} {'growth MB':>10} {'s/step':>7} {'tensors MB':>11}")
+    print(f"{'mode':<5} {'ckpt':<5} {'loaded MB':>10} {'peak MB':>9} {'growth MB':>10} {'s/step':>7} "
+          f"{'tensors MB: steps':>18} {'whole':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['mode']:<5} {str(r['checkpointing']):<5} failed: {r['error']}")
             continue
         print(f"{r['mode']:<5} {str(r['checkpointing']):<5} {r['loaded_mb']:>10} {r['peak_mb']:>9} "
-              f"{r['growth_mb']:>10} {_secs(r['seconds_per_step']):>7} {r.get('tensor_peak_mb', '-'):>11}")
+              f"{r['growth_mb']:>10} {_secs(r['seconds_per_step']):>7} {r.get('tensor_steps_peak_mb', '-'):>18} "
+              f"{r.get('tensor_peak_mb', '-'):>6}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "size": args.size, "rows": rows}, indent=1))
 
