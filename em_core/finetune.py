@@ -198,6 +198,13 @@ def _adamw(groups: list) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups)
 
 
+def _all_finite(tensors: list) -> bool:
+    """One device sync for the lot, not one per tensor. Takes the list so that no name outlives the
+    check: a list of the step's gradients kept in the loop held them through the next backward
+    (+3.6 GB from the second step of a full SD 1.5 fine-tune)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
 def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = None, *, out=None,
              should_stop=None, on_step=None, progress: bool = True) -> LearnState:
     """Runs the fine-tune's remaining steps on a learned state; returns a new state.
@@ -253,8 +260,7 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
                         ft["status"], ft["message"] = "nan", f"loss was not finite at step {ft['step']}"
                         break
                     loss.backward()
-                    grads = [p.grad for p in [vectors, *params] if p.grad is not None]
-                    if not all(bool(torch.isfinite(g).all()) for g in grads):
+                    if not _all_finite([p.grad for p in [vectors, *params] if p.grad is not None]):
                         ft["status"], ft["message"] = "nan", f"gradients were not finite at step {ft['step']}"
                         break
                     opt.step()
