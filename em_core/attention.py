@@ -7,6 +7,7 @@ attention loss can flow back into the token vectors.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -92,6 +93,13 @@ class MapStore:
         return self.total / self.count
 
 
+def _autocast_off(device_type: str):
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:  # a torch with no autocast for this device: then nothing is cast either
+        return contextlib.nullcontext()
+
+
 class CaptureProcessor:
     """Cross-attention with an explicit softmax whose concept columns go to a MapStore.
 
@@ -132,7 +140,7 @@ class CaptureProcessor:
             key = attn.norm_k(key)
         # Scores and softmax in float32: fp16 scores overflow (why SD 2.x sets upcast_attention).
         # Autocast is held off here, or it would run the float32 matmul in half precision anyway.
-        with torch.autocast(query.device.type, enabled=False):
+        with _autocast_off(query.device.type):
             scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
             if attention_mask is not None:
                 mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
