@@ -9,7 +9,7 @@ trainable copies or adapters, gradients, optimiser state, activations: every sto
 makes, until it is freed): the quantity torch.cuda.max_memory_allocated reports on a GPU,
 without the CUDA context, kernel workspaces and allocator slack around it. It is given twice:
 over the steps, and over the whole call, whose end builds the result (a full fine-tune's delta)
-beside the optimiser state; on a GPU that delta goes to host memory a tensor at a time, so the
+beside the trainable weights; on a GPU that delta goes to host memory a tensor at a time, so the
 first figure is the one that stands for the GPU. With `--dtype bf16
 --mixed-precision bf16` the fine-tune runs under the CPU's bf16 autocast as it would under a
 GPU's, so the count stands in for a GPU's figure; it is not a measurement of one.
@@ -52,7 +52,9 @@ def _rss_mb() -> float:
 class LiveTensorBytes(TorchDispatchMode):
     """Bytes of the tensor storages alive, and their peak, while ops run inside it: what a GPU's
     caching allocator would be asked for, counted on any device. A storage is counted when an op
-    first returns it (or, for `tensors` given up front, at once) and dropped when it is freed."""
+    first returns it (or, for `tensors` given up front, at once), again when an op returns it
+    resized, and dropped when it is freed. The drop relies on torch keeping a storage's Python
+    object for as long as the storage lives (torch 2.0 and later)."""
 
     def __init__(self, tensors=()):
         super().__init__()
@@ -62,14 +64,18 @@ class LiveTensorBytes(TorchDispatchMode):
             self._count(t)
 
     def _count(self, t) -> None:
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self.seen or st.nbytes() == 0:
+        if t.layout != torch.strided:  # sparse and other layouts have no single storage
             return
-        self.seen[key] = st.nbytes()
-        self.now += st.nbytes()
+        st = t.untyped_storage()
+        key, size = st._cdata, st.nbytes()
+        if key in self.seen:
+            self.now += size - self.seen[key]  # resized in place (resize_, out=)
+            self.seen[key] = size
+        elif size:
+            self.seen[key] = size
+            self.now += size
+            weakref.finalize(st, self._free, key)  # the Python storage lives as long as its StorageImpl
         self.peak = max(self.peak, self.now)
-        weakref.finalize(st, self._free, key)  # the Python storage lives as long as its StorageImpl
 
     def _free(self, key: int) -> None:
         self.now -= self.seen.pop(key, 0)

@@ -4,7 +4,8 @@ memory a step holds beyond the weights, their gradients and AdamW's two moments.
 A GPU picks the foreach path by default, the CPU the per-tensor loop; the fine-tune asks for the
 fused kernel (em_core.finetune._adamw). The weights are float32 copies shaped as the fine-tune's
 (U-Net and text encoder, the token table left out) with random gradients; each implementation
-takes one step to create its moments, then one timed and counted step.
+takes one step to create its moments, then `--repeats` timed steps (median) and one counted
+step (the counter's per-op bookkeeping would weigh on the timings).
 
     python benchmarks/optimizer.py                      # shipped tiny-world model
     python benchmarks/optimizer.py --model sd15         # SD-1.5-shaped: ~16 GB of float32 state
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -36,28 +38,32 @@ def trainable_shapes(model: str) -> list[torch.Size]:
     return shapes
 
 
-def one(shapes, kw: dict) -> dict:
+def one(shapes, kw: dict, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
     opt = torch.optim.AdamW(params, lr=2e-6, **kw)
     opt.step()  # creates the moments
-    held = [t for p in params for t in (p, p.grad, *opt.state[p].values())]
-    with LiveTensorBytes(held) as live:
+    times = []
+    for _ in range(repeats):
         t0 = time.perf_counter()
         opt.step()
-        seconds = time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    held = [t for p in params for t in (p, p.grad, *opt.state[p].values())]
+    with LiveTensorBytes(held) as live:
+        opt.step()
     state = live.now
     del held, opt, params
     gc.collect()
-    return {"step_s": seconds, "state_mb": state / 2**20, "extra_peak_mb": (live.peak - state) / 2**20}
+    return {"step_s": statistics.median(times), "state_mb": state / 2**20, "extra_peak_mb": (live.peak - state) / 2**20}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "em_core" / "models" / "tiny_world"),
                     help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per implementation (median)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     shapes = trainable_shapes(args.model)
@@ -66,13 +72,14 @@ def main() -> None:
           f"({4 * n / 2**20:.0f} MB in float32), torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = {}
     for name, kw in KINDS.items():
-        rows[name] = one(shapes, kw)
+        rows[name] = one(shapes, kw, max(1, args.repeats))
         r = rows[name]
         print(f"{name:<26} step {r['step_s']:.3f} s   weights+grads+moments {r['state_mb']:.0f} MB   "
               f"extra at peak {r['extra_peak_mb']:.0f} MB", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "tensors": len(shapes), "weights": n,
-                                               "torch": torch.__version__, "rows": rows}, indent=1))
+                                               "torch": torch.__version__, "repeats": args.repeats,
+                                               "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -182,20 +182,22 @@ def _autocast(bundle, cfg: FinetuneConfig):
     kind = bundle.device.type
     if kind == "cuda" or (kind == "cpu" and cfg.mixed_precision == "bf16"):
         return torch.autocast(kind, dtype=torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16)
-    warnings.warn(f"mixed precision {cfg.mixed_precision} is for GPUs (bf16 also runs on the CPU); running in "
-                  f"float32 on {kind}", stacklevel=3)
+    warnings.warn(f"mixed precision {cfg.mixed_precision} is for CUDA GPUs (bf16 also runs on the CPU); running "
+                  f"in float32 on {kind}", stacklevel=3)
     return contextlib.nullcontext()
 
 
-def _adamw(groups: list) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel where it has one for these tensors. The foreach path a GPU
-    otherwise takes holds a temporary as large as all the trainable weights during each step (3.6 GB
-    more for a full SD 1.5 fine-tune); the fused one holds none, and is faster
-    (benchmarks/optimizer.py)."""
-    try:
-        return torch.optim.AdamW(groups, fused=True)
-    except (RuntimeError, ValueError):  # an older torch, or a device without the fused kernel
-        return torch.optim.AdamW(groups)
+def _adamw(groups: list, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel on CUDA and the CPU. The foreach path a GPU otherwise takes
+    holds a temporary as large as all the trainable weights during each step (3.6 GB more for a
+    full SD 1.5 fine-tune); the fused one holds none, and is faster (benchmarks/optimizer.py).
+    Other devices keep torch's default: some accept fused=True and only fail at the first step."""
+    if device.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.AdamW(groups, fused=True)
+        except (RuntimeError, ValueError, TypeError):  # an older torch without it
+            pass
+    return torch.optim.AdamW(groups)
 
 
 def _all_finite(tensors: list) -> bool:
@@ -244,7 +246,7 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
                   unit="step") as bar, _training_modules(bundle, cfg, state.weights) as (params, result), \
                 _train_mode(bundle, cfg), AttentionCapture(bundle.unet, cfg.layers) as capture:
             opt = _adamw([{"params": params, "lr": cfg.weight_lr},
-                          {"params": [vectors], "lr": cfg.token_lr or cfg.weight_lr}])
+                          {"params": [vectors], "lr": cfg.token_lr or cfg.weight_lr}], vectors.device)
             try:
                 while ft["step"] < cfg.steps:
                     if should_stop is not None and should_stop():
@@ -255,7 +257,6 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
                                                        ft["step"], cfg.seed + 104729, cfg.flip, cfg.attn_weight,
                                                        capture)
                     info["phase"] = "finetune"
-                    opt.zero_grad(set_to_none=True)
                     if not math.isfinite(info["loss"]):
                         ft["status"], ft["message"] = "nan", f"loss was not finite at step {ft['step']}"
                         break
@@ -264,20 +265,23 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
                         ft["status"], ft["message"] = "nan", f"gradients were not finite at step {ft['step']}"
                         break
                     opt.step()
+                    opt.zero_grad(set_to_none=True)  # freed now, not after the next forward
                     ft["step"] += 1
                     state.history["finetune"].append(info)
                     bar.update(1)
                     bar.set_postfix(loss=f"{info['loss']:.4f}")
                     if on_step is not None:
                         on_step(state, info)
-                    if out is not None and ft["step"] % cfg.save_every == 0:
+                    # The last step's save is the one on the way out, after the optimiser is freed.
+                    if out is not None and ft["step"] % cfg.save_every == 0 and ft["step"] < cfg.steps:
                         _collect(state, vectors, result)
                         save()
                 else:
                     ft["status"] = "done"
             finally:
-                # Gradients and moments are done with: freed before the result (a full fine-tune's
-                # delta, as large as the weights) is built beside them.
+                # Gradients, moments and a dropped step's graph are done with: freed before the
+                # result (a full fine-tune's delta, as large as the weights) is built beside them.
+                loss = None
                 opt.zero_grad(set_to_none=True)
                 opt.state.clear()
                 # While the adapters are still in place: what was learned, however the loop ended.

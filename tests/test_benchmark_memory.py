@@ -3,6 +3,7 @@ GPU's max_memory_allocated, so it must count what is alive and forget what is fr
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 _SPEC = importlib.util.spec_from_file_location("bench_memory", Path(__file__).parents[1] / "benchmarks" / "memory.py")
@@ -24,7 +25,11 @@ def test_counts_live_storages_and_their_peak():
         d = torch.empty(MB // 4, dtype=torch.float64)  # +2 MB
         assert live.now == 3 * MB
         assert live.peak == 5 * MB
-        del d
+        e = torch.zeros(1)
+        with pytest.warns(UserWarning, match="resized"):
+            torch.add(torch.ones(MB // 4), 1, out=e)  # out= grows e's 4-byte storage to 1 MB in place
+        assert live.now == 3 * MB + MB
+        del d, e
     assert live.now == MB
 
 

@@ -285,7 +285,7 @@ def test_bf16_mixed_precision_runs_on_the_cpu_and_fp16_falls_back(bundle, learne
         assert out.finetune["status"] == "done"
         assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in out.weights.tensors.values())
         seen.clear()
-        with pytest.warns(UserWarning, match="fp16 is for GPUs"):
+        with pytest.warns(UserWarning, match="fp16 is for CUDA GPUs"):
             finetune(bundle, images, state, FinetuneConfig(steps=1, mode="lora", rank=2, mixed_precision="fp16"),
                      progress=False)
         assert seen == [torch.float32]
@@ -293,23 +293,28 @@ def test_bf16_mixed_precision_runs_on_the_cpu_and_fp16_falls_back(bundle, learne
         hook.remove()
 
 
-def test_a_steps_gradients_are_freed_before_the_next_backward(bundle, learned):
+def test_a_steps_gradients_are_freed_before_the_next_step(bundle, learned):
     """A full fine-tune holds one set of gradients, not two (a kept list of them cost 3.6 GB on SD 1.5)."""
     import weakref
 
     images, state = learned
-    last, alive_at_backward = [], []
+    grads, hooked, alive_at_forward = [], set(), []
 
-    def on_step(*_):
-        last[:] = [weakref.ref(p.grad) for p in bundle.unet.parameters() if p.grad is not None]
+    def keep(p):
+        grads.append(weakref.ref(p.grad))
 
-    def at_backward(*_):
-        alive_at_backward.append(sum(r() is not None for r in last))
+    def at_forward(module, args):  # each step's U-Net call: count the last step's gradients still alive
+        alive_at_forward.append(sum(r() is not None for r in grads))
+        grads.clear()
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in hooked:
+                p.register_post_accumulate_grad_hook(keep)
+                hooked.add(id(p))
 
-    hook = bundle.unet.conv_out.register_full_backward_pre_hook(at_backward)
+    hook = bundle.unet.register_forward_pre_hook(at_forward)
     try:
-        finetune(bundle, images, state, FinetuneConfig(steps=3, mode="full"), progress=False, on_step=on_step)
+        finetune(bundle, images, state, FinetuneConfig(steps=3, mode="full"), progress=False)
     finally:
         hook.remove()
-    assert len(alive_at_backward) == 3 and alive_at_backward[0] == 0  # no step before the first
-    assert alive_at_backward[1:] == [0, 0]
+    assert len(alive_at_forward) == 3 and grads  # the last step's gradients were seen
+    assert alive_at_forward == [0, 0, 0]
