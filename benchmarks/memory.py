@@ -18,8 +18,8 @@ GPU's, so the count stands in for a GPU's figure; it is not a measurement of one
     python benchmarks/memory.py --model sd15 --size 256 --steps 2  # SD-1.5-shaped, random weights
     python benchmarks/memory.py --model sd15 --size 512 --steps 1 --only lora lora+ckpt   # LoRA at 512 px
     python benchmarks/memory.py --model DIR --size 512 --dtype fp16 --mixed-precision fp16   # on a GPU
-    python benchmarks/memory.py --model sd15 --size 512 --steps 1 --dtype bf16 --mixed-precision bf16 \
-        --tensor-peak                                             # the GPU's quantity, counted on the CPU
+    python benchmarks/memory.py --model sd15 --size 512 --steps 2 --dtype bf16 --mixed-precision bf16 \
+        --tensor-peak        # the GPU's quantity, counted on the CPU (2 steps: the first has no moments yet)
 """
 from __future__ import annotations
 
