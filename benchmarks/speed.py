@@ -80,7 +80,7 @@ def _step_timer(bundle, img, concepts, latent):
     (EM) or without (plain: the U-Net's own processors)."""
     vec = torch.nn.Parameter(concepts.vectors.clone().float().to(bundle.device))
     opt = torch.optim.AdamW([vec], lr=5e-4)
-    ids = dict(zip(concepts.names, concepts.token_ids(bundle.tokenizer)))
+    ids = dict(zip(concepts.names, concepts.token_ids(bundle)))
 
     def steps(first: int, n: int, capture) -> float:
         t0 = clock()
@@ -247,7 +247,7 @@ def bench_maps_pass(bundle, img, concepts) -> dict:
 
     with injected(bundle, concepts):
         ids, hidden = encode_prompts(bundle, [img.prompt])
-    select = concept_selector(ids, concepts.token_ids(bundle.tokenizer))
+    select = concept_selector(ids, concepts.token_ids(bundle))
     noisy = img.latent_mean[0:1].to(bundle.device, bundle.dtype)
     t = torch.tensor([500], device=bundle.device)
     text_kv = {}

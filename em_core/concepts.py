@@ -46,6 +46,10 @@ def register_tokens(tokenizer, text_encoder, names) -> list[int]:
         vocab = tokenizer.get_vocab()
         tokenizer.add_tokens([t for t in tokens if t not in vocab])
     ids = tokenizer.convert_tokens_to_ids(tokens)
+    unk = tokenizer.unk_token_id
+    bad = [t for t, i in zip(tokens, ids) if i is None or (unk is not None and i == unk)]
+    if bad:
+        raise RuntimeError(f"tokenizer did not register {bad}: they map to its unknown token")
     emb = text_encoder.get_input_embeddings()
     if max(ids, default=-1) >= emb.num_embeddings:
         # Grow only: a model whose matrix is larger than its tokenizer keeps every row.
@@ -97,8 +101,13 @@ class ConceptSet:
             raise KeyError(f"concept {name} is not learned here; known concepts: {', '.join(self.names)}")
         return self.names.index(name)
 
-    def token_ids(self, tokenizer) -> list[int]:
-        return tokenizer.convert_tokens_to_ids([placeholder(n) for n in self.names])
+    def token_ids(self, bundle) -> list[int]:
+        """The concepts' ids in `bundle`'s tokenizer, registering them first.
+
+        A freshly loaded model (a resumed run, a CLI fine-tune) has not seen the placeholders
+        yet; reading ids without registering gave every concept the unknown token's id.
+        """
+        return register_tokens(bundle.tokenizer, bundle.text_encoder, self.names)
 
 
 @contextlib.contextmanager
@@ -131,6 +140,12 @@ def injected(bundle, concepts: ConceptSet, vectors: torch.Tensor | None = None):
 def encode_prompts(bundle, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, L) and text-encoder hidden states (B, L, D) for prompts written with `[vN]`."""
     tok = bundle.tokenizer
+    names = sorted({n for p in prompts for n in concept_names(p)})
+    unknown = [n for n in names if placeholder(n) not in tok.added_tokens_encoder]
+    if unknown:
+        # Unregistered placeholders would be split into sub-words and silently miss the concept.
+        raise RuntimeError(f"concepts {unknown} are not registered with the tokenizer; "
+                           "encode inside `injected(bundle, concepts)`")
     ids = tok([to_token_text(p) for p in prompts], padding="max_length", max_length=tok.model_max_length,
               truncation=True, return_tensors="pt").input_ids.to(bundle.device)
     hidden = bundle.text_encoder(ids)[0]

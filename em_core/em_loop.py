@@ -78,7 +78,7 @@ def _refresh_due(cfg: LearnConfig, step: int, total: int) -> bool:
 class _Run:
     def __init__(self, bundle, images: list[TrainImage], state: LearnState):
         self.bundle, self.images, self.state, self.cfg = bundle, images, state, state.config
-        self.token_id = dict(zip(state.concepts.names, state.concepts.token_ids(bundle.tokenizer)))
+        self.token_id = dict(zip(state.concepts.names, state.concepts.token_ids(bundle)))
         dev = bundle.device
         self.vectors = torch.nn.Parameter(state.concepts.vectors.detach().clone().float().to(dev))
         self.opt = torch.optim.AdamW([self.vectors], lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

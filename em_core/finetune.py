@@ -227,7 +227,7 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
     state.history.setdefault("finetune", [])
     state.history["finetune"] = [h for h in state.history["finetune"] if h["step"] < step0]
     lat = [latent_masks(m, img.latent_hw) for m, img in zip(state.masks, images)]
-    token_id = dict(zip(state.concepts.names, state.concepts.token_ids(bundle.tokenizer)))
+    token_id = dict(zip(state.concepts.names, state.concepts.token_ids(bundle)))
     ft = state.finetune
 
     def save():

@@ -33,7 +33,8 @@ def attention_maps(bundle, concepts: ConceptSet, image, n_timesteps: int = 50, b
     timesteps = draw_timesteps(n_timesteps, n_train, generator, stratified)
     noise = torch.randn((n_timesteps, *image.latent_mean.shape[1:]), generator=generator)
     z0 = image.latent_mean[0:1]
-    token_ids = [concepts.token_ids(bundle.tokenizer)[concepts.index(n)] for n in image.names]
+    concept_ids = concepts.token_ids(bundle)
+    token_ids = [concept_ids[concepts.index(n)] for n in image.names]
     with injected(bundle, concepts):
         ids, hidden = encode_prompts(bundle, [image.prompt])
     select = concept_selector(ids, token_ids)

@@ -41,7 +41,7 @@ def test_capture_keeps_the_output_and_returns_concept_maps(bundle, mode):
         with AttentionCapture(bundle.unet, mode) as cap:
             kinds = {type(p) for n, p in bundle.unet.attn_processors.items() if n not in cap.layers}
             assert kinds == {AttnProcessor2_0}  # layers not captured stay on the fused path
-            sel = concept_selector(ids, cs.token_ids(bundle.tokenizer))
+            sel = concept_selector(ids, cs.token_ids(bundle))
             out, maps = cap.run(sel, (16, 8), lambda: bundle.unet(latents, t, encoder_hidden_states=hidden).sample)
     assert torch.allclose(out, ref, atol=1e-5)
     finest = min(cap.layers.values())
@@ -62,7 +62,7 @@ def test_maps_carry_gradients_to_the_token_vectors(bundle):
     vec = torch.nn.Parameter(cs.vectors.clone())
     with injected(bundle, cs, vec):
         ids, hidden = encode_prompts(bundle, ["a photo of [v1] and [v2]"])
-    sel = concept_selector(ids, cs.token_ids(bundle.tokenizer))
+    sel = concept_selector(ids, cs.token_ids(bundle))
     with AttentionCapture(bundle.unet) as cap:
         _, maps = cap.run(sel, (16, 8), lambda: bundle.unet(latents[:1], torch.tensor([100]),
                                                             encoder_hidden_states=hidden).sample)
@@ -74,7 +74,7 @@ def test_absent_concept_gives_a_zero_map(bundle):
     cs, _, _, latents = _inputs(bundle)
     with injected(bundle, cs):
         ids, hidden = encode_prompts(bundle, ["a photo of [v1]"])
-    sel = concept_selector(ids, cs.token_ids(bundle.tokenizer))
+    sel = concept_selector(ids, cs.token_ids(bundle))
     with torch.no_grad(), AttentionCapture(bundle.unet) as cap:
         _, maps = cap.run(sel, (16, 8), lambda: bundle.unet(latents[:1], torch.tensor([100]),
                                                             encoder_hidden_states=hidden).sample)
@@ -84,7 +84,7 @@ def test_absent_concept_gives_a_zero_map(bundle):
 def test_stop_early_gives_the_same_maps_and_skips_the_rest_of_the_unet(bundle):
     cs, ids, hidden, latents = _inputs(bundle)
     t = torch.tensor([10, 500])
-    sel = concept_selector(ids, cs.token_ids(bundle.tokenizer))
+    sel = concept_selector(ids, cs.token_ids(bundle))
     calls = []
     hook = bundle.unet.conv_out.register_forward_hook(lambda *a: calls.append(1))
     try:

@@ -68,3 +68,19 @@ def test_injection_is_scoped_and_differentiable(bundle):
 def test_bad_concept_name(bundle):
     with pytest.raises(ValueError, match="not of the form"):
         register_tokens(bundle.tokenizer, bundle.text_encoder, ["v1"])
+
+
+def test_concept_ids_and_prompts_never_use_an_unregistered_placeholder(tiny_dir):
+    """A fresh model has no concept tokens: ids come registered, and encoding refuses to split them."""
+    from em_core.concepts import ConceptSet, encode_prompts
+    from em_core.model import load_bundle
+
+    first = load_bundle(tiny_dir)
+    cs = ConceptSet.create(first, ["[v1]", "[v2]"])
+    fresh = load_bundle(tiny_dir)
+    unk = fresh.tokenizer.unk_token_id
+    with pytest.raises(RuntimeError, match="not registered"):
+        encode_prompts(fresh, ["a photo of [v1]"])
+    ids = cs.token_ids(fresh)
+    assert unk not in ids and len(set(ids)) == 2
+    assert ids == cs.token_ids(first)

@@ -200,7 +200,7 @@ def test_new_embedding_rows_start_from_their_init_word_and_old_rows_never_change
     old_rows = bundle.text_encoder.get_input_embeddings().weight[:n_old].detach().clone()
     state = start_state(bundle, images, _cfg(), {"[v1]": "red"})
     table = bundle.text_encoder.get_input_embeddings().weight
-    ids = state.concepts.token_ids(bundle.tokenizer)
+    ids = state.concepts.token_ids(bundle)
     assert min(ids) >= n_old
     red = bundle.tokenizer("red", add_special_tokens=False).input_ids
     assert torch.allclose(table[ids[0]], old_rows[red].mean(0))
