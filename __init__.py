@@ -1,20 +1,16 @@
-"""ComfyUI entry point of the Concept EM node pack."""
-import os
-import sys
+"""ComfyUI entry point of the Concept EM node pack.
 
-_here = os.path.dirname(os.path.abspath(__file__))
-if _here not in sys.path:  # so the nodes can import em_core, which ships beside them
-    sys.path.insert(0, _here)
-
-# ComfyUI imports this folder as a package. pytest imports this file too (the checkout's root is a
-# package to it), as a bare module when the folder's name is not an identifier (e.g. a clone in
-# "concept-em"); then the relative import has no parent, and `nodes` is found through sys.path.
+ComfyUI imports this folder as a package (importlib, under a name made from its path), so the
+nodes come in by a relative import, and nodes/__init__.py loads the engine (em_core, beside them)
+from this folder by its path. Nothing is put on sys.path: the pack's `nodes`, `tools`, `tests` and
+`benchmarks` never shadow ComfyUI's own modules or another pack's.
+"""
 if __package__:
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
-    from .nodes.host import register_folders  # noqa: E402
-else:
-    from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
-    from nodes.host import register_folders  # noqa: E402
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from .nodes.host import register_folders
+else:  # imported as a bare module (a tool or test runner with this folder on its path), never by ComfyUI
+    from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from nodes.host import register_folders
 
 register_folders()
 WEB_DIRECTORY = "./web"

@@ -1,4 +1,7 @@
 """ComfyUI node classes: thin wrappers over em_core (the only package here that talks to ComfyUI)."""
+from ._engine import load_engine
+
+load_engine()  # em_core from this pack's own folder, before any node module imports it
 from .learn_nodes import AttentionMaskInit, DenseCRFRefine, EMTokenStep, JointFinetune
 from .model_nodes import ConceptModelFromCheckpoint, ConceptModelLoader
 from .output_nodes import (ApplyConceptsToModel, ConceptGenerate, ConceptTextEncode, ExportConceptsForComfy,

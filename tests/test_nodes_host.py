@@ -1,0 +1,69 @@
+"""The nodes inside a ComfyUI host, faked (CI has no ComfyUI): how the pack is imported, the model
+folders it lists, the files it writes, and whom its live messages reach (issue 16, parts 2, 7, 8, 9)."""
+import json
+import os
+import stat
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nodes.model_nodes as mn
+from nodes import host, live
+from nodes.convert import pil_to_images
+from nodes.learn_nodes import AttentionMaskInit, DenseCRFRefine, EMTokenStep
+from nodes.output_nodes import LoadConceptBundle, SaveConceptBundle
+
+PACK = Path(__file__).resolve().parents[1]
+
+# What ComfyUI's load_custom_node does with a folder in custom_nodes (nodes.py, a125cd84): imports
+# its __init__.py under a name made from the folder's path, after ComfyUI's own `nodes` is imported.
+LOAD_LIKE_COMFYUI = r"""
+import importlib.machinery, importlib.util, json, os, sys
+pack = sys.argv[1]
+import nodes as comfy_nodes
+before = list(sys.path)
+name = pack.replace(".", "_x_")
+spec = importlib.util.spec_from_file_location(name, os.path.join(pack, "__init__.py"))
+module = importlib.util.module_from_spec(spec)
+sys.modules[name] = module
+spec.loader.exec_module(module)
+found = {}
+for m in ("nodes", "tools", "tests", "benchmarks"):
+    s = importlib.machinery.PathFinder.find_spec(m)  # what a later `import m` would find on sys.path
+    found[m] = None if s is None else (s.origin or list(s.submodule_search_locations or []))
+print(json.dumps({"path_same": sys.path == before, "found": found, "n": len(module.NODE_CLASS_MAPPINGS),
+                  "engine": sys.modules["em_core"].__file__, "nodes_is_comfy": sys.modules["nodes"] is comfy_nodes,
+                  "comfy_nodes": getattr(comfy_nodes, "IS_COMFY", False)}))
+"""
+
+
+def test_the_pack_imports_as_comfyui_loads_it_without_shadowing_anything(tmp_path):
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    (comfy / "nodes.py").write_text("IS_COMFY = True\n")
+    (tmp_path / "load.py").write_text(LOAD_LIKE_COMFYUI)
+    env = {**os.environ, "PYTHONPATH": str(comfy)}
+    out = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(PACK)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["n"] == 14 and got["nodes_is_comfy"] and got["comfy_nodes"]
+    assert got["path_same"], "the pack changed sys.path"
+    for name, where in got["found"].items():  # nothing of the pack's is found by a plain import
+        assert where is None or str(PACK) not in str(where), (name, where)
+    assert Path(got["engine"]).resolve().parent == PACK / "em_core"
+
+
+def test_a_different_em_core_already_loaded_is_refused(monkeypatch):
+    from nodes import _engine
+
+    monkeypatch.setitem(sys.modules, "em_core", types.SimpleNamespace(__file__="/elsewhere/em_core/__init__.py"))
+    with pytest.raises(ImportError, match="needs its own"):
+        _engine.load_engine()
