@@ -228,7 +228,7 @@ def bench_crf(img, own_masks) -> dict:
         masks[k, 128 * k:128 * k + 160, 100:400] = True
     out = {}
     for key, params in (("crf_512_4_labels_full_s", CRFParams(max_side=None)),
-                        ("crf_512_4_labels_side256_s", CRFParams())):
+                        ("crf_512_4_labels_side256_s", CRFParams(max_side=256))):
         t0 = clock()
         refine_masks(rgb, masks, params)
         out[key] = clock() - t0

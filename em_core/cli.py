@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .crf import CRFParams
+from .crf import PRESETS, CRFParams
 
 
 def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
@@ -38,7 +38,8 @@ def cmd_refine_masks(args) -> int:
 
     img = open_image(args.image, "--image")
     masks = np.stack([open_mask(m, img.size, f"--mask {m}") for m in args.mask])
-    params = CRFParams(iterations=args.iterations, unary_scale=args.unary_scale, max_side=args.max_side or None)
+    params = CRFParams.preset(args.crf_preset, unary_scale=args.unary_scale, max_side=args.max_side or None,
+                              **({} if args.iterations is None else {"iterations": args.iterations}))
     refined = refine_masks(np.asarray(img), masks, params)
     out = prepare_out(args.out)
     for path, m in zip(args.mask, refined):
@@ -84,7 +85,7 @@ def cmd_learn(args) -> int:
             steps=args.steps, lr=args.lr, attn_weight=args.attn_weight, refresh_every=args.refresh_every,
             mask_timesteps=args.mask_timesteps, refresh_timesteps=args.refresh_timesteps,
             timestep_sampling=args.timestep_sampling, mask_source=args.mask_source, crf_overlap=args.crf_overlap,
-            threshold=args.threshold,
+            threshold=args.threshold, crf=CRFParams.preset(args.crf_preset),
             use_crf=not args.no_crf, warmup_steps=args.warmup_steps, flip=not args.no_flip, layers=args.layers, resolution=args.resolution,
             seed=args.seed, save_every=args.save_every,
         )
@@ -302,10 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--image", required=True)
     r.add_argument("--mask", action="append", required=True, help="one per concept; repeat")
     r.add_argument("--out", required=True)
-    r.add_argument("--iterations", type=int, default=10)
+    r.add_argument("--crf-preset", choices=sorted(PRESETS), default="cutler",
+                   help="pairwise settings: CutLER's (the paper's) or DeepLab-v2's")
+    r.add_argument("--iterations", type=int, default=None, help="mean-field iterations (default: the preset's, 10)")
     r.add_argument("--unary-scale", type=float, default=1.0)
     r.add_argument("--max-side", type=int, default=CRFParams().max_side,
-                   help="DenseCRF works with the longer side at most this many pixels (0: full size)")
+                   help="DenseCRF works with the longer side at most this many pixels (default, 0: full size)")
     r.set_defaults(func=cmd_refine_masks)
 
     dm = sub.add_parser("demo", help="the main job on the embedded default model, with no download")
@@ -410,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps to go on with the old masks while DenseCRF runs in a worker process (0: in place)")
     l.add_argument("--threshold", type=float, default=d.threshold)
     l.add_argument("--no-crf", action="store_true")
+    l.add_argument("--crf-preset", choices=sorted(PRESETS), default=d.crf.preset_name() or "cutler",
+                   help="DenseCRF pairwise settings: CutLER's (the paper's) or DeepLab-v2's")
     l.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     l.add_argument("--no-flip", action="store_true")
     l.add_argument("--layers", choices=["coarse", "all"], default=d.layers)

@@ -38,6 +38,50 @@ def folder(kind: str, fallback: Path) -> Path:
     return Path(fallback)
 
 
+def folders(kind: str, fallback: Path) -> list[Path]:
+    """Every folder ComfyUI has for `kind` (models/diffusers and any extra_model_paths), else `fallback`."""
+    if _fp is not None:
+        try:
+            return [Path(p) for p in _fp.get_folder_paths(kind)]
+        except KeyError:
+            return []
+    return [Path(fallback)]
+
+
+MODEL_INDEX = "model_index.json"
+
+
+def list_diffusers(fallback: Path) -> list[str]:
+    """The diffusers-format model folders (those holding a model_index.json) under every `diffusers`
+    path, as paths relative to it, like core's DiffusersLoader lists them. get_filename_list cannot:
+    ComfyUI registers the kind with the extension "folder", which matches no file."""
+    found = set()
+    for root in folders("diffusers", fallback):
+        if not root.is_dir():
+            continue
+        for here, subdirs, files in os.walk(root, followlinks=True):
+            if MODEL_INDEX in files:
+                found.add(Path(os.path.relpath(here, root)).as_posix())
+                subdirs[:] = []  # a model's own subfolders (unet, vae, ...) hold no other model
+            else:
+                subdirs.sort()
+    return sorted(found)
+
+
+def find_diffusers(name: str, fallback: Path) -> Path:
+    """The folder a name from list_diffusers stands for: the first `diffusers` path holding it."""
+    rel = Path(os.path.normpath(name))
+    if rel.is_absolute() or rel.parts[:1] == ("..",):  # checked by name: a linked-in model may live elsewhere
+        raise ValueError(f"model_name: {name!r} points outside the diffusers folders; pick a name from the list")
+    searched = []
+    for root in folders("diffusers", fallback):
+        searched.append(str(root))
+        if (root / rel / MODEL_INDEX).is_file():
+            return root / rel
+    raise FileNotFoundError(f"model_name: no diffusers model folder {name!r} (with a {MODEL_INDEX}) under "
+                            f"{', '.join(searched) or 'any diffusers path'}")
+
+
 def list_files(kind: str, fallback: Path) -> list[str]:
     if _fp is not None:
         try:

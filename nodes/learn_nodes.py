@@ -20,6 +20,8 @@ from .run_value import ConceptRun
 CATEGORY = "concept_em"
 STATE = "CONCEPT_EM_STATE"
 MODEL = "CONCEPT_EM_MODEL"
+CUTLER = CRFParams()  # the engine's defaults: CutLER's settings
+CUSTOM = "used when preset is custom (defaults: CutLER's)"
 
 
 def parse_prompts(text: str, n_images: int) -> list[str]:
@@ -101,14 +103,22 @@ class DenseCRFRefine:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "iterations": ("INT", {"default": 10, "min": 1, "max": 100}),
-            "gaussian_sxy": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 100.0}),
-            "gaussian_weight": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0}),
-            "bilateral_sxy": ("FLOAT", {"default": 67.0, "min": 0.1, "max": 1000.0}),
-            "bilateral_srgb": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 255.0}),
-            "bilateral_weight": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 100.0}),
-            "working_side": ("INT", {"default": 256, "min": 0, "max": 16384, "tooltip":
+            "iterations": ("INT", {"default": CUTLER.iterations, "min": 1, "max": 100, "tooltip": CUSTOM}),
+            "gaussian_sxy": ("FLOAT", {"default": CUTLER.gaussian_sxy, "min": 0.1, "max": 100.0, "tooltip": CUSTOM}),
+            "gaussian_weight": ("FLOAT", {"default": CUTLER.gaussian_weight, "min": 0.0, "max": 100.0,
+                                         "tooltip": CUSTOM}),
+            "bilateral_sxy": ("FLOAT", {"default": CUTLER.bilateral_sxy, "min": 0.1, "max": 1000.0, "tooltip": CUSTOM}),
+            "bilateral_srgb": ("FLOAT", {"default": CUTLER.bilateral_srgb, "min": 0.1, "max": 255.0,
+                                         "tooltip": CUSTOM}),
+            "bilateral_weight": ("FLOAT", {"default": CUTLER.bilateral_weight, "min": 0.0, "max": 100.0,
+                                          "tooltip": CUSTOM}),
+            "working_side": ("INT", {"default": CUTLER.max_side or 0, "min": 0, "max": 16384, "tooltip":
                                      "DenseCRF runs with the longer side at most this many pixels (0: full size)"}),
+            # Last, so a workflow saved before it existed loads its other values in place (and gets CutLER's).
+            "preset": (["cutler", "deeplab", "custom"], {
+                "default": "cutler", "tooltip": "cutler: CutLER's settings, the paper's choice (10 iterations; "
+                "Gaussian sxy 3, weight 7; bilateral sxy 50, srgb 5, weight 10); deeplab: DeepLab-v2's (sxy 1, "
+                "weight 3; sxy 67, srgb 3, weight 4); custom: the six values above"}),
         }, "optional": {"concepts": (STATE,), "image": ("IMAGE",), "mask": ("MASK",)}}
 
     RETURN_TYPES = (STATE, "MASK")
@@ -118,9 +128,12 @@ class DenseCRFRefine:
 
     @host.trains
     def run(self, iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb, bilateral_weight,
-            working_side=256, concepts=None, image=None, mask=None):
-        params = CRFParams(iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb, bilateral_weight,
-                           max_side=working_side or None)
+            working_side=256, preset="cutler", concepts=None, image=None, mask=None):
+        if preset == "custom":
+            params = CRFParams(iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb,
+                               bilateral_weight, max_side=working_side or None)
+        else:
+            params = CRFParams.preset(preset, max_side=working_side or None)
         if concepts is not None:
             concepts.require_images("DenseCRF Refine")
             state = concepts.state.copy()

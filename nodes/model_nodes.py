@@ -14,6 +14,7 @@ CATEGORY = "concept_em"
 MODEL = "CONCEPT_EM_MODEL"
 SHIPPED = "tiny_world (shipped)"
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "em_core" / "models" / "tiny_world"
+DIFFUSERS_FALLBACK = Path("models") / "diffusers"  # outside ComfyUI
 
 
 def _device() -> torch.device:
@@ -59,7 +60,7 @@ class ConceptModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        choices = [SHIPPED] + host.list_files("diffusers", Path("models") / "diffusers")
+        choices = [SHIPPED] + host.list_diffusers(DIFFUSERS_FALLBACK)
         return {"required": {"model_name": (choices, {"default": SHIPPED})}}
 
     RETURN_TYPES = (MODEL,)
@@ -72,5 +73,5 @@ class ConceptModelLoader:
         if model_name == SHIPPED:
             path = SHIPPED_DIR
         else:
-            path = host.folder("diffusers", Path("models") / "diffusers") / model_name
+            path = host.find_diffusers(model_name, DIFFUSERS_FALLBACK)
         return (load_bundle(path, device=_device()),)

@@ -4,12 +4,34 @@ from PIL import Image
 
 from conftest import real_scenes
 from em_core.cli import main
-from em_core.crf import CRFParams, crf_probabilities, refine_masks
+from em_core.crf import PRESETS, CRFParams, crf_probabilities, refine_masks
 from em_core.images import open_image, open_mask
 from em_core.masks import iou
 from em_core.metrics import attention_like
 
 SCENES = real_scenes()
+
+
+def test_defaults_are_cutlers_settings_and_deeplab_keeps_the_old_set():
+    """facebookresearch/CutLER maskcut/crf.py: MAX_ITER 10, POS_XY_STD 3, POS_W 7, Bi_XY_STD 50,
+    Bi_RGB_STD 5, Bi_W 10 (the paper, section 3, adopts them). The DeepLab-v2 set this engine used
+    before, mislabelled as CutLER's, is the 'deeplab' preset. DenseCRF runs at the image's own size."""
+    d = CRFParams()
+    assert (d.iterations, d.gaussian_sxy, d.gaussian_weight, d.bilateral_sxy, d.bilateral_srgb,
+            d.bilateral_weight) == (10, 3.0, 7.0, 50.0, 5.0, 10.0)
+    assert d.max_side is None and d.unary_scale == 1.0 and d.preset_name() == "cutler"
+    assert CRFParams.preset("cutler") == d
+    old = CRFParams.preset("deeplab")
+    assert (old.iterations, old.gaussian_sxy, old.gaussian_weight, old.bilateral_sxy, old.bilateral_srgb,
+            old.bilateral_weight) == (10, 1.0, 3.0, 67.0, 3.0, 4.0)
+    assert old.preset_name() == "deeplab" and CRFParams(gaussian_sxy=2.0).preset_name() is None
+    assert CRFParams.preset("deeplab", max_side=256).max_side == 256
+    assert set(PRESETS) == {"cutler", "deeplab"}
+    with pytest.raises(ValueError, match="choose one of cutler, deeplab"):
+        CRFParams.preset("voc")
+    from em_core.config import LearnConfig
+
+    assert LearnConfig().crf == d
 
 
 def _coarse(mask, rng):
@@ -19,7 +41,7 @@ def _coarse(mask, rng):
 @pytest.mark.skipif(not SCENES, reason="../shared/data/scenes is not beside the checkout")
 @pytest.mark.parametrize("max_side", [None, 256])
 def test_crf_brings_coarse_masks_closer_to_human_masks_on_real_photos(max_side):
-    """At the photos' own side and with the default working side of 256 px (scored at full size)."""
+    """At the photos' own side (the default) and with a 256 px working side (scored at full size)."""
     rng = np.random.default_rng(0)
     before, after = [], []
     for scene in SCENES:
@@ -31,7 +53,7 @@ def test_crf_brings_coarse_masks_closer_to_human_masks_on_real_photos(max_side):
         before += [iou(c, t) for c, t in zip(coarse, truth)]
         after += [iou(r, t) for r, t in zip(refined, truth)]
     gain = np.mean(after) - np.mean(before)
-    # Measured at +6.5 (own side) and +8.3 (256 px) IoU points: benchmarks/crf_real_photos.py.
+    # CutLER's settings, seed 0: +8.0 (own side) and +7.6 (256 px) IoU points (benchmarks/README.md).
     assert gain > 0.03, (np.mean(before), np.mean(after))
     assert np.mean(np.array(after) >= np.array(before)) >= 0.8
 
@@ -85,10 +107,12 @@ def test_refine_masks_cli_writes_one_png_per_mask(tmp_path):
 
 @pytest.mark.skipif(not SCENES, reason="../shared/data/scenes is not beside the checkout")
 def test_crf_still_helps_on_smaller_images():
-    """CutLER's settings are in pixels; at 128 px they still improve the coarse masks.
+    """CutLER's settings are in pixels, made for full-size photos; at 128 px they still improve the
+    coarse masks, though less: +2.9 IoU points against +8.0 at 512 px (the 'deeplab' set: +9.0
+    at 128 px), seed 0, benchmarks/README.md.
 
-    (Scaling the spatial deviations with the image side was tried and measured worse:
-    +4.9 IoU points at 128 px scaled against +9.0 unscaled.)
+    (Scaling the spatial deviations with the image side was tried with the 'deeplab' set and
+    measured worse: +4.9 IoU points at 128 px scaled against +9.0 unscaled.)
     """
     rng = np.random.default_rng(0)
     before, after = [], []
@@ -98,4 +122,4 @@ def test_crf_still_helps_on_smaller_images():
         coarse = np.stack([_coarse(t, rng) for t in truth])
         before += [iou(c, t) for c, t in zip(coarse, truth)]
         after += [iou(r, t) for r, t in zip(refine_masks(img, coarse), truth)]
-    assert np.mean(after) > np.mean(before) + 0.03
+    assert np.mean(after) > np.mean(before) + 0.015

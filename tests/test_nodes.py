@@ -43,7 +43,7 @@ def test_mask_init_then_crf_then_em_steps_then_finetune(bundle, images, started)
     run, masks = started
     assert masks.shape == (5, 64, 64)  # 3 concepts on image 1, 2 on image 2
     assert run.state.concepts.names == ["[v1]", "[v2]", "[v3]"] and run.state.step == 0
-    refined, rmasks = DenseCRFRefine().run(10, 1.0, 3.0, 67.0, 3.0, 4.0, concepts=run)
+    refined, rmasks = DenseCRFRefine().run(10, 3.0, 7.0, 50.0, 5.0, 10.0, concepts=run)
     assert rmasks.shape == masks.shape and refined.state.history["refreshes"][-1]["kind"] == "crf"
     before = run.state.concepts.vectors.clone()
     a, amasks, curve = EMTokenStep().run(bundle, refined, 3, 5e-4, 1e-2, 2, True, 4, True)
@@ -78,19 +78,38 @@ def test_bad_inputs(bundle, images, started):
     with pytest.raises(ValueError, match="init words"):
         parse_init_words("[v1] man")
     with pytest.raises(ValueError, match="differs from the image"):
-        DenseCRFRefine().run(10, 1.0, 3.0, 67.0, 3.0, 4.0, image=images[:1], mask=torch.ones(1, 32, 32))
+        DenseCRFRefine().run(10, 3.0, 7.0, 50.0, 5.0, 10.0, image=images[:1], mask=torch.ones(1, 32, 32))
     with pytest.raises(ValueError, match="connect either concepts"):
-        DenseCRFRefine().run(10, 1.0, 3.0, 67.0, 3.0, 4.0)
+        DenseCRFRefine().run(10, 3.0, 7.0, 50.0, 5.0, 10.0)
     with pytest.raises(ValueError, match="which these concepts lack"):
         ConceptGenerate().run(bundle, started[0], "[v9] here", "", 1, 2, 5.0, 64, 64, 1, "ddim")
 
 
 def test_crf_node_on_any_image_and_mask(images, scene_files):
     truth = torch.from_numpy(np.stack([scene_files[0][1]["[v1]"], scene_files[0][1]["[v2]"]]).astype(np.float32))
-    _, refined = DenseCRFRefine().run(10, 1.0, 3.0, 67.0, 3.0, 4.0, image=images[:1], mask=truth)
+    _, refined = DenseCRFRefine().run(10, 3.0, 7.0, 50.0, 5.0, 10.0, image=images[:1], mask=truth)
     assert refined.shape == (2, 64, 64)
     inter = ((refined > 0.5) & (truth > 0.5)).sum() / ((refined > 0.5) | (truth > 0.5)).sum()
     assert inter > 0.8  # exact masks of flat shapes stay where they are
+
+
+def test_crf_node_presets(images, scene_files, monkeypatch):
+    """CutLER's settings by default; 'deeplab' gives the old set; the six values count only under 'custom'."""
+    import nodes.learn_nodes as ln
+    from em_core.crf import PRESETS, CRFParams
+
+    seen = []
+    monkeypatch.setattr(ln, "refine_masks", lambda img, m, params, *a: (seen.append(params), m)[1])
+    truth = torch.from_numpy(scene_files[0][1]["[v1]"][None].astype(np.float32))
+    spec = DenseCRFRefine.INPUT_TYPES()["required"]
+    defaults = {k: spec[k][1]["default"] for k in PRESETS["cutler"]}
+    assert defaults == PRESETS["cutler"] and spec["preset"][1]["default"] == "cutler"
+    DenseCRFRefine().run(10, 1.0, 1.0, 1.0, 1.0, 1.0, 128, image=images[:1], mask=truth)
+    DenseCRFRefine().run(10, 1.0, 1.0, 1.0, 1.0, 1.0, 0, "deeplab", image=images[:1], mask=truth)
+    DenseCRFRefine().run(5, 2.0, 2.0, 2.0, 2.0, 2.0, 64, "custom", image=images[:1], mask=truth)
+    assert seen[0] == CRFParams(max_side=128)
+    assert seen[1] == CRFParams.preset("deeplab", max_side=None)
+    assert seen[2] == CRFParams(5, 2.0, 2.0, 2.0, 2.0, 2.0, max_side=64)
 
 
 def test_save_load_export_overlay(bundle, started, tmp_path, monkeypatch, tiny_dir):

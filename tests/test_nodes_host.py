@@ -67,3 +67,45 @@ def test_a_different_em_core_already_loaded_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "em_core", types.SimpleNamespace(__file__="/elsewhere/em_core/__init__.py"))
     with pytest.raises(ImportError, match="needs its own"):
         _engine.load_engine()
+
+
+def fake_folder_paths(monkeypatch, paths: dict):
+    """folder_paths as ComfyUI has it: `diffusers` is registered with the extension "folder", so
+    get_filename_list finds no model folder in it."""
+    fp = types.SimpleNamespace(get_folder_paths=lambda kind: [str(p) for p in paths[kind]],
+                               get_filename_list=lambda kind: [])
+    monkeypatch.setattr(host, "_fp", fp)
+
+
+def model_folder(path: Path) -> Path:
+    (path / "unet").mkdir(parents=True)
+    (path / "unet" / "config.json").write_text("{}")
+    (path / "model_index.json").write_text("{}")
+    return path
+
+
+def test_model_loader_lists_every_diffusers_folder_and_finds_it_again(tmp_path, monkeypatch):
+    a, b = tmp_path / "models" / "diffusers", tmp_path / "extra" / "diffusers"
+    model_folder(a / "sd15")
+    model_folder(a / "stability" / "sd21-base")
+    (a / "loose").mkdir()  # no model_index.json
+    model_folder(b / "other")
+    model_folder(b / "sd15")  # the same name in a later path: the first one wins
+    fake_folder_paths(monkeypatch, {"diffusers": [a, b, tmp_path / "missing"]})
+    choices = mn.ConceptModelLoader.INPUT_TYPES()["required"]["model_name"][0]
+    assert choices == [mn.SHIPPED, "other", "sd15", "stability/sd21-base"]
+    loaded = []
+    monkeypatch.setattr(mn, "load_bundle", lambda path, device=None: loaded.append(Path(path)) or "bundle")
+    for name in choices[1:]:
+        assert mn.ConceptModelLoader().run(name) == ("bundle",)
+    assert loaded == [b / "other", a / "sd15", a / "stability" / "sd21-base"]
+    with pytest.raises(ValueError, match="outside"):
+        mn.ConceptModelLoader().run("../models/diffusers/sd15")
+    with pytest.raises(FileNotFoundError, match="loose"):
+        mn.ConceptModelLoader().run("loose")
+
+
+def test_model_loader_outside_comfyui_lists_the_fallback_folder(tmp_path, monkeypatch):
+    model_folder(tmp_path / "one")
+    monkeypatch.setattr(mn, "DIFFUSERS_FALLBACK", tmp_path)
+    assert mn.ConceptModelLoader.INPUT_TYPES()["required"]["model_name"][0] == [mn.SHIPPED, "one"]
