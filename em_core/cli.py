@@ -261,8 +261,10 @@ def cmd_train_tiny_world(args) -> int:
     out = Path(args.out)
     if not args.card_only:
         train_tiny_world(out, minutes=args.minutes, batch=args.batch, seed=args.seed, vae_share=args.vae_share,
-                         init_from=args.init_from)
-        train_and_save_checker(out / "checker.safetensors", args.checker_seconds, args.seed)
+                         init_from=args.init_from, attn_weight=args.attn_weight, lr=args.lr,
+                         checkpoint_minutes=args.checkpoint_minutes)
+        if args.checker_seconds > 0 or not (out / "checker.safetensors").is_file():
+            train_and_save_checker(out / "checker.safetensors", args.checker_seconds or 150, args.seed)
     print(write_model_card(out))
     return 0
 
@@ -366,9 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--minutes", type=float, default=45.0)
     tw.add_argument("--batch", type=int, default=64)
     tw.add_argument("--seed", type=int, default=0)
-    tw.add_argument("--checker-seconds", type=float, default=150)
+    tw.add_argument("--checker-seconds", type=float, default=150,
+                    help="0: keep the checker already in --out (or --init-from's, copied with the model)")
     tw.add_argument("--vae-share", type=float, default=0.15, help="fraction of the minutes spent on the VAE")
     tw.add_argument("--init-from", default=None, help="go on training from a model this command wrote")
+    tw.add_argument("--attn-weight", type=float, default=0.0,
+                    help="weight of the word-to-object cross-attention supervision (0: none)")
+    tw.add_argument("--lr", type=float, default=3e-4)
+    tw.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the EMA weights this often")
     tw.add_argument("--card-only", action="store_true", help="only (re)write samples.png and README.md")
     tw.set_defaults(func=cmd_train_tiny_world)
 

@@ -50,10 +50,70 @@ def build_world_model(seed: int = 0) -> ModelBundle:
                        DDPMScheduler(**SD_SCHEDULER), source="tiny-world")
 
 
-def scene_batch(first_seed: int, n: int) -> tuple[torch.Tensor, list[str]]:
+def scene_batch(first_seed: int, n: int, with_scenes: bool = False):
     scenes = [random_scene(first_seed + i, size=WORLD["size"], shapes=TRAIN_SHAPES) for i in range(n)]
     arr = np.stack([np.asarray(s.image, np.float32) for s in scenes]) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), [s.caption for s in scenes]
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return (x, [s.caption for s in scenes], scenes) if with_scenes else (x, [s.caption for s in scenes])
+
+
+def word_targets(scenes, keep: list[bool], max_length: int, latent_hw: tuple[int, int]):
+    """Which caption position each object's colour, pattern and shape words (and the background
+    word) sit at, and the visible mask each should attend to.
+
+    The world tokenizer gives one token per word after the start token, so word j of a caption
+    is position j + 1. Returns select (B, L, T), masks (B, T, h, w) at the latent grid (area
+    fractions), present (B, T); dropped captions (keep False) supervise nothing.
+    """
+    per_item = []
+    for scene, k in zip(scenes, keep):
+        pairs = []
+        if k:
+            keys = [m for m in scene.masks if m != scene.background]
+            pos = 1
+            for obj, key in zip(scene.objects, keys):
+                words = obj.phrase.split(" ")  # "a", colour, [pattern], shape
+                for j, _ in enumerate(words[1:], start=1):
+                    pairs.append((pos + j, scene.masks[key]))
+                pos += len(words) + 1  # the phrase and the "and" / "on" after it
+            pairs.append((pos, scene.masks[scene.background]))
+        per_item.append([(p, m) for p, m in pairs if p < max_length - 1])
+    n_tok = max(1, max(len(p) for p in per_item))
+    b = len(scenes)
+    select = torch.zeros(b, max_length, n_tok)
+    masks = torch.zeros(b, n_tok, *latent_hw)
+    present = torch.zeros(b, n_tok, dtype=torch.bool)
+    for i, pairs in enumerate(per_item):
+        for t, (p, m) in enumerate(pairs):
+            select[i, p, t] = 1.0
+            full = torch.from_numpy(m.astype(np.float32))[None, None]
+            masks[i, t] = torch.nn.functional.interpolate(full, size=latent_hw, mode="area")[0, 0]
+            present[i, t] = True
+    return select, masks, present
+
+
+class BindingStore:
+    """Collects, per captured cross-attention layer, the BaS-style loss of each supervised word's
+    map (averaged over heads, divided by its max) against its object's mask at that layer's size."""
+
+    def __init__(self, layers: dict[str, int], latent_hw, select, masks, present):
+        self.layers, self.latent_hw, self.select = layers, latent_hw, select
+        self.masks, self.present = masks, present.float()
+        self.losses: list[torch.Tensor] = []
+        self.closed = False
+
+    def add(self, name: str, probs: torch.Tensor) -> None:
+        factor = self.layers[name]
+        h, w = self.latent_hw[0] // factor, self.latent_hw[1] // factor
+        maps = torch.einsum("bhnl,blk->bkn", probs, self.select.to(probs.dtype)) / probs.shape[1]
+        maps = maps.reshape(maps.shape[0], maps.shape[1], h, w)
+        target = self.masks if factor == 1 else torch.nn.functional.avg_pool2d(self.masks, factor)
+        peak = maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
+        per = ((maps / peak - target) ** 2).flatten(2).mean(-1)
+        self.losses.append((per * self.present).sum() / self.present.sum().clamp_min(1))
+
+    def loss(self) -> torch.Tensor:
+        return torch.stack(self.losses).mean()
 
 
 def train_vae(vae, seconds: float, batch: int, seed: int, log) -> list:
@@ -83,10 +143,21 @@ def latent_scale(vae, seed: int, n: int = 256) -> float:
 
 
 def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, log, lr: float = 3e-4,
-                   ema_decay: float = 0.999) -> list:
+                   ema_decay: float = 0.999, attn_weight: float = 0.0, checkpoint=None,
+                   checkpoint_seconds: float = 600.0) -> list:
     """Epsilon loss on U-Net + text encoder; the saved weights are an exponential moving average
-    (diffusers' EMAModel), which samples much better than the last step's weights."""
+    (diffusers' EMAModel), which samples much better than the last step's weights.
+
+    `attn_weight` > 0 adds a supervision of every cross-attention layer: each caption word of an
+    object (colour, pattern, shape) and the background word attend to that object's exact mask
+    (BindingStore). It stands in for what Stable Diffusion learns from scale (words bound to
+    their objects), which this small model does not learn from captions alone; it trains the
+    world model only, never the concept tokens learned later. `checkpoint(losses)` is called with
+    the EMA weights in place every `checkpoint_seconds`.
+    """
     from diffusers.training_utils import EMAModel
+
+    from .attention import LAYERS_ALL, AttentionCapture
 
     unet, text, tok, sched, vae = bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.scheduler, bundle.vae
     unet.train().requires_grad_(True)
@@ -96,9 +167,12 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
     ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True)
     gen = torch.Generator().manual_seed(seed)
     scale = vae.config.scaling_factor
-    losses, step, start = [], 0, time.time()
+    capture = AttentionCapture(unet, LAYERS_ALL) if attn_weight > 0 else None
+    if capture is not None:
+        capture.__enter__()
+    losses, step, start, last_save = [], 0, time.time(), time.time()
     while time.time() - start < seconds:
-        x, captions = scene_batch(seed * 10_000_000 + 5_000_000 + step * batch, batch)
+        x, captions, scenes = scene_batch(seed * 10_000_000 + 5_000_000 + step * batch, batch, with_scenes=True)
         drop = torch.rand(batch, generator=gen) < 0.1
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
@@ -107,8 +181,16 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
+        store = None
+        if capture is not None:
+            sel, masks, present = word_targets(scenes, (~drop).tolist(), ids.shape[1], tuple(z.shape[-2:]))
+            store = BindingStore(capture.layers, tuple(z.shape[-2:]), sel, masks, present)
+            capture.slot[0] = store
         pred = unet(sched.add_noise(z, noise, t), t, encoder_hidden_states=text(ids)[0]).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
+        if store is not None:
+            capture.slot[0] = None
+            loss = loss + attn_weight * store.loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -121,6 +203,14 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
         step += 1
         if step % 50 == 0:
             log(f"denoiser step {step} loss {np.mean(losses[-50:]):.4f} ({time.time() - start:.0f}s)")
+        if checkpoint is not None and time.time() - last_save > checkpoint_seconds:
+            ema.store(params)
+            ema.copy_to(params)
+            checkpoint(losses)
+            ema.restore(params)
+            last_save = time.time()
+    if capture is not None:
+        capture.__exit__(None, None, None)
     ema.copy_to(params)
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
@@ -145,12 +235,37 @@ def _past_runs(before: dict | None) -> list:
     return stats.get("runs", [{k: stats[k] for k in ("seconds", "vae_steps", "denoiser_steps")}])
 
 
+def _save_world(bundle, out: Path, record: dict, extras_from: Path | None = None) -> None:
+    """Writes the model and its training record beside `out` and swaps it in, so a run killed
+    while saving leaves the previous checkpoint whole."""
+    import shutil
+
+    tmp = out.with_name(out.name + ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_bundle(bundle, tmp)
+    for extra in ("checker.safetensors", "checker.json"):
+        src = next((d / extra for d in (out, extras_from) if d is not None and (d / extra).is_file()), None)
+        if src is not None:
+            shutil.copy2(src, tmp / extra)
+    (tmp / "training.json").write_text(json.dumps(record), encoding="utf-8")
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 0.15, batch: int = 64,
-                     seed: int = 0, log=print, init_from: str | Path | None = None) -> dict:
+                     seed: int = 0, log=print, init_from: str | Path | None = None, attn_weight: float = 0.0,
+                     lr: float = 3e-4, checkpoint_minutes: float = 10.0) -> dict:
     """Trains the world's model within `minutes` and saves it (diffusers format) with a card.
 
     `init_from`: a folder this script wrote before; training goes on from its weights (the
-    data seeds move on, so it sees new scenes) and the stats add up both runs.
+    data seeds move on, so it sees new scenes) and the stats add up both runs. `vae_share` 0
+    keeps the VAE (and its latent scale) as it was. The EMA weights are saved every
+    `checkpoint_minutes`, so a run cut off keeps what it learned; resume with `init_from=out`.
+    `attn_weight`: see `train_denoiser`.
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bundle, before = _previous(init_from)
@@ -159,29 +274,41 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
     run = len(past)
     total = minutes * 60
     t0 = time.time()
-    vae_losses = train_vae(bundle.vae, total * vae_share, 32, seed + 1000 * run, log)
-    bundle.vae.register_to_config(scaling_factor=latent_scale(bundle.vae, seed))
-    den_losses = train_denoiser(bundle, total - (time.time() - t0), batch, seed + 1000 * run, log)
     out = Path(out)
-    save_bundle(bundle, out)
-    this = {"seconds": round(time.time() - t0), "vae_steps": len(vae_losses), "denoiser_steps": len(den_losses),
-            "warm_start": str(init_from) if init_from else None}
-    runs = past + [this]
-    stats = {
-        "seconds": sum(r["seconds"] for r in runs), "vae_steps": sum(r["vae_steps"] for r in runs), "vae_batch": 32,
-        "vae_final_loss": float(np.mean(vae_losses[-50:])), "denoiser_steps": sum(r["denoiser_steps"] for r in runs),
-        "denoiser_batch": batch, "denoiser_final_loss": float(np.mean(den_losses[-100:])),
-        "latent_scale": bundle.vae.config.scaling_factor, "seed": seed, "threads": torch.get_num_threads(),
-        "runs": runs,
-        "params": {k: sum(p.numel() for p in m.parameters()) for k, m in
-                   (("unet", bundle.unet), ("vae", bundle.vae), ("text_encoder", bundle.text_encoder))},
-    }
-    vae_all = (before["vae_losses"] if before else []) + vae_losses
-    den_all = (before["denoiser_losses"] if before else []) + den_losses
-    (out / "training.json").write_text(json.dumps({"stats": stats, "vae_losses": vae_all,
-                                                   "denoiser_losses": den_all}), encoding="utf-8")
-    log(json.dumps(stats))
-    return stats
+    vae_losses = train_vae(bundle.vae, total * vae_share, 32, seed + 1000 * run, log)
+    if vae_losses or before is None:
+        bundle.vae.register_to_config(scaling_factor=latent_scale(bundle.vae, seed))
+    vae_final = float(np.mean(vae_losses[-50:])) if vae_losses else before["stats"]["vae_final_loss"]
+
+    def record(den_losses: list) -> dict:
+        this = {"seconds": round(time.time() - t0), "vae_steps": len(vae_losses),
+                "denoiser_steps": len(den_losses), "warm_start": str(init_from) if init_from else None,
+                "attn_weight": attn_weight, "lr": lr}
+        runs = past + [this]
+        stats = {
+            "seconds": sum(r["seconds"] for r in runs), "vae_steps": sum(r["vae_steps"] for r in runs),
+            "vae_batch": 32, "vae_final_loss": vae_final,
+            "denoiser_steps": sum(r["denoiser_steps"] for r in runs), "denoiser_batch": batch,
+            "denoiser_final_loss": float(np.mean(den_losses[-100:])) if den_losses else None,
+            "latent_scale": bundle.vae.config.scaling_factor, "seed": seed, "threads": torch.get_num_threads(),
+            "runs": runs,
+            "params": {k: sum(p.numel() for p in m.parameters()) for k, m in
+                       (("unet", bundle.unet), ("vae", bundle.vae), ("text_encoder", bundle.text_encoder))},
+        }
+        return {"stats": stats, "vae_losses": (before["vae_losses"] if before else []) + vae_losses,
+                "denoiser_losses": (before["denoiser_losses"] if before else []) + list(den_losses)}
+
+    def checkpoint(den_losses):
+        _save_world(bundle, out, record(den_losses), Path(init_from) if init_from else None)
+        log(f"checkpoint: {len(den_losses)} denoiser steps saved to {out}")
+
+    den_losses = train_denoiser(bundle, total - (time.time() - t0), batch, seed + 1000 * run, log, lr=lr,
+                                attn_weight=attn_weight, checkpoint=checkpoint,
+                                checkpoint_seconds=checkpoint_minutes * 60)
+    final = record(den_losses)
+    _save_world(bundle, out, final, Path(init_from) if init_from else None)
+    log(json.dumps(final["stats"]))
+    return final["stats"]
 
 
 @torch.no_grad()

@@ -122,16 +122,16 @@ def test_save_load_export_overlay(bundle, started, tmp_path, monkeypatch, tiny_d
             SaveConceptBundle().run(bundle, run, bad)
     assert not any(tmp_path.rglob("*.safetensors"))
     SaveConceptBundle().run(bundle, run, "trio")
-    assert (roots["concepts"] / "trio.safetensors").is_file()
-    assert LoadConceptBundle.INPUT_TYPES()["required"]["bundle"][0] == ["trio.safetensors"]
-    loaded, = LoadConceptBundle().run(bundle, "trio.safetensors", False)
+    assert (roots["concepts"] / "trio_00001_.safetensors").is_file()  # numbered, as core SaveImage
+    assert LoadConceptBundle.INPUT_TYPES()["required"]["bundle"][0] == ["trio_00001_.safetensors"]
+    loaded, = LoadConceptBundle().run(bundle, "trio_00001_.safetensors", False)
     assert loaded.state.concepts.names == run.state.concepts.names and loaded.images == ()
     with pytest.raises(ValueError, match="without its images"):
         EMTokenStep().run(bundle, loaded, 1, 5e-4, 1e-2, 0, True, 4, True)
     from em_core.tiny_model import build_model
 
     with pytest.raises(ValueError, match="another base model"):
-        LoadConceptBundle().run(build_model("tiny", seed=9), "trio.safetensors", False)
+        LoadConceptBundle().run(build_model("tiny", seed=9), "trio_00001_.safetensors", False)
     with pytest.raises(ValueError, match="resolves outside"):
         LoadConceptBundle().run(bundle, "../trio.safetensors", False)
     hint = ExportConceptsForComfy().run(run, "trio", 4)["result"][0]

@@ -109,3 +109,44 @@ def test_model_loader_outside_comfyui_lists_the_fallback_folder(tmp_path, monkey
     model_folder(tmp_path / "one")
     monkeypatch.setattr(mn, "DIFFUSERS_FALLBACK", tmp_path)
     assert mn.ConceptModelLoader.INPUT_TYPES()["required"]["model_name"][0] == [mn.SHIPPED, "one"]
+
+
+@pytest.fixture
+def images(scene_files):
+    return pil_to_images([Image.open(p) for p, _ in scene_files])
+
+
+@pytest.fixture
+def started(bundle, images):
+    run, _ = AttentionMaskInit().run(bundle, images, "a photo of [v1] and [v2] on [v3]\n[v1] on [v3]",
+                                     "[v1]=red", 4, 0.5, 0, 0, 0)
+    return run
+
+
+def test_save_bundle_numbers_its_files_and_overwrites_only_when_told(bundle, started, tmp_path, monkeypatch):
+    root = tmp_path / "concepts"
+    monkeypatch.setattr(host, "folder", lambda kind, fallback: root)
+    monkeypatch.setattr(host, "list_files", lambda kind, fallback: sorted(p.name for p in root.glob("*")))
+    old = os.umask(0o022)
+    try:
+        SaveConceptBundle().run(bundle, started, "trio", False)
+        SaveConceptBundle().run(bundle, started, "trio", False)
+        SaveConceptBundle().run(bundle, started, "trio_b", False)  # its own numbers, not trio's
+        (root / "trio_00007_.safetensors").write_bytes((root / "trio_00001_.safetensors").read_bytes())
+        out = SaveConceptBundle().run(bundle, started, "trio", False)
+        assert out["ui"]["text"] == [str(root / "trio_00008_.safetensors")]
+        first = (root / "trio_00001_.safetensors").read_bytes()
+        SaveConceptBundle().run(bundle, started, "trio", True)
+        SaveConceptBundle().run(bundle, started, "trio", True)
+    finally:
+        os.umask(old)
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["trio.safetensors", "trio_00001_.safetensors", "trio_00002_.safetensors",
+                     "trio_00007_.safetensors", "trio_00008_.safetensors", "trio_b_00001_.safetensors"]
+    assert (root / "trio_00001_.safetensors").read_bytes() == first  # never replaced
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in root.iterdir())
+    assert LoadConceptBundle.INPUT_TYPES()["required"]["bundle"][0] == names
+    loaded, = LoadConceptBundle().run(bundle, "trio_00002_.safetensors", False)
+    assert loaded.state.concepts.names == started.state.concepts.names
+    spec = SaveConceptBundle.INPUT_TYPES()["required"]
+    assert list(spec)[-1] == "overwrite" and spec["overwrite"][1]["default"] is False
