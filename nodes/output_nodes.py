@@ -2,6 +2,7 @@
 into ComfyUI's own KSampler (a MODEL / CLIP carrying the concepts, and a [vN]-aware text encode)."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -55,21 +56,37 @@ class ConceptGenerate:
         return (pil_to_images(images),)
 
 
+def numbered_file(folder: Path, name: str, suffix: str = ".safetensors") -> str:
+    """NAME_00001_.safetensors, or one past the highest number NAME already has in `folder` (the
+    numbering core SaveImage gives its images), so no earlier file is ever replaced."""
+    pattern = re.compile(re.escape(os.path.normcase(name)) + r"_(\d+)_" + re.escape(suffix))
+    taken = [int(m.group(1)) for p in (Path(folder).iterdir() if Path(folder).is_dir() else ())
+             if (m := pattern.fullmatch(os.path.normcase(p.name)))]
+    return f"{name}_{max(taken, default=0) + 1:05}_{suffix}"
+
+
 class SaveConceptBundle:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"em_model": (MODEL,), "concepts": (STATE,),
-                             "name": ("STRING", {"default": "my_concepts"})}}
+                             "name": ("STRING", {"default": "my_concepts", "tooltip":
+                                                 "saved as NAME_00001_.safetensors, NAME_00002_... in "
+                                                 "models/concepts"}),
+                             # Last, so a workflow saved before it existed keeps its name in place.
+                             "overwrite": ("BOOLEAN", {"default": False, "tooltip":
+                                                       "on: write NAME.safetensors, replacing a bundle of that "
+                                                       "name; off: a new numbered file every time"})}}
 
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
-    def run(self, em_model, concepts, name):
+    def run(self, em_model, concepts, name, overwrite=False):
         check_export_name(name)
         folder = host.folder(host.CONCEPTS_FOLDER, FALLBACK_ROOT / host.CONCEPTS_FOLDER)
-        path = save_concepts(concepts.state, em_model, inside(folder, f"{name}.safetensors"))
+        file = f"{name}.safetensors" if overwrite else numbered_file(folder, name)
+        path = save_concepts(concepts.state, em_model, inside(folder, file))
         return {"ui": {"text": [str(path)]}}
 
 

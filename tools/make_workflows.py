@@ -162,7 +162,7 @@ def reuse() -> dict:
         {"id": 2, "type": "ConceptEM_ModelFromCheckpoint", "pos": [20, 220],
          "links": {"model": (1, "MODEL"), "clip": (1, "CLIP"), "vae": (1, "VAE")}},
         {"id": 3, "type": "ConceptEM_LoadBundle", "pos": [380, 220], "links": {"em_model": (2, "em_model")},
-         "widgets": {"bundle": "my_concepts.safetensors"}},
+         "widgets": {"bundle": "my_concepts_00001_.safetensors"}},
         {"id": 4, "type": "ConceptEM_ApplyToModel", "pos": [740, 40],
          "links": {"model": (1, "MODEL"), "clip": (1, "CLIP"), "concepts": (3, "concepts")}},
         {"id": 5, "type": "ConceptEM_TextEncode", "pos": [1100, 40],
