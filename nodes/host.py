@@ -123,11 +123,26 @@ class Progress:
             self.bar.update_absolute(done, total, preview)
 
 
+def current_node() -> str | None:
+    """The id of the node ComfyUI is running now, where ComfyUI says (it has no id in plain Python)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    ctx = get_executing_context()
+    return None if ctx is None else ctx.node_id
+
+
 def send(event: str, data: dict) -> None:
-    """A message to the front end (web/concept_em.js) through ComfyUI's PromptServer."""
+    """A message to the front end (web/concept_em.js) through ComfyUI's PromptServer, to the browser
+    that queued the running prompt only: never to every connected one (they may be other people's,
+    and the live preview shows the user's images). A prompt queued with no client id gets none, as
+    ComfyUI's own "executed" messages do."""
     try:
         from server import PromptServer
     except ImportError:
         return
-    if PromptServer.instance is not None:
-        PromptServer.instance.send_sync(event, data)
+    server = PromptServer.instance
+    client = getattr(server, "client_id", None)
+    if server is not None and client is not None:
+        server.send_sync(event, data, client)

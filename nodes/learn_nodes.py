@@ -14,7 +14,7 @@ from em_core.plot import line_chart
 
 from . import host
 from .convert import images_to_pil, masks_to_tensor, pil_to_images
-from .live import LiveFeed
+from .live import LiveFeed, forward_warnings
 from .run_value import ConceptRun
 
 CATEGORY = "concept_em"
@@ -84,6 +84,7 @@ class AttentionMaskInit:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @forward_warnings
     @host.trains
     def run(self, em_model, images, prompts, init_words, timesteps, threshold, warmup_steps, seed, resolution):
         pils = images_to_pil(images)
@@ -126,6 +127,7 @@ class DenseCRFRefine:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @forward_warnings
     @host.trains
     def run(self, iterations, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb, bilateral_weight,
             working_side=256, preset="cutler", concepts=None, image=None, mask=None):
@@ -192,6 +194,7 @@ class EMTokenStep:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @forward_warnings
     @host.trains
     def run(self, em_model, concepts, steps, learning_rate, attention_loss_weight, refresh_every, use_crf,
             refresh_timesteps, flip, mask_source="fresh", unique_id=None):
@@ -231,6 +234,7 @@ class JointFinetune:
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
+    @forward_warnings
     @host.trains
     def run(self, em_model, concepts, steps, learning_rate, mode, lora_rank, train_text_encoder,
             gradient_checkpointing, unique_id=None):

@@ -3,7 +3,10 @@ current masks over the image plus the loss history sent to web/concept_em.js."""
 from __future__ import annotations
 
 import base64
+import functools
 import io
+import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -11,6 +14,8 @@ from PIL import Image
 from . import host
 
 EVENT = "concept_em.progress"
+WARNING_EVENT = "concept_em.warning"
+PACK_DIR = Path(__file__).resolve().parents[1]
 PALETTE = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
                     (240, 50, 230), (210, 245, 60)], np.float32)
 
@@ -55,3 +60,38 @@ class LiveFeed:
         self.last_refresh = refresh
         if changed or self.done % self.every == 0 or self.done == self.total:
             self._send(state, changed or self.done == 1)
+
+
+def _from_pack(w: warnings.WarningMessage) -> bool:
+    """A warning the engine or the nodes raised (an empty mask's fallback, a concept DenseCRF wiped
+    out, a precision the device lacks), not one of a library's."""
+    try:
+        return issubclass(w.category, UserWarning) and PACK_DIR in Path(w.filename).resolve().parents
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def forward_warnings(run):
+    """Wraps a node's run method: the pack's warnings still reach the server console, and are also
+    sent to the browser that queued the prompt (event concept_em.warning: node, class, messages)
+    and added to the node's text output when it has one ({"ui": {"text": [...]}})."""
+
+    @functools.wraps(run)
+    def wrapped(self, *args, **kwargs):
+        caught: list = []
+        result = None
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                result = run(self, *args, **kwargs)
+            return result
+        finally:
+            for w in caught:  # to the console (or an outer recorder) as if never caught
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+            messages = list(dict.fromkeys(str(w.message) for w in caught if _from_pack(w)))
+            if messages:
+                node = kwargs.get("unique_id") or host.current_node()
+                host.send(WARNING_EVENT, {"node": node, "class": type(self).__name__, "messages": messages})
+                if isinstance(result, dict) and isinstance(result.get("ui"), dict):
+                    result["ui"]["text"] = list(result["ui"].get("text", [])) + [f"warning: {m}" for m in messages]
+
+    return wrapped

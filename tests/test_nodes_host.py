@@ -150,3 +150,87 @@ def test_save_bundle_numbers_its_files_and_overwrites_only_when_told(bundle, sta
     assert loaded.state.concepts.names == started.state.concepts.names
     spec = SaveConceptBundle.INPUT_TYPES()["required"]
     assert list(spec)[-1] == "overwrite" and spec["overwrite"][1]["default"] is False
+
+
+class FakeServer:
+    """ComfyUI's PromptServer as the nodes see it: client_id is the id of the browser that queued
+    the running prompt (None for a prompt queued without one); send_sync(event, data, sid)."""
+
+    def __init__(self, client_id):
+        self.client_id = client_id
+        self.sent = []
+
+    def send_sync(self, event, data, sid=None):
+        self.sent.append((event, data, sid))
+
+
+@pytest.fixture
+def server(monkeypatch):
+    def install(client_id):
+        srv = FakeServer(client_id)
+        module = types.ModuleType("server")
+        module.PromptServer = types.SimpleNamespace(instance=srv)
+        monkeypatch.setitem(sys.modules, "server", module)
+        return srv
+
+    return install
+
+
+def test_live_messages_reach_only_the_client_that_queued_the_prompt(bundle, started, server):
+    srv = server("browser-1")
+    EMTokenStep().run(bundle, started, 3, 5e-4, 1e-2, 0, True, 4, True, unique_id="7")
+    progress = [m for m in srv.sent if m[0] == live.EVENT]
+    assert progress and all(sid == "browser-1" for _, _, sid in srv.sent)
+    assert progress[-1][1]["node"] == "7" and progress[-1][1]["step"] == 3
+    quiet = server(None)  # queued through the API without a client id: no one is sent anything
+    EMTokenStep().run(bundle, started, 2, 5e-4, 1e-2, 0, True, 4, True, unique_id="7")
+    assert quiet.sent == []
+
+
+def test_a_concept_densecrf_removes_is_reported_to_the_ui(server):
+    srv = server("browser-2")
+    img = pil_to_images([Image.fromarray(np.full((16, 16, 3), 128, np.uint8))])
+    masks = torch.zeros(2, 16, 16)
+    masks[0] = 1
+    masks[1, 6:9, 6:9] = 1
+    with pytest.warns(UserWarning, match="removed"):  # still on the console, as before
+        _, refined = DenseCRFRefine().run(10, 1.0, 3.0, 67.0, 3.0, 4.0, image=img, mask=masks)
+    assert refined[1].any()
+    sent = [(data, sid) for event, data, sid in srv.sent if event == live.WARNING_EVENT]
+    assert len(sent) == 1 and sent[0][1] == "browser-2"
+    assert sent[0][0]["class"] == "DenseCRFRefine" and "removed mask 1" in sent[0][0]["messages"][0]
+
+
+def test_an_empty_mask_fallback_is_reported_with_the_running_node(bundle, images, server, monkeypatch):
+    import em_core.masks
+
+    srv = server("browser-3")
+    utils = types.ModuleType("comfy_execution.utils")
+    utils.get_executing_context = lambda: types.SimpleNamespace(node_id="12", prompt_id="p")
+    monkeypatch.setitem(sys.modules, "comfy_execution", types.ModuleType("comfy_execution"))
+    monkeypatch.setitem(sys.modules, "comfy_execution.utils", utils)
+    monkeypatch.setattr(em_core.masks, "normalise", lambda maps: torch.zeros_like(maps))  # every mask empty
+    with pytest.warns(UserWarning, match="is empty"):
+        AttentionMaskInit().run(bundle, images[:1], "[v1] and [v2]", "", 2, 0.5, 0, 0, 0)
+    (event, data, sid), = srv.sent
+    assert event == live.WARNING_EVENT and sid == "browser-3" and data["node"] == "12"
+    assert [m.split(" is empty")[0] for m in data["messages"]] == ["mask of [v1]", "mask of [v2]"]
+
+
+def test_forwarded_warnings_join_a_text_output_and_library_warnings_stay_on_the_console(server):
+    srv = server("browser-4")
+
+    class Node:
+        @live.forward_warnings
+        def run(self, unique_id=None):
+            warnings.warn("a concept vanished")
+            warnings.warn_explicit("a library's complaint", UserWarning, "/usr/lib/python3/somelib.py", 1)
+            return {"ui": {"text": ["saved"]}, "result": ("saved",)}
+
+    with warnings.catch_warnings(record=True) as console:
+        warnings.simplefilter("always")
+        out = Node().run(unique_id="3")
+    assert out["ui"]["text"] == ["saved", "warning: a concept vanished"]
+    assert srv.sent == [(live.WARNING_EVENT, {"node": "3", "class": "Node", "messages": ["a concept vanished"]},
+                         "browser-4")]
+    assert sorted(str(w.message) for w in console) == ["a concept vanished", "a library's complaint"]
