@@ -61,6 +61,7 @@ def cmd_learn(args) -> int:
     from .model import load_bundle
     from .state import load_state
 
+    d = LearnConfig()
     if not args.image:
         raise ValueError("--image: give at least one image, each followed by its --prompt")
     check_prompts(args.image, args.prompt)
@@ -86,8 +87,11 @@ def cmd_learn(args) -> int:
             mask_timesteps=args.mask_timesteps, refresh_timesteps=args.refresh_timesteps,
             timestep_sampling=args.timestep_sampling, mask_source=args.mask_source, crf_overlap=args.crf_overlap,
             threshold=args.threshold, crf=CRFParams.preset(args.crf_preset),
-            use_crf=not args.no_crf, warmup_steps=args.warmup_steps, flip=not args.no_flip, layers=args.layers, resolution=args.resolution,
-            seed=args.seed, save_every=args.save_every,
+            use_crf=not args.no_crf, warmup_steps=args.warmup_steps, flip=not args.no_flip,
+            mask_layers=args.mask_layers or args.layers or d.mask_layers,
+            loss_layers=args.loss_layers or args.layers or d.loss_layers, background=args.background,
+            mask_t_range=tuple(args.mask_t_range) if args.mask_t_range else None, eval_every=args.eval_every,
+            resolution=args.resolution, seed=args.seed, save_every=args.save_every,
         )
     images = [prepare_image(bundle, Path(i).resolve(), p, config.resolution, config.flip)
               for i, p in zip(args.image, args.prompt)]
@@ -424,7 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DenseCRF pairwise settings: CutLER's (the paper's) or DeepLab-v2's")
     l.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     l.add_argument("--no-flip", action="store_true")
-    l.add_argument("--layers", choices=["coarse", "all"], default=d.layers)
+    l.add_argument("--mask-layers", choices=["coarse", "all"], default=None,
+                   help=f"layers whose maps make the masks (default {d.mask_layers}: every layer, as the paper)")
+    l.add_argument("--loss-layers", choices=["coarse", "all"], default=None,
+                   help=f"layers the attention loss reads (default {d.loss_layers}: Break-A-Scene's 16x16 at 512 px)")
+    l.add_argument("--layers", choices=["coarse", "all"], default=None, help="both of the above at once")
+    l.add_argument("--background", default=None,
+                   help="a concept, e.g. [v3], whose mask is what no other concept claims")
+    l.add_argument("--mask-t-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="draw mask-estimate timesteps from [LO, HI) only (default: the whole schedule)")
+    l.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="log the loss on fixed noise and timesteps every N steps (0: never)")
     l.add_argument("--resolution", type=int, default=None)
     l.add_argument("--seed", type=int, default=d.seed)
     l.add_argument("--save-every", type=int, default=d.save_every)

@@ -37,12 +37,29 @@ class LearnConfig:
     crf: CRFParams = field(default_factory=CRFParams)
     warmup_steps: int = 0  # plain textual inversion without masks, before the first mask estimate
     flip: bool = True
-    layers: str = "coarse"  # 'coarse' (16x16 for SD at 512 px) or 'all'
+    # Layers whose maps make the masks: 'all' cross-attention layers, each resized to the finest
+    # captured size and averaged (the paper, section 3), or 'coarse'.
+    mask_layers: str = "all"
+    # Layers the attention loss reads: 'coarse' = the down/up layers at their coarsest size, 16x16
+    # for SD at 512 px (Break-A-Scene's), or 'all'.
+    loss_layers: str = "coarse"
+    # A concept that is the scene's background (e.g. '[v3]' in "[v1] and [v2] on [v3]"): its mask
+    # is what no other concept's thresholded map claims, not its own map (a background word's
+    # map tends to peak on the objects). None: every concept from its own map (the paper).
+    background: str | None = None
+    # Timesteps of mask estimates are drawn from [lo, hi) of the training schedule; None: all of it
+    # (the paper). Above t=700 the maps of small models are diffuse.
+    mask_t_range: tuple | None = None
+    # Every this many steps, the loss on fixed noise and timesteps (the same each time) is logged
+    # beside the training loss, so the curve shows learning rather than the draws. 0: never.
+    eval_every: int = 0
     resolution: int | None = None  # working side in pixels; None: the model's own
     seed: int = 0
     save_every: int = 50
 
     def __post_init__(self):
+        if self.mask_t_range is not None:
+            self.mask_t_range = tuple(int(v) for v in self.mask_t_range)
         if isinstance(self.crf, dict):
             self.crf = CRFParams(**self.crf)
         checks = {
@@ -54,6 +71,10 @@ class LearnConfig:
             "warmup_steps": self.warmup_steps >= 0, "save_every": self.save_every >= 1,
             "resolution": self.resolution is None or self.resolution >= 8,
             "mask_source": self.mask_source in ("training", "fresh"), "crf_overlap": self.crf_overlap >= 0,
+            "mask_layers": self.mask_layers in ("coarse", "all"), "loss_layers": self.loss_layers in ("coarse", "all"),
+            "mask_t_range": self.mask_t_range is None or (len(self.mask_t_range) == 2
+                                                          and 0 <= self.mask_t_range[0] < self.mask_t_range[1]),
+            "eval_every": self.eval_every >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -71,4 +92,7 @@ class LearnConfig:
         # A run saved before these settings existed goes on as it began.
         kw.setdefault("refresh_timesteps", kw.get("mask_timesteps", cls.mask_timesteps))
         kw.setdefault("timestep_sampling", "uniform")
+        if "layers" in d:  # one setting drove both before they were split
+            kw.setdefault("mask_layers", d["layers"])
+            kw.setdefault("loss_layers", d["layers"])
         return cls(**kw)

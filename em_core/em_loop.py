@@ -29,6 +29,7 @@ from .dataset import TrainImage
 from .crf import refine_masks
 from .masks import estimate_masks, iou, latent_masks, masks_from_maps, restore_fixed
 from .state import LearnState
+from .eval_loss import fixed_noise_loss
 from .training import concept_step_loss, saved_on_exit, step_rng
 
 
@@ -43,6 +44,8 @@ def start_state(bundle, images: list[TrainImage], config: LearnConfig, init_word
     `fixed_masks` maps (image index, name) -> bool mask (H, W) at the image's working size.
     """
     names = list(dict.fromkeys(n for img in images for n in img.names))
+    if config.background is not None and config.background not in names:
+        raise ValueError(f"background: {config.background} appears in no prompt; the concepts are {names}")
     concepts = ConceptSet.create(bundle, names, init_words, seed=config.seed)
     fixed_masks = fixed_masks or {}
     masks, fixed = [], []
@@ -110,7 +113,7 @@ class _Run:
         st, cfg = self.state, self.cfg
         sums, counts = st.map_sums[i], st.map_counts[i]
         return masks_from_maps(img, sums / counts.clamp_min(1)[:, None, None], threshold=cfg.threshold,
-                               use_crf=use_crf, crf_params=cfg.crf, fixed=fixed)
+                               use_crf=use_crf, crf_params=cfg.crf, fixed=fixed, background=cfg.background)
 
     def _fixed(self, i: int) -> dict:
         img, old = self.images[i], self.state.masks[i]
@@ -140,7 +143,8 @@ class _Run:
                 masks, _ = estimate_masks(
                     self.bundle, concepts, img, n_timesteps=n_timesteps, batch=cfg.mask_batch,
                     threshold=cfg.threshold, use_crf=cfg.use_crf and not overlap, crf_params=cfg.crf, fixed=fixed,
-                    generator=gen, layers=cfg.layers, stratified=cfg.timestep_sampling == "stratified")
+                    generator=gen, layers=cfg.mask_layers, stratified=cfg.timestep_sampling == "stratified",
+                    t_range=cfg.mask_t_range, background=cfg.background)
             new_masks.append(masks)
         self.reset_maps()
         if overlap:
@@ -250,6 +254,7 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
             img.latent_mean, img.latent_std = img.latent_mean.clone(), img.latent_std.clone()
     # A resumed run keeps only the history up to the step its tensors were saved at.
     state.history["steps"] = [h for h in state.history["steps"] if h["step"] < state.step]
+    state.history["eval"] = [h for h in state.history.get("eval", []) if h["step"] < state.step]
     cfg = state.config
     total = cfg.warmup_steps + cfg.steps
     state.status, state.message = "running", ""
@@ -263,7 +268,7 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
     with torch.inference_mode(False), torch.enable_grad(), saved_on_exit(save, interrupted):
         run = _Run(bundle, images, state)
         with tqdm(total=total, initial=min(state.step, total), disable=not progress, desc="learn", unit="step") as bar, \
-                AttentionCapture(bundle.unet, cfg.layers) as capture, contextlib.closing(run):
+                AttentionCapture(bundle.unet, cfg.loss_layers) as capture, contextlib.closing(run):
             while True:
                 pending = state.pending_refresh
                 if pending is not None and state.step >= min(pending["apply_at"], total):
@@ -276,6 +281,10 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
                       and not (pending is not None and pending["step"] == state.step)):
                     with torch.no_grad():
                         run.refresh_masks("refresh")
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step >= cfg.warmup_steps:
+                    concepts = ConceptSet(state.concepts.names, state.concepts.init_words, run.vectors.detach().clone())
+                    state.history["eval"].append(
+                        {"step": state.step, "loss": fixed_noise_loss(bundle, images, concepts, seed=cfg.seed)})
                 if state.step >= total:
                     state.status = "done"
                     break

@@ -16,8 +16,8 @@ FALLBACK_FRACTION = 0.1  # a concept with an empty mask keeps its most attended 
 
 @torch.no_grad()
 def attention_maps(bundle, concepts: ConceptSet, image, n_timesteps: int = 50, batch: int = 10,
-                   generator: torch.Generator | None = None, layers: str = "coarse",
-                   stop_early: bool = True, stratified: bool = True) -> torch.Tensor:
+                   generator: torch.Generator | None = None, layers: str = "all",
+                   stop_early: bool = True, stratified: bool = True, t_range: tuple | None = None) -> torch.Tensor:
     """(K_i, h, w) maps of the image's concepts, averaged over `n_timesteps` random timesteps.
 
     `stratified`: one random timestep in each of `n_timesteps` equal slices of the schedule rather
@@ -30,7 +30,7 @@ def attention_maps(bundle, concepts: ConceptSet, image, n_timesteps: int = 50, b
     generator = generator or torch.Generator().manual_seed(0)
     dev = bundle.device
     n_train = bundle.scheduler.config.num_train_timesteps
-    timesteps = draw_timesteps(n_timesteps, n_train, generator, stratified)
+    timesteps = draw_timesteps(n_timesteps, n_train, generator, stratified, t_range)
     noise = torch.randn((n_timesteps, *image.latent_mean.shape[1:]), generator=generator)
     z0 = image.latent_mean[0:1]
     concept_ids = concepts.token_ids(bundle)
@@ -55,12 +55,18 @@ def attention_maps(bundle, concepts: ConceptSet, image, n_timesteps: int = 50, b
     return (total / n_timesteps).cpu()
 
 
-def draw_timesteps(n: int, n_train: int, generator: torch.Generator, stratified: bool = True) -> torch.Tensor:
-    """n timesteps in [0, n_train): one uniform draw in each of n equal slices, or n independent draws."""
+def draw_timesteps(n: int, n_train: int, generator: torch.Generator, stratified: bool = True,
+                   t_range: tuple | None = None) -> torch.Tensor:
+    """n timesteps in [lo, hi) (default [0, n_train)): one uniform draw in each of n equal slices,
+    or n independent draws."""
+    lo, hi = t_range if t_range is not None else (0, n_train)
+    hi = min(hi, n_train)
+    if not 0 <= lo < hi:
+        raise ValueError(f"mask timestep range: [{lo}, {hi}) is empty or outside [0, {n_train})")
     if not stratified:
-        return torch.randint(0, n_train, (n,), generator=generator)
+        return torch.randint(lo, hi, (n,), generator=generator)
     u = torch.rand((n,), generator=generator, dtype=torch.float64)
-    return ((torch.arange(n, dtype=torch.float64) + u) * n_train / n).long().clamp_max(n_train - 1)
+    return (lo + (torch.arange(n, dtype=torch.float64) + u) * (hi - lo) / n).long().clamp_max(hi - 1)
 
 
 def normalise(maps: torch.Tensor) -> torch.Tensor:
@@ -93,33 +99,47 @@ def binarise(maps: torch.Tensor, size: tuple[int, int], threshold: float, names:
 
 def estimate_masks(bundle, concepts: ConceptSet, image, *, n_timesteps=50, batch=10, threshold=0.5,
                    use_crf=True, crf_params: CRFParams = CRFParams(), fixed: dict | None = None,
-                   generator=None, layers="coarse", stratified=True) -> tuple[np.ndarray, torch.Tensor]:
+                   generator=None, layers="all", stratified=True, t_range=None,
+                   background: str | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """Image-size bool masks (K_i, H, W) and the raw maps they came from.
 
     `fixed` maps concept name -> a user mask (H, W) that is kept as it is; it still takes
-    part in the CRF so the other concepts are pushed off it.
+    part in the CRF so the other concepts are pushed off it. `background`: see masks_from_maps.
     """
-    maps = attention_maps(bundle, concepts, image, n_timesteps, batch, generator, layers, stratified=stratified)
-    masks = masks_from_maps(image, maps, threshold=threshold, use_crf=use_crf, crf_params=crf_params, fixed=fixed)
+    maps = attention_maps(bundle, concepts, image, n_timesteps, batch, generator, layers, stratified=stratified,
+                          t_range=t_range)
+    masks = masks_from_maps(image, maps, threshold=threshold, use_crf=use_crf, crf_params=crf_params, fixed=fixed,
+                            background=background)
     return masks, maps
 
 
 def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, crf_params: CRFParams = CRFParams(),
-                    fixed: dict | None = None, keep: dict | None = None) -> np.ndarray:
+                    fixed: dict | None = None, keep: dict | None = None, background: str | None = None) -> np.ndarray:
     """(K_i, H, W) bool masks from (K_i, h, w) averaged maps: threshold, then DenseCRF.
 
     `fixed`: user masks, kept as they are. `keep`: masks of concepts that have no new map (their
-    rows of `maps` are ignored); they go through the CRF like the others.
+    rows of `maps` are ignored); they go through the CRF like the others. `background`: a
+    concept whose mask is the pixels no other concept claims (when the image has it and it is
+    neither fixed nor kept).
     """
     fixed, keep = fixed or {}, keep or {}
     given = {**keep, **fixed}
-    rows = [k for k, n in enumerate(image.names) if n not in given]
+    bg = background if background in image.names and background not in given and len(image.names) > 1 else None
+    rows = [k for k, n in enumerate(image.names) if n not in given and n != bg]
     masks = np.zeros((len(image.names), image.size[1], image.size[0]), dtype=bool)
     if rows:
         masks[rows] = binarise(maps[rows], image.size, threshold, [image.names[k] for k in rows])
     for k, name in enumerate(image.names):
         if name in given:
             masks[k] = given[name]
+    if bg is not None:
+        k = image.names.index(bg)
+        others = np.delete(masks, k, axis=0).any(0)
+        masks[k] = ~others
+        if not masks[k].any():
+            masks[k] = binarise(maps[k:k + 1], image.size, threshold, [bg])[0]
+            warnings.warn(f"background {bg}: the other concepts claim every pixel; took its own map instead",
+                          stacklevel=2)
     if use_crf:
         masks = refine_keeping(image, masks, crf_params, fixed)
     return masks
@@ -138,10 +158,15 @@ def restore_fixed(names, refined: np.ndarray, masks: np.ndarray, fixed) -> np.nd
     return refined
 
 
-def latent_masks(masks: np.ndarray, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """(K, h, w) float masks on the latent grid: the fraction of each cell inside the mask."""
+def latent_masks(masks: np.ndarray, latent_hw: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+    """(K, h, w) float masks on the latent grid.
+
+    'nearest' (the default, as Break-A-Scene's `F.interpolate(mask, size=(64, 64))`): each cell
+    takes the mask's value at one pixel of it, so the masks stay binary; 'area': the fraction of
+    each cell inside the mask.
+    """
     t = torch.from_numpy(np.asarray(masks, dtype=np.float32))[None]
-    return F.interpolate(t, size=latent_hw, mode="area")[0]
+    return F.interpolate(t, size=latent_hw, mode=mode)[0]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

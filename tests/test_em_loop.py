@@ -160,7 +160,7 @@ def test_ctrl_c_saves_the_last_good_step_and_resume_matches_an_unbroken_run(bund
 
 def test_four_concepts_over_two_images_and_no_crf(bundle, scene_files):
     images = _images(bundle, scene_files, ("[v1] and [v2] on [v3]", "[v4] next to [v1]"))
-    out = learn(bundle, images, start_state(bundle, images, _cfg(use_crf=False, layers="all", flip=False)),
+    out = learn(bundle, images, start_state(bundle, images, _cfg(use_crf=False, mask_layers="all", loss_layers="all", flip=False)),
                 progress=False)
     assert out.status == "done" and len(out.concepts.names) == 4
     assert all(m.any() for masks in out.masks for m in masks)

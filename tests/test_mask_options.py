@@ -1,0 +1,94 @@
+"""Mask estimation apart from the loss: layer choice per purpose, a background concept taken as
+what no object claims, a timestep range, and the held-out fixed-noise loss."""
+import numpy as np
+import pytest
+import torch
+
+from em_core import em_loop
+from em_core.attention import select_layers
+from em_core.config import LearnConfig
+from em_core.dataset import prepare_image
+from em_core.em_loop import learn, start_state
+from em_core.masks import draw_timesteps, masks_from_maps
+
+
+def _cfg(**kw):
+    base = dict(steps=4, refresh_every=2, mask_timesteps=4, refresh_timesteps=4, mask_batch=4, save_every=100,
+                seed=1, use_crf=False)
+    base.update(kw)
+    return LearnConfig(**base)
+
+
+def test_masks_read_every_layer_and_the_loss_reads_break_a_scenes_by_default(bundle, scene_files, monkeypatch):
+    d = LearnConfig()
+    assert (d.mask_layers, d.loss_layers) == ("all", "coarse")
+    # A run saved with the single setting of before goes on with it for both purposes.
+    legacy = {k: v for k, v in d.to_dict().items() if k not in ("mask_layers", "loss_layers")}
+    old = LearnConfig.from_dict({**legacy, "layers": "coarse"})
+    assert (old.mask_layers, old.loss_layers) == ("coarse", "coarse")
+    seen = []
+    real = em_loop.AttentionCapture
+
+    class Spy(real):
+        def __init__(self, unet, mode="coarse", stop_early=False):
+            seen.append(("loss", mode))
+            super().__init__(unet, mode, stop_early)
+
+    import em_core.masks as masks_mod
+    real_maps = masks_mod.AttentionCapture
+
+    class MapSpy(real_maps):
+        def __init__(self, unet, mode="coarse", stop_early=False):
+            seen.append(("mask", mode, sorted(select_layers(unet, mode))))
+            super().__init__(unet, mode, stop_early)
+
+    monkeypatch.setattr(em_loop, "AttentionCapture", Spy)
+    monkeypatch.setattr(masks_mod, "AttentionCapture", MapSpy)
+    images = [prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")]
+    learn(bundle, images, start_state(bundle, images, _cfg(steps=1)), progress=False)
+    assert ("loss", "coarse") in seen
+    mask_calls = [s for s in seen if s[0] == "mask"]
+    assert mask_calls and all(c[1] == "all" for c in mask_calls)
+    assert len(mask_calls[0][2]) > len(select_layers(bundle.unet, "coarse"))
+
+
+def test_a_background_concept_is_what_no_object_claims(bundle, scene_files):
+    img = prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")
+    h, w = img.size[1] // 8, img.size[0] // 8
+    maps = torch.zeros(3, h, w)
+    maps[0, :4, :4] = 1.0   # [v1] top left
+    maps[1, -4:, -4:] = 1.0  # [v2] bottom right
+    maps[2, :4, :4] = 1.0   # [v3]'s own map peaks on the first object, as background words do
+    own = masks_from_maps(img, maps, use_crf=False)
+    assert (own[2] & own[0]).any()
+    bg = masks_from_maps(img, maps, use_crf=False, background="[v3]")
+    assert np.array_equal(bg[2], ~(bg[0] | bg[1]))
+    assert not (bg[2] & bg[0]).any() and bg[2].any()
+    with pytest.raises(ValueError, match="appears in no prompt"):
+        start_state(bundle, [img], _cfg(background="[v7]"))
+
+
+def test_mask_timesteps_stay_in_their_range():
+    gen = torch.Generator().manual_seed(0)
+    t = draw_timesteps(30, 1000, gen, True, (100, 700))
+    assert int(t.min()) >= 100 and int(t.max()) < 700
+    assert len(set((t - 100).div(20, rounding_mode="floor").tolist())) == 30  # one per slice
+    t = draw_timesteps(30, 1000, gen, False, (100, 700))
+    assert int(t.min()) >= 100 and int(t.max()) < 700
+    with pytest.raises(ValueError, match="empty"):
+        draw_timesteps(3, 1000, gen, True, (700, 700))
+    with pytest.raises(ValueError, match="mask_t_range"):
+        LearnConfig(mask_t_range=(500, 100))
+
+
+def test_the_fixed_noise_loss_is_logged_and_only_learning_moves_it(bundle, scene_files):
+    images = [prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")]
+    state = start_state(bundle, images, _cfg(steps=4, eval_every=2, lr=5e-2))
+    out = learn(bundle, images, state, progress=False)
+    ev = out.history["eval"]
+    assert [e["step"] for e in ev] == [0, 2, 4]
+    assert len({e["loss"] for e in ev}) == 3  # the vectors moved, so the fixed-noise loss did
+    # With nothing learned (lr tiny) the points agree: the same noise and timesteps each time.
+    still = learn(bundle, images, start_state(bundle, images, _cfg(steps=2, eval_every=1, lr=1e-12)),
+                  progress=False)
+    assert still.history["eval"][0]["loss"] == pytest.approx(still.history["eval"][-1]["loss"], rel=1e-6)
