@@ -17,16 +17,19 @@ def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, union: torch
 
 
 def attention_loss(maps: torch.Tensor, masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Mean over present concepts of MSE(map / max(map), mask) at the maps' resolution.
+    """Sum over the present concepts of MSE(map / max(map), mask), divided by the batch size.
 
+    Break-A-Scene's reduction (train.py: `attn_loss += F.mse_loss(...)` for each mask of the
+    step, then `attn_loss / train_batch_size`), so with k concepts in a step the term is k times
+    one concept's, at the same weight. Masks are brought to the maps' grid with nearest
+    interpolation, as BaS's `F.interpolate(mask, size=(16, 16))`.
     maps (B, K, h, w), masks (B, K, H, W) in [0, 1], present (B, K) bool.
     """
     if masks.shape[-2:] != maps.shape[-2:]:
-        masks = F.interpolate(masks.float(), size=maps.shape[-2:], mode="area")
+        masks = F.interpolate(masks.float(), size=maps.shape[-2:], mode="nearest")
     peak = maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
     per = ((maps.float() / peak - masks.float()) ** 2).flatten(2).mean(-1)  # (B, K)
     present = present.to(device=per.device, dtype=per.dtype)
-    n = present.sum()
-    if n == 0:
+    if not bool(present.any()):
         return maps.sum() * 0.0
-    return (per * present).sum() / n
+    return (per * present).sum() / maps.shape[0]

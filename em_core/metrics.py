@@ -10,7 +10,8 @@ def iou_curve(state, truth: dict) -> list[dict]:
     """[{step, iou: {imgI: {name: IoU}}}] for each refresh in the state's mask history.
 
     `truth` maps (image index, name) -> bool mask at the image's working size; the
-    comparison is made on the latent grid the masks live on (cells more than half inside).
+    comparison is made on the latent grid the masks live on, the truth brought to it as the
+    masks are (`latent_masks`: nearest, as Break-A-Scene).
     """
     curve = []
     for entry in state.mask_history:

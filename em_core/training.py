@@ -1,7 +1,7 @@
 """One training step shared by the EM token loop and the joint fine-tune.
 
-Per step: one image, a random non-empty subset of its concepts ("a photo of [v1] and [v3]"),
-maybe a horizontal flip, a random timestep and noise; loss = masked diffusion loss under the
+Per step: one image, a random non-empty subset of its concepts in random order ("a photo of
+[v3] and [v1]", as Break-A-Scene's `random.sample`), maybe a horizontal flip, a random timestep and noise; loss = masked diffusion loss under the
 union of the subset's masks + w * cross-attention loss (Break-A-Scene). Randomness comes from
 (seed, step) alone, so a resumed run draws exactly what an unbroken one would.
 """
@@ -49,8 +49,7 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
         subset, prompt = img.names, img.prompt
     else:
         k = rnd.randint(1, len(img.names))
-        picked = set(rnd.sample(img.names, k))
-        subset = [n for n in img.names if n in picked]
+        subset = rnd.sample(img.names, k)  # in the order drawn: each step shuffles the prompt, as BaS does
         prompt = "a photo of " + " and ".join(subset)
     flip = flip and img.latent_mean.shape[0] > 1 and rnd.random() < 0.5
     z0 = img.sample_latent(flip, gen).to(b.device, torch.float32)

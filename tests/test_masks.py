@@ -74,8 +74,11 @@ def test_nan_maps_never_reach_the_masks():
     assert masks.any()
 
 
-def test_latent_masks_are_area_fractions():
+def test_latent_masks_are_nearest_samples_as_break_a_scene_or_area_fractions():
+    """BaS downsamples masks to the latent grid with F.interpolate's default, nearest: binary cells."""
     m = np.zeros((1, 8, 8), bool)
     m[0, :4, :2] = True
-    lat = latent_masks(m, (2, 2))
-    assert torch.allclose(lat[0], torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
+    assert torch.equal(latent_masks(m, (2, 2))[0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    assert torch.equal(latent_masks(m, (2, 2)), torch.nn.functional.interpolate(
+        torch.from_numpy(m.astype(np.float32))[None], size=(2, 2))[0])
+    assert torch.allclose(latent_masks(m, (2, 2), mode="area")[0], torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
