@@ -93,8 +93,15 @@ def word_targets(scenes, keep: list[bool], max_length: int, latent_hw: tuple[int
 
 
 class BindingStore:
-    """Collects, per captured cross-attention layer, the BaS-style loss of each supervised word's
-    map (averaged over heads, divided by its max) against its object's mask at that layer's size."""
+    """Collects, per captured cross-attention layer, two losses of the supervised words' maps
+    (averaged over heads) against their objects' masks at that layer's size:
+
+    - Break-A-Scene's: each map divided by its max, MSE against its mask (where the word looks);
+    - a competition term: at each pixel, the share of the supervised words' attention that goes
+      to the words of the object (or background) the pixel belongs to, as -log (which word wins
+      there). The MSE alone is met by maps that mark every object alike (measured: own-vs-other
+      AUROC stayed at 0.50 while the MSE fell from 0.48 to 0.08), so this term asks for binding.
+    """
 
     def __init__(self, layers: dict[str, int], latent_hw, select, masks, present):
         self.layers, self.latent_hw, self.select = layers, latent_hw, select
@@ -108,9 +115,18 @@ class BindingStore:
         maps = torch.einsum("bhnl,blk->bkn", probs, self.select.to(probs.dtype)) / probs.shape[1]
         maps = maps.reshape(maps.shape[0], maps.shape[1], h, w)
         target = self.masks if factor == 1 else torch.nn.functional.avg_pool2d(self.masks, factor)
+        present = self.present[..., None, None]
         peak = maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
         per = ((maps / peak - target) ** 2).flatten(2).mean(-1)
-        self.losses.append((per * self.present).sum() / self.present.sum().clamp_min(1))
+        mse = (per * self.present).sum() / self.present.sum().clamp_min(1)
+        share = maps * present / (maps * present).sum(1, keepdim=True).clamp_min(1e-12)
+        # The share won by the words whose mask covers the pixel (an object's words share its mask;
+        # the masks of different objects and the background's do not overlap).
+        right = (share * target * present).sum(1)
+        cover = ((target * present).sum(1) > 0).float()
+        items = (self.present.sum(1) > 0).float()[:, None, None]
+        ce = -(torch.log(right.clamp_min(1e-6)) * cover * items).sum() / (cover * items).sum().clamp_min(1)
+        self.losses.append(mse + ce)
 
     def loss(self) -> torch.Tensor:
         return torch.stack(self.losses).mean()
