@@ -16,7 +16,8 @@ import torch
 
 from em_core.checker import load_checker
 from em_core.model import load_bundle
-from em_core.world_probe import binding, readback, text_use
+from em_core.evaluate import caption_fidelity
+from em_core.world_probe import binding, text_use
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
           f"{tu['drop_all_t']:.3%} over all t")
     if args.readback:
         checker = load_checker(Path(args.model) / "checker.safetensors")
-        res["readback"] = readback(bundle, checker, n=args.readback)
+        res["readback"] = caption_fidelity(bundle, checker, n=args.readback, steps=30)
         print(f"captions read back: colour {res['readback']['colour']:.3f}, shape {res['readback']['shape']:.3f} "
               f"({args.readback} images)")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

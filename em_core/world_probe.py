@@ -6,7 +6,8 @@
   group of layers (down / mid / up / all) and timestep range;
 - text use: the relative drop of the fixed-noise denoising loss with the true caption against the
   empty prompt, over the upper half of the schedule (t >= 500) and over all t;
-- readback: single-object captions generated and read back by the checker (colour, shape).
+- readback: single-object captions generated and read back by the checker (colour, shape),
+  `evaluate.caption_fidelity`.
 
     python benchmarks/world_binding.py --model em_core/models/tiny_world
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import LAYERS_ALL, AttentionCapture
-from .scenes import BACKGROUNDS, COLOURS, TRAIN_SHAPES, random_scene
+from .scenes import TRAIN_SHAPES, random_scene
 
 GROUPS = ("down", "mid", "up", "all")
 
@@ -153,22 +154,3 @@ def text_use(bundle, n_scenes: int = 32, n_t: int = 16, seed: int = 60_000) -> d
             "drop_all_t": float(1 - c.mean() / e.mean()),
             "loss_cond_upper": float(c[upper].mean()), "loss_empty_upper": float(e[upper].mean()),
             "per_t": per_t}
-
-
-@torch.no_grad()
-def readback(bundle, checker, n: int = 48, guidance: float = 4.0, steps: int = 30, seed: int = 70_000) -> dict:
-    """Single-object captions of seen shapes generated and read back by the checker."""
-    from .checker import judge
-    from .generate import generate
-
-    rng = np.random.default_rng(seed)
-    colours, shapes = list(COLOURS), list(TRAIN_SHAPES)
-    right_c = right_s = 0
-    for i in range(n):
-        c, s, bg = colours[i % len(colours)], shapes[(i // len(colours)) % len(shapes)], str(rng.choice(BACKGROUNDS))
-        img = generate(bundle, f"a {c} {s} on {bg}", seed=seed + i, steps=steps, guidance=guidance,
-                       progress=False)[0]
-        (rc, rs), = judge(checker, [img])
-        right_c += rc == c
-        right_s += rs == s
-    return {"colour": right_c / n, "shape": right_s / n, "n": n, "guidance": guidance, "steps": steps}
