@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -20,41 +21,38 @@ def concept_names(prompt: str) -> list[str]:
     return list(dict.fromkeys(f"[v{m}]" for m in CONCEPT_RE.findall(prompt)))
 
 
-def placeholder(name: str) -> str:
-    """The tokenizer token a concept name maps to."""
-    return f"<{name[1:-1]}>"
-
-
-def to_token_text(prompt: str) -> str:
-    """Rewrites `[vN]` into the tokenizer's placeholder tokens."""
-    return CONCEPT_RE.sub(lambda m: f" <v{m.group(1)}> ", prompt).strip()
+def concept_id(tokenizer, name: str) -> int:
+    """The id `[vN]` stands for in token ids: len(tokenizer) + N - 1, past every id the tokenizer
+    can produce. Computed, never registered: nothing shared (tokenizer, embedding table) changes,
+    and a fresh process gets the same ids."""
+    return len(tokenizer) + int(CONCEPT_RE.fullmatch(check_name(name)).group(1)) - 1
 
 
 def check_name(name: str) -> str:
     if not CONCEPT_RE.fullmatch(name):
         raise ValueError(f"concept name {name!r} is not of the form [vN] (e.g. [v1])")
+    if name.startswith("[v0"):  # [v0], [v01]: [v01] and [v1] would be two names for one concept
+        raise ValueError(f"concept name {name}: concepts are numbered [v1], [v2], ... from 1, with no leading "
+                         f"zeros; write [v{int(name[2:-1]) or 1}]")
     return name
 
 
-def register_tokens(tokenizer, text_encoder, names) -> list[int]:
-    """Adds the placeholder tokens (idempotent) and grows the embedding so their ids exist."""
-    tokens = [placeholder(check_name(n)) for n in names]
-    # Every step passes here: look in the few added tokens first, since get_vocab() copies the
-    # whole vocabulary (49k entries for CLIP, milliseconds a call).
-    added = tokenizer.added_tokens_encoder
-    if any(t not in added for t in tokens):
-        vocab = tokenizer.get_vocab()
-        tokenizer.add_tokens([t for t in tokens if t not in vocab])
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    unk = tokenizer.unk_token_id
-    bad = [t for t, i in zip(tokens, ids) if i is None or (unk is not None and i == unk)]
-    if bad:
-        raise RuntimeError(f"tokenizer did not register {bad}: they map to its unknown token")
-    emb = text_encoder.get_input_embeddings()
-    if max(ids, default=-1) >= emb.num_embeddings:
-        # Grow only: a model whose matrix is larger than its tokenizer keeps every row.
-        text_encoder.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
-    return ids
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(B, L) ids of prompts written with `[vN]`, as the tokenizer pads and truncates them
+    (start token, text, end token, padding to its max length), each `[vN]` one concept id."""
+    length = tokenizer.model_max_length
+    rows = []
+    for prompt in prompts:
+        parts = CONCEPT_RE.split(prompt)  # text, N, text, N, ..., text
+        body = []
+        for j, part in enumerate(parts):
+            if j % 2:
+                body.append(concept_id(tokenizer, f"[v{part}]"))
+            elif part.strip():
+                body += tokenizer(part.strip(), add_special_tokens=False).input_ids
+        ids = [tokenizer.bos_token_id] + body[: length - 2] + [tokenizer.eos_token_id]
+        rows.append(ids + [tokenizer.pad_token_id] * (length - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def init_vector(text_encoder, tokenizer, word: str | None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -84,13 +82,9 @@ class ConceptSet:
         if unknown:
             raise ValueError(f"init: {sorted(unknown)} appear in no prompt; the concepts are {names}")
         gen = torch.Generator().manual_seed(seed)
+        for n in names:
+            check_name(n)
         vecs = torch.stack([init_vector(bundle.text_encoder, bundle.tokenizer, init_words.get(n), gen) for n in names])
-        # The new rows start from their init vectors; learning itself never writes the table
-        # (vectors are injected), so every row that existed before stays bit-identical.
-        ids = register_tokens(bundle.tokenizer, bundle.text_encoder, names)
-        table = bundle.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            table[ids] = vecs.to(table.device, table.dtype)
         return cls(list(names), {n: init_words.get(n) for n in names}, vecs)
 
     def copy(self) -> "ConceptSet":
@@ -102,51 +96,68 @@ class ConceptSet:
         return self.names.index(name)
 
     def token_ids(self, bundle) -> list[int]:
-        """The concepts' ids in `bundle`'s tokenizer, registering them first.
+        """The concepts' ids in `tokenize`'s output for `bundle`'s tokenizer (computed, so a fresh
+        process gets the same ids: reading them from a tokenizer that had not registered the
+        placeholders once gave every concept the unknown token's id)."""
+        return [concept_id(bundle.tokenizer, n) for n in self.names]
 
-        A freshly loaded model (a resumed run, a CLI fine-tune) has not seen the placeholders
-        yet; reading ids without registering gave every concept the unknown token's id.
-        """
-        return register_tokens(bundle.tokenizer, bundle.text_encoder, self.names)
+
+_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # embedding module -> concept ids injected
 
 
 @contextlib.contextmanager
 def injected(bundle, concepts: ConceptSet, vectors: torch.Tensor | None = None):
-    """Inside the block, the concepts' token ids embed to `vectors` (default: the set's own).
+    """Inside the block, the concepts' ids embed to `vectors` (default: the set's own).
 
-    Pass a tensor that requires grad to optimise it through the text encoder.
+    The ids lie past the embedding table: a pre-hook swaps them for the pad id before the
+    lookup and a hook puts the vectors in their place, so the shared table never grows or
+    changes. Pass a tensor that requires grad to optimise it through the text encoder.
     """
-    ids = register_tokens(bundle.tokenizer, bundle.text_encoder, concepts.names)
+    ids = concepts.token_ids(bundle)
     vectors = concepts.vectors if vectors is None else vectors
     emb = bundle.text_encoder.get_input_embeddings()
     id_tensor = torch.tensor(ids, device=emb.weight.device)
+    pad = bundle.tokenizer.pad_token_id
+    pending: list = []
+
+    def pre_hook(module, args):
+        input_ids = args[0]
+        match = input_ids.unsqueeze(-1) == id_tensor.to(input_ids.device)  # (B, L, K)
+        pending.append(match)
+        if not bool(match.any()):
+            return None
+        return (torch.where(match.any(-1), torch.full_like(input_ids, pad), input_ids), *args[1:])
 
     def hook(module, args, output):
-        input_ids = args[0]
-        match = input_ids.unsqueeze(-1) == id_tensor  # (B, L, K)
+        match = pending.pop()
         if not bool(match.any()):
             return output
         vecs = vectors.to(device=output.device, dtype=output.dtype)
         replaced = torch.einsum("blk,kd->bld", match.to(output.dtype), vecs)
         return torch.where(match.any(-1, keepdim=True), replaced, output)
 
-    handle = emb.register_forward_hook(hook)
+    handles = [emb.register_forward_pre_hook(pre_hook), emb.register_forward_hook(hook)]
+    before = _ACTIVE.get(emb, frozenset())
+    _ACTIVE[emb] = before | set(ids)
     try:
         yield ids
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+        _ACTIVE[emb] = before
 
 
 def encode_prompts(bundle, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, L) and text-encoder hidden states (B, L, D) for prompts written with `[vN]`."""
+    """Token ids (B, L) and text-encoder hidden states (B, L, D) for prompts written with `[vN]`.
+
+    A prompt naming a concept must be encoded inside `injected` for it: its id has no row.
+    """
     tok = bundle.tokenizer
-    names = sorted({n for p in prompts for n in concept_names(p)})
-    unknown = [n for n in names if placeholder(n) not in tok.added_tokens_encoder]
-    if unknown:
-        # Unregistered placeholders would be split into sub-words and silently miss the concept.
-        raise RuntimeError(f"concepts {unknown} are not registered with the tokenizer; "
-                           "encode inside `injected(bundle, concepts)`")
-    ids = tok([to_token_text(p) for p in prompts], padding="max_length", max_length=tok.model_max_length,
-              truncation=True, return_tensors="pt").input_ids.to(bundle.device)
+    emb = bundle.text_encoder.get_input_embeddings()
+    active = _ACTIVE.get(emb, frozenset())
+    missing = sorted({n for p in prompts for n in concept_names(p) if concept_id(tok, n) not in active})
+    if missing:
+        raise RuntimeError(f"concepts {missing} are not injected; encode inside `injected(bundle, concepts)`")
+    ids = tokenize(tok, prompts).to(bundle.device)
     hidden = bundle.text_encoder(ids)[0]
     return ids, hidden

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from .concepts import concept_names, injected, to_token_text
+from .concepts import concept_names, encode_prompts, injected
 from .weights import applied
 
 SCHEDULERS = {
@@ -74,8 +74,11 @@ def generate(bundle, prompt: str, *, concepts=None, weights=None, negative: str 
     generator = torch.Generator().manual_seed(seed)
     ctx = injected(bundle, concepts) if concepts is not None else contextlib.nullcontext()
     with torch.no_grad(), ctx, applied(bundle, weights, weight_scale):
+        # Encoded here, not by the pipeline: its tokenizer does not know `[vN]` (nothing is registered).
+        _, embeds = encode_prompts(bundle, [prompt])
+        _, negative_embeds = encode_prompts(bundle, [negative])
         result = pipe(
-            prompt=to_token_text(prompt), negative_prompt=to_token_text(negative) if negative else None,
+            prompt_embeds=embeds.to(bundle.dtype), negative_prompt_embeds=negative_embeds.to(bundle.dtype),
             num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
             num_images_per_prompt=n, generator=generator, output_type="pil", callback_on_step_end=on_step_end,
         )

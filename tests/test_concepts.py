@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from em_core.concepts import (ConceptSet, concept_names, encode_prompts, injected, register_tokens,
-                              to_token_text)
+from em_core.concepts import ConceptSet, concept_names, encode_prompts, injected, tokenize
 
 
 def test_concept_names_in_order_without_repeats():
@@ -10,29 +9,26 @@ def test_concept_names_in_order_without_repeats():
     assert concept_names("a photo of a dog") == []
 
 
-def test_each_concept_is_one_new_token(bundle):
-    n_before = len(bundle.tokenizer)
-    ids = register_tokens(bundle.tokenizer, bundle.text_encoder, ["[v1]", "[v2]"])
+def test_each_concept_is_one_computed_id_and_nothing_shared_changes(bundle):
+    tok, te = bundle.tokenizer, bundle.text_encoder
+    n_before, rows = len(tok), te.get_input_embeddings().weight.detach().clone()
+    cs = ConceptSet.create(bundle, ["[v1]", "[v2]"], {"[v1]": "red"})
+    ids = cs.token_ids(bundle)
     assert ids == [n_before, n_before + 1]
-    assert register_tokens(bundle.tokenizer, bundle.text_encoder, ["[v1]", "[v2]"]) == ids  # idempotent
-    assert bundle.text_encoder.get_input_embeddings().num_embeddings >= n_before + 2
-    tokens = bundle.tokenizer(to_token_text("a photo of [v1] and [v2]")).input_ids
-    assert tokens.count(ids[0]) == 1 and tokens.count(ids[1]) == 1
-
-
-def test_registered_tokens_are_found_without_copying_the_vocabulary(bundle, monkeypatch):
-    # Every token step passes through register_tokens; get_vocab() copies CLIP's 49k entries
-    # (milliseconds a call), so once the tokens exist it must not be called.
-    ids = register_tokens(bundle.tokenizer, bundle.text_encoder, ["[v1]", "[v2]"])
-
-    def no_copy():
-        raise AssertionError("get_vocab called for tokens that are already registered")
-
-    monkeypatch.setattr(bundle.tokenizer, "get_vocab", no_copy)
-    assert register_tokens(bundle.tokenizer, bundle.text_encoder, ["[v2]", "[v1]"]) == ids[::-1]
-    cs = ConceptSet(["[v1]", "[v2]"], {}, torch.zeros(2, bundle.text_encoder.config.hidden_size))
     with injected(bundle, cs) as got:
         assert got == ids
+        tokens, _ = encode_prompts(bundle, ["a photo of [v1] and [v2]"])
+    assert tokens[0].tolist().count(ids[0]) == 1 and tokens[0].tolist().count(ids[1]) == 1
+    # The shared tokenizer and embedding table are as they were (issue 16, part 3).
+    assert len(tok) == n_before and torch.equal(te.get_input_embeddings().weight, rows)
+
+
+def test_tokenize_matches_the_tokenizer_on_plain_prompts(bundle):
+    tok = bundle.tokenizer
+    for prompt in ["a photo of a dog", "", "red " * 200]:
+        want = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+        assert torch.equal(tokenize(tok, [prompt]), want)
 
 
 def test_init_from_word_and_random(bundle):
@@ -50,14 +46,17 @@ def test_init_from_word_and_random(bundle):
 def test_injection_is_scoped_and_differentiable(bundle):
     cs = ConceptSet.create(bundle, ["[v1]"], {"[v1]": "dog"})
     vec = torch.nn.Parameter(torch.randn_like(cs.vectors))
-    _, plain = encode_prompts(bundle, ["a photo of [v1]"])
+    with injected(bundle, cs):
+        _, plain = encode_prompts(bundle, ["a photo of [v1]"])
     with injected(bundle, cs, vec):
         _, inj = encode_prompts(bundle, ["a photo of [v1]"])
     assert not torch.allclose(plain, inj)
     inj.sum().backward()
     assert vec.grad is not None and vec.grad.abs().sum() > 0
-    _, after = encode_prompts(bundle, ["a photo of [v1]"])
-    assert torch.equal(plain, after)  # the hook is gone
+    with pytest.raises(RuntimeError, match="not injected"):
+        encode_prompts(bundle, ["a photo of [v1]"])  # the hooks are gone
+    emb = bundle.text_encoder.get_input_embeddings()
+    assert not emb._forward_hooks and not emb._forward_pre_hooks
     # Prompts without the concept are untouched by the injection.
     _, a = encode_prompts(bundle, ["a photo of a dog"])
     with injected(bundle, cs, vec):
@@ -67,20 +66,22 @@ def test_injection_is_scoped_and_differentiable(bundle):
 
 def test_bad_concept_name(bundle):
     with pytest.raises(ValueError, match="not of the form"):
-        register_tokens(bundle.tokenizer, bundle.text_encoder, ["v1"])
+        ConceptSet.create(bundle, ["v1"])
 
 
-def test_concept_ids_and_prompts_never_use_an_unregistered_placeholder(tiny_dir):
-    """A fresh model has no concept tokens: ids come registered, and encoding refuses to split them."""
-    from em_core.concepts import ConceptSet, encode_prompts
+def test_concept_ids_are_the_same_in_a_fresh_model_and_prompts_refuse_uninjected_concepts(tiny_dir):
+    """A fresh process must get the ids the run was trained with (issue 13)."""
     from em_core.model import load_bundle
 
     first = load_bundle(tiny_dir)
     cs = ConceptSet.create(first, ["[v1]", "[v2]"])
     fresh = load_bundle(tiny_dir)
-    unk = fresh.tokenizer.unk_token_id
-    with pytest.raises(RuntimeError, match="not registered"):
+    assert cs.token_ids(fresh) == cs.token_ids(first)
+    assert fresh.tokenizer.unk_token_id not in cs.token_ids(fresh)
+    with pytest.raises(RuntimeError, match="not injected"):
         encode_prompts(fresh, ["a photo of [v1]"])
-    ids = cs.token_ids(fresh)
-    assert unk not in ids and len(set(ids)) == 2
-    assert ids == cs.token_ids(first)
+    with injected(fresh, cs):
+        a = encode_prompts(fresh, ["a photo of [v1]"])[1]
+    with injected(first, cs):
+        b = encode_prompts(first, ["a photo of [v1]"])[1]
+    assert torch.equal(a, b)
