@@ -107,6 +107,26 @@ def trains(fn):
     return run
 
 
+class Cancelled(Exception):
+    """Plain Python's stand-in for ComfyUI's InterruptProcessingException."""
+
+
+def raise_cancelled() -> None:
+    """Ends a cancelled node the way ComfyUI's own nodes do, so its output is not cached as done."""
+    if _mm is not None:
+        raise _mm.InterruptProcessingException()
+    raise Cancelled("cancelled")
+
+
+def resume_root() -> Path:
+    """Where learning nodes keep the checkpoints a re-queue resumes from: ComfyUI's temp folder
+    (emptied when ComfyUI starts), else the system's."""
+    import tempfile
+
+    base = _fp.get_temp_directory() if _fp is not None else tempfile.gettempdir()
+    return Path(base) / "concept_em_resume"
+
+
 def interrupted() -> bool:
     """True once the user pressed Cancel in ComfyUI."""
     return bool(_mm is not None and _mm.processing_interrupted())

@@ -12,7 +12,7 @@ from em_core.finetune import FinetuneConfig, finetune
 from em_core.masks import latent_masks, refine_keeping
 from em_core.plot import line_chart
 
-from . import host
+from . import host, resume
 from .convert import images_to_pil, masks_to_tensor, pil_to_images
 from .live import LiveFeed, forward_warnings
 from .run_value import ConceptRun
@@ -205,9 +205,14 @@ class EMTokenStep:
         cfg.steps, cfg.lr, cfg.attn_weight, cfg.refresh_every = done + steps, learning_rate, attention_loss_weight, \
             refresh_every
         cfg.use_crf, cfg.refresh_timesteps, cfg.flip, cfg.mask_source = use_crf, refresh_timesteps, flip, mask_source
-        feed = LiveFeed(unique_id, steps, concepts.images)
-        state = learn(em_model, list(concepts.images), state, progress=False, should_stop=host.interrupted,
-                      on_step=feed.on_step)
+        settings = dict(steps=steps, lr=learning_rate, attn=attention_loss_weight, refresh=refresh_every,
+                        crf=use_crf, refresh_timesteps=refresh_timesteps, flip=flip, source=mask_source)
+        folder = resume.checkpoint_dir("em", resume.run_key("em", em_model, concepts, settings))
+        state, since = resume.resumed(folder, state, lambda s: s.step)
+        feed = LiveFeed(unique_id, steps, concepts.images, resumed_at=None if since is None else since - done)
+        state = learn(em_model, list(concepts.images), state, out=folder, progress=False,
+                      should_stop=host.interrupted, on_step=feed.on_step)
+        resume.finish(folder, state.status, "EM Token Step")
         run = concepts.with_state(state)
         return run, state_masks(run), curve_image(state)
 
@@ -244,8 +249,14 @@ class JointFinetune:
         cfg = FinetuneConfig(steps=done + steps, mode=mode, lr=learning_rate or None, rank=lora_rank,
                              train_text_encoder=train_text_encoder, gradient_checkpointing=gradient_checkpointing,
                              mixed_precision="bf16" if em_model.device.type == "cuda" else "no")
-        feed = LiveFeed(unique_id, steps, concepts.images)
-        state = finetune(em_model, list(concepts.images), state, cfg, progress=False, should_stop=host.interrupted,
-                         on_step=feed.on_step)
+        settings = dict(steps=steps, lr=learning_rate, mode=mode, rank=lora_rank, te=train_text_encoder,
+                        ckpt=gradient_checkpointing, precision=cfg.mixed_precision)
+        folder = resume.checkpoint_dir("finetune", resume.run_key("finetune", em_model, concepts, settings))
+        ft_step = lambda s: s.finetune["step"] if s.finetune else 0  # noqa: E731
+        state, since = resume.resumed(folder, state, ft_step)
+        feed = LiveFeed(unique_id, steps, concepts.images, resumed_at=None if since is None else since - done)
+        state = finetune(em_model, list(concepts.images), state, cfg, out=folder, progress=False,
+                         should_stop=host.interrupted, on_step=feed.on_step)
+        resume.finish(folder, state.finetune["status"], "Joint Finetune")
         return concepts.with_state(state), curve_image(state)
 

@@ -37,10 +37,15 @@ def _png64(img: Image.Image) -> str:
 class LiveFeed:
     """on_step callbacks for em_core's loops; sends at most every `every` steps and at each refresh."""
 
-    def __init__(self, node_id, total: int, images, every: int = 5):
+    def __init__(self, node_id, total: int, images, every: int = 5, resumed_at: int | None = None):
         self.node_id, self.total, self.images, self.every = node_id, max(1, total), images, every
         self.progress = host.Progress(self.total, node_id)
-        self.done = 0
+        self.done = resumed_at or 0
+        self.resumed_at = resumed_at
+        if resumed_at:
+            print(f"[concept_em] resuming from step {resumed_at} of {total}: a checkpoint of the cancelled run")
+            host.send(EVENT, {"node": node_id, "step": resumed_at, "total": self.total, "losses": [],
+                              "note": f"resumed from step {resumed_at} (the cancelled run's checkpoint)"})
         self.losses: list[float] = []
         self.last_refresh = None
 

@@ -57,17 +57,58 @@ def test_mask_init_then_crf_then_em_steps_then_finetune(bundle, images, started)
     assert img.shape == (2, 64, 64, 3) and 0 <= float(img.min()) and float(img.max()) <= 1
 
 
-def test_cancel_returns_what_was_learned(bundle, started, monkeypatch):
-    run, _ = started
+@pytest.fixture
+def resume_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(host, "resume_root", lambda: tmp_path / "resume")
+    return tmp_path / "resume"
+
+
+def _stop_after(n):
     calls = {"n": 0}
 
-    def stop_after_two():
+    def stop():
         calls["n"] += 1
-        return calls["n"] > 2
+        return calls["n"] > n
 
-    monkeypatch.setattr(host, "interrupted", stop_after_two)
-    out, _, _ = EMTokenStep().run(bundle, run, 50, 5e-4, 1e-2, 0, True, 4, True)
-    assert out.state.status == "cancelled" and out.state.step == 2
+    return stop
+
+
+def test_cancel_raises_keeps_a_checkpoint_and_a_requeue_resumes_it(bundle, started, resume_root, monkeypatch, capsys):
+    run, _ = started
+    whole, _, _ = EMTokenStep().run(bundle, run, 4, 5e-4, 1e-2, 2, True, 4, True)
+    assert not list(resume_root.iterdir())  # a finished run leaves no checkpoint
+    monkeypatch.setattr(host, "interrupted", _stop_after(3))
+    # Cancelled: the node raises (ComfyUI's interruption in ComfyUI), so nothing is cached as done.
+    with pytest.raises(host.Cancelled):
+        EMTokenStep().run(bundle, run, 4, 5e-4, 1e-2, 2, True, 4, True)
+    assert len(list(resume_root.iterdir())) == 1
+    monkeypatch.setattr(host, "interrupted", lambda: False)
+    again, _, _ = EMTokenStep().run(bundle, run, 4, 5e-4, 1e-2, 2, True, 4, True)
+    assert "resuming from step 3 of 4" in capsys.readouterr().out
+    assert again.state.step == 4 and again.state.status == "done"
+    assert torch.equal(again.state.concepts.vectors, whole.state.concepts.vectors)
+    assert all(np.array_equal(a, b) for a, b in zip(again.state.masks, whole.state.masks))
+    assert not list(resume_root.iterdir())
+    # Other settings are another run: the checkpoint of one never feeds the other.
+    monkeypatch.setattr(host, "interrupted", _stop_after(2))
+    with pytest.raises(host.Cancelled):
+        EMTokenStep().run(bundle, run, 4, 5e-4, 1e-2, 2, True, 4, True)
+    monkeypatch.setattr(host, "interrupted", lambda: False)
+    other, _, _ = EMTokenStep().run(bundle, run, 4, 1e-4, 1e-2, 2, True, 4, True)
+    assert "resuming" not in capsys.readouterr().out and other.state.step == 4
+
+
+def test_a_cancelled_fine_tune_resumes_from_its_checkpoint(bundle, started, resume_root, monkeypatch, capsys):
+    run, _ = started
+    whole, _ = JointFinetune().run(bundle, run, 3, 1e-3, "lora", 2, True, False)
+    monkeypatch.setattr(host, "interrupted", _stop_after(2))
+    with pytest.raises(host.Cancelled):
+        JointFinetune().run(bundle, run, 3, 1e-3, "lora", 2, True, False)
+    monkeypatch.setattr(host, "interrupted", lambda: False)
+    again, _ = JointFinetune().run(bundle, run, 3, 1e-3, "lora", 2, True, False)
+    assert "resuming from step 2 of 3" in capsys.readouterr().out
+    assert again.state.finetune["step"] == 3 and again.state.finetune["status"] == "done"
+    assert torch.allclose(again.state.concepts.vectors, whole.state.concepts.vectors, atol=1e-6)
 
 
 def test_bad_inputs(bundle, images, started):
