@@ -209,7 +209,7 @@ def cmd_finetune(args) -> int:
         cfg = FinetuneConfig(steps=args.steps, mode=args.mode, lr=args.lr, rank=args.rank,
                              train_text_encoder=not args.no_text_encoder, attn_weight=args.attn_weight,
                              gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
-                             seed=args.seed, save_every=args.save_every)
+                             max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every)
     try:
         state = finetune(bundle, images, state, cfg, out=out, progress=not args.quiet)
     except KeyboardInterrupt:
@@ -334,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--attn-weight", type=float, default=1e-2)
     f.add_argument("--no-text-encoder", action="store_true", help="train the U-Net (and tokens) only")
     f.add_argument("--gradient-checkpointing", action="store_true")
-    f.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    f.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="fp16 (CUDA only) runs with a loss scaler, as Break-A-Scene")
+    f.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the total gradient norm to this (Break-A-Scene's 1.0); 0: no clipping")
     f.add_argument("--model", default=None, help="model folder, if not the one the state was learned on")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--save-every", type=int, default=100)

@@ -6,10 +6,13 @@ OUT/history.json       losses per step, mask changes per refresh (a readable cop
                        state file's header holds the authoritative one)
 OUT/masks/imgI_vN.png  each concept's mask on each image, at the image's own size
 OUT/weights.safetensors the joint fine-tune's weight delta or LoRA, once there is one
+OUT/finetune_optimizer.safetensors  the fine-tune's AdamW moments, so a resumed fine-tune goes on
+                       as an unbroken one (written one tensor at a time, read memory-mapped)
 """
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +44,10 @@ class LearnState:
     message: str = ""
     model: str = ""
     weights: TunedWeights | None = None  # from the joint fine-tune
-    finetune: dict | None = None  # {config, step, status, message}
+    finetune: dict | None = None  # {config, step, status, message}; "scaler": fp16 GradScaler's state
+    # The fine-tune's AdamW state: {"step": fine-tune step, "state": {name: {step, exp_avg, exp_avg_sq}}};
+    # shared between copies, never changed in place (the fine-tune restores copies of it).
+    finetune_optimizer: dict | None = None
     # Per image: sums of the (K_i, h, w) maps the token steps captured since the last refresh,
     # and how many maps each concept got (K_i,); what a 'training'-sourced refresh averages.
     map_sums: list = field(default_factory=list)
@@ -63,7 +69,7 @@ class LearnState:
             weights=None if self.weights is None else TunedWeights(
                 self.weights.kind, {k: v.clone() for k, v in self.weights.tensors.items()}, self.weights.rank,
                 self.weights.alpha),
-            finetune=json.loads(json.dumps(self.finetune)),
+            finetune=json.loads(json.dumps(self.finetune)), finetune_optimizer=self.finetune_optimizer,
             map_sums=[None if m is None else m.clone() for m in self.map_sums],
             map_counts=[None if c is None else c.clone() for c in self.map_counts],
             pending_refresh=None if self.pending_refresh is None else {
@@ -84,9 +90,91 @@ class LearnState:
             "optimizer_step": None if self.optimizer is None else int(self.optimizer["step"]),
             "mask_history_steps": [h["step"] for h in self.mask_history],
             "finetune": self.finetune, "weights": None if self.weights is None else self.weights.meta(),
+            "finetune_optimizer_step": None if self.finetune_optimizer is None else self.finetune_optimizer["step"],
             "pending_refresh": None if self.pending_refresh is None else {
                 k: v for k, v in self.pending_refresh.items() if k != "masks"},
         }
+
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def write_safetensors_streaming(tensors: dict, path, metadata: dict) -> None:
+    """The safetensors format, written one tensor at a time. safetensors' save_file first copies every
+    tensor into memory at once, which for a full SD 1.5 fine-tune's moments is 7.6 GB more."""
+    header, offset = {"__metadata__": metadata}, 0
+    for k in sorted(tensors):
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for k in sorted(tensors):
+            t = tensors[k].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def read_safetensors_mapped(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, the tensors memory-mapped copy-on-write: nothing is
+    read until used, and pages read stay the file's (reclaimable), not the process's."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", {}) or {}
+    out = {}
+    for k, h in header.items():
+        begin, end = h["data_offsets"]
+        if h["dtype"] == "BF16":
+            raw = np.memmap(path, np.int16, "c", 8 + n + begin, ((end - begin) // 2,)) if end > begin else np.zeros(0, np.int16)
+            out[k] = torch.from_numpy(raw).view(torch.bfloat16).reshape(h["shape"])
+            continue
+        dt = _NP[h["dtype"]]
+        count = (end - begin) // np.dtype(dt).itemsize
+        raw = np.memmap(path, dt, "c", 8 + n + begin, (count,)) if count else np.zeros(0, dt)
+        out[k] = torch.from_numpy(raw).reshape(h["shape"])
+    return out, meta
+
+
+def _save_finetune_optimizer(state, out: Path) -> None:
+    path = inside(out, "finetune_optimizer.safetensors")
+    fo = state.finetune_optimizer
+    if fo is None:
+        if path.exists():
+            path.unlink()  # a stale one: the state file names none
+        return
+    tensors = {f"{name}.{key}": s[key] for name, s in fo["state"].items() for key in ("exp_avg", "exp_avg_sq")}
+    meta = {"em_core.finetune_optimizer": json.dumps({"step": fo["step"],
+                                                      "adam_steps": {n: s["step"] for n, s in fo["state"].items()}})}
+    write_atomic(path, lambda tmp: write_safetensors_streaming(tensors, tmp, meta))
+
+
+def _load_finetune_optimizer(out: Path, step) -> dict | None:
+    """The saved moments if the state file names them and the file is theirs; else None, with a warning."""
+    import warnings
+
+    if step is None:
+        return None
+    path = Path(out) / "finetune_optimizer.safetensors"
+    try:
+        tensors, meta = read_safetensors_mapped(path)
+        info = json.loads(meta["em_core.finetune_optimizer"])
+    except Exception as exc:  # missing, truncated, foreign
+        warnings.warn(f"state: {path} is missing or unreadable ({exc}); a resumed fine-tune starts AdamW afresh",
+                      stacklevel=3)
+        return None
+    if info["step"] != step:
+        warnings.warn(f"state: {path} is from fine-tune step {info['step']}, the state from {step}; "
+                      "a resumed fine-tune starts AdamW afresh", stacklevel=3)
+        return None
+    return {"step": step, "state": {n: {"step": s, "exp_avg": tensors[f"{n}.exp_avg"],
+                                        "exp_avg_sq": tensors[f"{n}.exp_avg_sq"]}
+                                    for n, s in info["adam_steps"].items()}}
 
 
 def mask_png_name(image_index: int, name: str) -> str:
@@ -118,6 +206,7 @@ def save_state(state: LearnState, out: str | Path) -> Path:
         wt = {k: v.contiguous() for k, v in state.weights.tensors.items()}
         wmeta = {"em_core.weights": json.dumps(state.weights.meta())}
         write_atomic(inside(out, "weights.safetensors"), lambda tmp: save_file(wt, tmp, metadata=wmeta))
+    _save_finetune_optimizer(state, out)  # also before the state file, which names its step
     meta = state.meta()
     # The history rides in the commit file too, so it can never disagree with the tensors.
     header = {"em_core": json.dumps(meta), "history": json.dumps(state.history)}
@@ -182,6 +271,7 @@ def load_state(out: str | Path) -> LearnState:
         weights = TunedWeights(w["kind"], wt, w.get("rank"), w.get("alpha"))
     return LearnState(
         weights=weights, finetune=meta.get("finetune"),
+        finetune_optimizer=_load_finetune_optimizer(out, meta.get("finetune_optimizer_step")),
         concepts=concepts, images=meta["images"], config=LearnConfig.from_dict(meta["config"]), masks=masks,
         fixed=meta["fixed"], step=meta["step"], history=history, mask_history=mask_history, optimizer=optimizer,
         status=meta["status"], message=meta["message"], model=meta["model"],

@@ -318,3 +318,112 @@ def test_a_steps_gradients_are_freed_before_the_next_step(bundle, learned):
         hook.remove()
     assert len(alive_at_forward) == 3 and grads  # the last step's gradients were seen
     assert alive_at_forward == [0, 0, 0]
+
+
+def test_finetune_clips_the_gradients_to_a_total_norm_of_one(bundle, learned, monkeypatch):
+    """Break-A-Scene's --max_grad_norm 1.0, over everything trained: the weights and the concept vectors."""
+    images, state = learned
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, max_norm, *a, **kw):
+        params = list(params)
+        before = real(params, float("inf"))  # the norm only
+        total = real(params, max_norm, *a, **kw)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        calls.append((max_norm, len(params), float(before), float(after), params[0].shape))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    # Gradients a thousand times larger than this tiny model's own (norms of about 0.1), so the clip bites.
+    hook = bundle.unet.conv_out.register_full_backward_hook(
+        lambda m, gin, gout: tuple(None if g is None else g * 1000.0 for g in gin))
+    try:
+        out = finetune(bundle, images, state, FinetuneConfig(steps=3, mode="lora", rank=2, lr=1e-2), progress=False)
+    finally:
+        hook.remove()
+    assert FinetuneConfig().max_grad_norm == 1.0 and len(calls) == 3
+    n_lora = sum(1 for k in out.weights.tensors)  # every LoRA matrix, plus the vectors
+    for max_norm, n, before, after, first in calls:
+        assert max_norm == 1.0 and n == n_lora + 1 and first == state.concepts.vectors.shape
+        assert after <= 1.0 + 1e-5 and (before <= 1.0 or after == pytest.approx(1.0, rel=1e-4))
+    assert all(before > 1.0 for _, _, before, _, _ in calls)  # the clip did something
+    assert [h["grad_norm"] for h in out.history["finetune"]] == pytest.approx([c[2] for c in calls], rel=1e-5)
+    calls.clear()
+    finetune(bundle, images, state, FinetuneConfig(steps=1, mode="lora", rank=2, max_grad_norm=0), progress=False)
+    assert calls == []
+    with pytest.raises(ValueError, match="max_grad_norm=-1"):
+        FinetuneConfig(max_grad_norm=-1)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_resumed_finetune_restores_its_adamw_moments_and_equals_an_unbroken_one(bundle, learned, tmp_path, mode):
+    from em_core.state import load_state
+
+    images, state = learned
+    kw = dict(mode=mode, rank=2, lr=1e-2 if mode == "lora" else 1e-3)
+    whole = finetune(bundle, images, state, FinetuneConfig(steps=4, **kw), progress=False)
+    calls = {"n": 0}
+
+    def stop_after_two():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    part = finetune(bundle, images, state, FinetuneConfig(steps=4, **kw), out=tmp_path / "r", progress=False,
+                    should_stop=stop_after_two)
+    assert part.finetune["step"] == 2 and part.finetune_optimizer["step"] == 2
+    saved = load_state(tmp_path / "r")  # from the files, in a form a new process would get
+    assert saved.finetune_optimizer["step"] == 2
+    names = set(saved.finetune_optimizer["state"])
+    assert "vectors" in names and any(n.startswith("unet.") for n in names) and any(
+        n.startswith("text_encoder.") for n in names)
+    assert all(s["step"] == 2 for s in saved.finetune_optimizer["state"].values())
+    for src in (part, saved):
+        resumed = finetune(bundle, images, src, FinetuneConfig(steps=4, **kw), progress=False)
+        assert resumed.finetune["step"] == 4
+        w, r = whole.weights.tensors, resumed.weights.tensors
+        assert set(w) == set(r)
+        if mode == "lora":  # the adapters themselves are kept: bit for bit
+            assert torch.equal(resumed.concepts.vectors, whole.concepts.vectors)
+            assert all(torch.equal(w[k], r[k]) for k in w)
+        else:  # the delta goes through base + delta and back, which float32 rounds (measured: 1.9e-6 at
+            # most, against 3.6e-3 when AdamW restarts at step 2)
+            assert torch.allclose(resumed.concepts.vectors, whole.concepts.vectors, rtol=0, atol=1e-5)
+            assert all(torch.allclose(w[k], r[k], rtol=0, atol=1e-5) for k in w)
+    # Without the moments (AdamW afresh at step 2) the run differs: the test can tell.
+    fresh = finetune(bundle, images, part, FinetuneConfig(steps=4, keep_moments=False, **kw), progress=False)
+    assert not torch.equal(fresh.concepts.vectors, whole.concepts.vectors) and fresh.finetune_optimizer is None
+    assert state.finetune_optimizer is None and part.finetune_optimizer["step"] == 2  # inputs untouched
+
+
+def test_the_fp16_loss_scaler_scales_unscales_and_skips_an_overflowing_step(bundle, learned, monkeypatch):
+    """fp16 on CUDA gets a GradScaler (a disabled one elsewhere). Run on the CPU with an enabled one: the
+    power-of-two scale changes nothing, and a step whose gradients overflow is skipped, not fatal."""
+    import importlib
+
+    ft = importlib.import_module("em_core.finetune")  # the package's `finetune` attribute is the function
+    images, state = learned
+    assert not ft._grad_scaler(bundle, FinetuneConfig(mixed_precision="fp16")).is_enabled()  # the CPU: none
+    cfg = FinetuneConfig(steps=3, mode="lora", rank=2, lr=1e-2)
+    plain = finetune(bundle, images, state, cfg, progress=False)
+    monkeypatch.setattr(ft, "_grad_scaler", lambda b, c: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    scaled = finetune(bundle, images, state, cfg, progress=False)
+    assert torch.equal(scaled.concepts.vectors, plain.concepts.vectors)
+    assert all(torch.equal(scaled.weights.tensors[k], v) for k, v in plain.weights.tensors.items())
+    assert scaled.finetune["scaler"]["scale"] == 2.0 ** 10
+    seen = {"n": 0}
+
+    def overflow_second_step(module, grad_in, grad_out):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            return tuple(None if g is None else torch.full_like(g, float("inf")) for g in grad_in)
+
+    hook = bundle.unet.conv_out.register_full_backward_hook(overflow_second_step)
+    try:
+        skipped = finetune(bundle, images, state, cfg, progress=False)
+    finally:
+        hook.remove()
+    hist = skipped.history["finetune"]
+    assert skipped.finetune["status"] == "done" and [h.get("skipped", False) for h in hist] == [False, True, False]
+    assert skipped.finetune["scaler"]["scale"] == 2.0 ** 9  # backed off once
+    moments = skipped.finetune_optimizer["state"]
+    assert all(s["step"] == 2 for s in moments.values())  # AdamW stepped twice in three steps
