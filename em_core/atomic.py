@@ -1,8 +1,11 @@
 """Atomic writes confined to one output folder."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -17,11 +20,46 @@ def inside(root: str | Path, relative: str | Path) -> Path:
     return target
 
 
+class WriteError(OSError):
+    """A file or folder that could not be written (full disk, read-only file system, no permission),
+    with a message that names it; the file's previous version, if any, is kept."""
+
+    def __init__(self, err: int | None, message: str):
+        super().__init__(message)  # str() is the message alone, with no "[Errno N]" before it
+        self.errno = err
+
+
+def _reason(exc: BaseException) -> str:
+    err = getattr(exc, "errno", None)
+    if err is None:  # safetensors' own error type wraps the system's: "... (os error 28)"
+        m = re.search(r"os error (\d+)", str(exc))
+        err = int(m.group(1)) if m else None
+    if err is not None:
+        return f"{os.strerror(err)}" + {errno.ENOSPC: ": the disk is full", errno.EDQUOT: ": the disk quota is used up",
+                                         errno.EROFS: ": the folder is on a read-only file system"}.get(err, "")
+    return str(exc)
+
+
 def prepare_out(root: str | Path) -> Path:
+    """The output folder, made if needed; refused now, before any work, if it cannot be written."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"out: {root} exists and is a file; give a folder path")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            raise NotADirectoryError(f"out: {root} cannot be made, a part of its path is a file ({exc})") from exc
+        raise WriteError(getattr(exc, "errno", None) or errno.EIO,
+                         f"out: cannot make the folder {root} ({_reason(exc)}); give another folder") from exc
+    if not os.access(root, os.W_OK | os.X_OK):
+        reason = os.strerror(errno.EACCES)
+        try:  # tell a read-only file system from a permission
+            if os.statvfs(root).f_flag & os.ST_RDONLY:
+                reason = _reason(OSError(errno.EROFS, ""))
+        except (OSError, AttributeError):
+            pass
+        raise WriteError(errno.EACCES, f"out: cannot write in {root} ({reason}); give another folder")
     return root.resolve()
 
 
@@ -52,16 +90,28 @@ def write_atomic(path: Path, writer) -> None:
     """Calls writer(tmp_path) for a temp file beside `path`, then renames it over `path`. The file
     ends with the mode a plain write would give it (mkstemp's temp files are 0600)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        raise
+    except OSError as exc:
+        raise WriteError(exc.errno or errno.EIO, f"cannot write {path} ({_reason(exc)})") from exc
     os.close(fd)
     try:
         writer(tmp)
         os.chmod(tmp, file_mode(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
-            os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, (WriteError, FileNotFoundError, IsADirectoryError,
+                                                              NotADirectoryError)) \
+                or type(exc).__name__ == "SafetensorError" and "os error" in str(exc):
+            kept = "; its previous version is kept" if path.exists() else ""
+            raise WriteError(getattr(exc, "errno", None) or errno.EIO,
+                             f"cannot write {path} ({_reason(exc)}){kept}") from exc
         raise
 
 
