@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import write_atomic
 from .concepts import ConceptSet
+from .integrity import BadFile, Checker, check_digest, embedding_width, with_digest
 from .weights import TunedWeights
 
 FORMAT = "em_core.concepts/1"
@@ -96,12 +97,15 @@ def save_concepts(state, bundle, path: str | Path) -> Path:
         "history": state.history,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"em_core": json.dumps(meta)}))
+    header = with_digest({"em_core": json.dumps(meta)}, tensors)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     return path
 
 
 def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False) -> ConceptBundle:
-    """Reads a concept bundle; with `bundle`, checks it was learned on that base model."""
+    """Reads a concept bundle and checks every tensor against its header (and the digest, where the
+    file has one); with `bundle`, checks it was learned on that base model, and whatever
+    `allow_other_model` says, that its vectors and weights fit that model's shapes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"concepts: {path} does not exist or is not a file")
@@ -114,6 +118,13 @@ def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False
         raise ValueError(f"concepts: {path} is corrupt or truncated ({exc}); export it again") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"concepts: {path} is not an em_core concept bundle ({FORMAT})")
+    again = "export or save the bundle again"
+    check_digest("concepts", path, header, tensors, again)
+    check = Checker("concepts", path, again)
+    try:
+        _check_bundle(check, meta, tensors, bundle)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:  # a header missing a field
+        raise BadFile(f"concepts: {path}: header: missing or malformed field ({exc!r}); {again}") from exc
     if bundle is not None and not allow_other_model:
         want, have = meta["base_model"]["fingerprint"], model_fingerprint(bundle)
         if not same_model(meta["base_model"]["identity"], model_identity(bundle)):
@@ -132,9 +143,45 @@ def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False
     return ConceptBundle(concepts, masks, weights, meta)
 
 
+def _check_bundle(check: Checker, meta: dict, tensors: dict, bundle) -> None:
+    names = check.names("names", meta["names"])
+    if not names:
+        check.fail("header 'names'", "no concepts")
+    init = meta.get("init_words")
+    if not isinstance(init, dict) or not all(isinstance(v, (str, type(None))) for v in init.values()):
+        check.fail("header 'init_words'", "not a {name: word or null} record")
+    dim = meta["base_model"].get("text_dim")
+    if dim is not None and not (isinstance(dim, int) and dim > 0):
+        check.fail("header 'base_model'.text_dim", f"{dim!r} is not a width")
+    vec = check.tensor(tensors, "concepts.vectors", ndim=2)
+    if vec.shape[0] != len(names):
+        check.fail("tensor 'concepts.vectors'", f"{vec.shape[0]} vectors for {len(names)} names "
+                                                f"({', '.join(names)}); there must be one name per vector")
+    if dim is not None and vec.shape[1] != dim:
+        check.fail("tensor 'concepts.vectors'", f"{vec.shape[1]} wide, but the header's text_dim is {dim}")
+    if bundle is not None and vec.shape[1] != embedding_width(bundle):
+        check.fail("tensor 'concepts.vectors'",
+                   f"{vec.shape[1]} wide, but this model ({bundle.source}) embeds tokens in {embedding_width(bundle)} "
+                   "dimensions: concept vectors work only on a model of their own width, even with "
+                   "--allow-other-model / allow_other_model")
+    images = check.images(meta.get("images") or [], names)
+    check.masks(tensors, "masks", images)
+    expected = {"concepts.vectors"} | {f"masks.{i}" for i in range(len(images))}
+    for key in tensors:
+        if key not in expected and not key.startswith("weights."):
+            check.fail(f"tensor {key!r}", "not part of a concept bundle")
+    if meta.get("weights"):
+        check.weights(tensors, meta["weights"], bundle, prefix="weights.")
+    elif any(k.startswith("weights.") for k in tensors):
+        check.fail("header 'weights'", "null, but the file holds weights")
+
+
 def save_run(state, bundle, out: str | Path) -> None:
-    """A run's files: the resumable state and, beside it, OUT/concepts.safetensors."""
+    """A run's files: the resumable state and, beside it, OUT/concepts.safetensors; under the run
+    folder's lock (refused while another process holds it)."""
+    from .runlock import run_lock
     from .state import save_state
 
-    save_state(state, out)
-    save_concepts(state, bundle, Path(out) / "concepts.safetensors")
+    with run_lock(out):
+        save_state(state, out)
+        save_concepts(state, bundle, Path(out) / "concepts.safetensors")

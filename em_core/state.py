@@ -24,6 +24,7 @@ from .atomic import inside, prepare_out, write_atomic, write_json
 from .concepts import ConceptSet
 from .config import LearnConfig
 from .images import mask_to_image
+from .integrity import check_state, check_weights_file, with_digest
 from .weights import TunedWeights
 
 FORMAT = "em_core.state/1"
@@ -204,12 +205,12 @@ def save_state(state: LearnState, out: str | Path) -> Path:
     if state.weights is not None:
         # Written before the state file, which names the fine-tune step it belongs to.
         wt = {k: v.contiguous() for k, v in state.weights.tensors.items()}
-        wmeta = {"em_core.weights": json.dumps(state.weights.meta())}
+        wmeta = with_digest({"em_core.weights": json.dumps(state.weights.meta())}, wt)
         write_atomic(inside(out, "weights.safetensors"), lambda tmp: save_file(wt, tmp, metadata=wmeta))
     _save_finetune_optimizer(state, out)  # also before the state file, which names its step
     meta = state.meta()
     # The history rides in the commit file too, so it can never disagree with the tensors.
-    header = {"em_core": json.dumps(meta), "history": json.dumps(state.history)}
+    header = with_digest({"em_core": json.dumps(meta), "history": json.dumps(state.history)}, tensors)
     write_atomic(inside(out, "state.safetensors"),
                  lambda tmp: save_file(tensors, tmp, metadata=header))
     write_json(inside(out, "state.json"), meta)
@@ -239,6 +240,7 @@ def load_state(out: str | Path) -> LearnState:
         raise ValueError(f"state: {path} is corrupt or truncated ({exc}); rerun `learn` into a fresh folder") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"state: {path} is not an em_core state file (format {FORMAT})")
+    check_state(path, header, meta, tensors)
     concepts = ConceptSet(meta["concepts"], meta["init_words"], tensors["concepts.vectors"])
     masks = []
     for i in range(len(meta["images"])):
@@ -265,9 +267,12 @@ def load_state(out: str | Path) -> LearnState:
         wpath = Path(out) / "weights.safetensors"
         try:
             wt = load_file(str(wpath))
+            with safe_open(str(wpath), framework="pt") as f:
+                wheader = f.metadata() or {}
         except Exception as exc:
             raise ValueError(f"state: {wpath} is missing, corrupt or truncated ({exc})") from exc
         w = meta["weights"]
+        check_weights_file(wpath, wheader, w, wt)
         weights = TunedWeights(w["kind"], wt, w.get("rank"), w.get("alpha"))
     return LearnState(
         weights=weights, finetune=meta.get("finetune"),
