@@ -12,17 +12,46 @@ A full fine-tune's delta is reduced to a LoRA of the chosen rank per Linear / Co
 """
 from __future__ import annotations
 
+import json
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .atomic import inside, prepare_out, write_atomic
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # The text-encoder layers ComfyUI's CLIP LoRA map covers (comfy/lora.py, LORA_CLIP_MAP).
 TE_LORA_RE = re.compile(r"^(text_model\.)?encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_deterministic(tensors: dict, path, metadata: dict | None = None) -> None:
+    """A safetensors file whose bytes depend on its contents alone: safetensors' own save_file
+    writes the metadata in a random order (a Rust HashMap), so two exports of one bundle differed.
+    Tensors in name order, the header's keys sorted, the header padded to 8 bytes as the format asks."""
+    header, offset, blobs = {}, 0, []
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for raw in blobs:
+            f.write(raw)
 
 
 def check_export_name(name: str) -> str:
@@ -68,8 +97,32 @@ def lora_from_peft(weights) -> tuple[dict, list[str]]:
     return out, skipped
 
 
+def check_rank(rank) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank: {rank!r}; a LoRA's rank is a whole number of at least 1")
+    return rank
+
+
+def svd_lowrank(mat: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.svd_lowrank's randomised SVD (Halko et al., subspace iterations), its random test
+    matrix drawn from a generator of its own: the same matrix gives the same factors, and the
+    global random state is neither read nor advanced (torch.svd_lowrank uses and moves it)."""
+    transpose = mat.shape[0] < mat.shape[1]
+    a = mat.mT if transpose else mat  # (m, n), m >= n
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(a.shape[1], q, generator=gen, dtype=a.dtype).to(a.device)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.mT @ basis).Q).Q
+    u_small, s, vh = torch.linalg.svd(basis.mT @ a, full_matrices=False)
+    u, v = basis @ u_small, vh.mT
+    return (v, s, u) if transpose else (u, s, v)
+
+
 def lora_from_delta(weights, rank: int) -> tuple[dict, list[str]]:
-    """A rank-`rank` LoRA per Linear / Conv2d weight delta (randomised SVD); others are listed as skipped."""
+    """A rank-`rank` LoRA per Linear / Conv2d weight delta (randomised SVD, seeded per weight from
+    its name, so an export is the same bytes every time); others are listed as skipped."""
+    check_rank(rank)
     out, skipped = {}, []
     for key, delta in weights.tensors.items():
         component, param = key.split(".", 1)
@@ -83,7 +136,7 @@ def lora_from_delta(weights, rank: int) -> tuple[dict, list[str]]:
         d = delta.float()
         mat = d.reshape(d.shape[0], -1)
         r = min(rank, *mat.shape)
-        u, s, v = torch.svd_lowrank(mat, q=min(r + 8, *mat.shape), niter=4)
+        u, s, v = svd_lowrank(mat, q=min(r + 8, *mat.shape), niter=4, seed=zlib.crc32(key.encode()))
         up = (u[:, :r] * s[:r]).contiguous()
         down = v[:, :r].T.contiguous()
         if d.ndim == 4:
@@ -112,7 +165,7 @@ def export_embeddings(concepts, folder: str | Path, name: str) -> list[Path]:
         file = inside(root, f"{embedding_name(name, concept)}.safetensors")
         tensors = {key: vec[None].clone().contiguous(), "emb_params": vec[None].clone().contiguous()}
         meta = {"concept": concept, "init_word": str(concepts.init_words.get(concept))}
-        write_atomic(file, lambda tmp, t=tensors, m=meta: save_file(t, tmp, metadata=m))
+        write_atomic(file, lambda tmp, t=tensors, m=meta: save_deterministic(t, tmp, metadata=m))
         written.append(file)
     return written
 
@@ -124,17 +177,19 @@ def lora_state_dict(weights, rank: int = 16) -> tuple[dict, list[str]]:
 def export_lora(weights, folder: str | Path, name: str, rank: int = 16, concept_names=()) -> tuple[Path, list]:
     """FOLDER/NAME.safetensors in kohya keys; returns it and the weights that have no LoRA form."""
     check_export_name(name)
+    check_rank(rank)
     tensors, skipped = lora_state_dict(weights, rank)
     file = inside(prepare_out(folder), f"{name}.safetensors")
     meta = {"em_core.kind": weights.kind, "em_core.rank": str(weights.rank if weights.kind == "lora" else rank),
             "concepts": ",".join(concept_names)}
-    write_atomic(file, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_atomic(file, lambda tmp: save_deterministic(tensors, tmp, metadata=meta))
     return file, skipped
 
 
 def export_concepts(concept_bundle, out: str | Path, name: str, rank: int = 16) -> dict:
     """Writes OUT/embeddings/NAME_vN.safetensors and, if there are weights, OUT/loras/NAME.safetensors."""
     check_export_name(name)
+    check_rank(rank)  # before anything is written: no embeddings without their LoRA
     root = prepare_out(out)
     written = {"embeddings": export_embeddings(concept_bundle.concepts, inside(root, "embeddings"), name),
                "lora": None, "skipped": []}
