@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .crf import PRESETS, CRFParams
+from .runlock import RunLocked, hold, release_held
 
 
 def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
@@ -36,18 +37,37 @@ def cmd_refine_masks(args) -> int:
     from .crf import refine_masks
     from .images import mask_to_image, open_image, open_mask
 
+    if args.iterations is not None and args.iterations < 1:
+        raise ValueError(f"--iterations {args.iterations}: DenseCRF needs at least 1 mean-field iteration")
+    if args.max_side is not None and args.max_side < 0:
+        raise ValueError(f"--max-side {args.max_side}: give a side in pixels, or 0 for the image's full size")
     img = open_image(args.image, "--image")
-    masks = np.stack([open_mask(m, img.size, f"--mask {m}") for m in args.mask])
+    masks = np.stack([open_mask(m, img.size, f"--mask {m}", image_size=img.size) for m in args.mask])
     params = CRFParams.preset(args.crf_preset, unary_scale=args.unary_scale, max_side=args.max_side or None,
                               **({} if args.iterations is None else {"iterations": args.iterations}))
     refined = refine_masks(np.asarray(img), masks, params)
     out = prepare_out(args.out)
-    for path, m in zip(args.mask, refined):
-        target = inside(out, f"{Path(path).stem}_refined.png")
+    for path, m, name in zip(args.mask, refined, _unique_stems(args.mask)):
+        target = inside(out, f"{name}_refined.png")
         pic = mask_to_image(m.astype(np.float32))
         write_atomic(target, lambda tmp: pic.save(tmp, format="PNG"))
         print(target)
     return 0
+
+
+def _unique_stems(paths: list[str]) -> list[str]:
+    """File stems, made unique (case aside, for file systems that ignore it): a.png, b/a.png ->
+    a, a_2, so that two masks of one name from two folders never write one output."""
+    out, taken = [], set()
+    for p in paths:
+        stem, n = Path(p).stem, 1
+        name = stem
+        while name.lower() in taken:
+            n += 1
+            name = f"{stem}_{n}"
+        taken.add(name.lower())
+        out.append(name)
+    return out
 
 
 def cmd_learn(args) -> int:
@@ -58,6 +78,7 @@ def cmd_learn(args) -> int:
     from .dataset import check_prompts, prepare_image
     from .em_loop import learn, start_state
     from .images import open_mask
+    from .integrity import check_fits_model
     from .model import load_bundle
     from .state import load_state
 
@@ -65,11 +86,12 @@ def cmd_learn(args) -> int:
     if not args.image:
         raise ValueError("--image: give at least one image, each followed by its --prompt")
     check_prompts(args.image, args.prompt)
-    out = prepare_out(args.out)
+    out = hold(prepare_out(args.out))
     bundle = load_bundle(args.model, device=args.device)
     resume = (out / "state.safetensors").is_file()
     if resume:
         state = load_state(out)
+        check_fits_model(state, bundle, out)
         given = [(str(Path(i).resolve()), p) for i, p in zip(args.image, args.prompt)]
         stored = [(r["path"], r["prompt"]) for r in state.images]
         if given != stored:
@@ -111,7 +133,8 @@ def cmd_learn(args) -> int:
                 idx = owners[0]
             else:
                 raise ValueError(f"--mask {key}: {name} is in {len(owners)} images; write {name}@N=FILE for image N")
-            fixed[(idx, name)] = open_mask(path, images[idx].size, f"--mask {key}")
+            fixed[(idx, name)] = open_mask(path, images[idx].size, f"--mask {key}",
+                                           image_size=images[idx].original_size)
         state = start_state(bundle, images, config, init, fixed)
     torch.manual_seed(config.seed)
     try:
@@ -191,22 +214,32 @@ def _images_of(bundle, state):
 def cmd_finetune(args) -> int:
     from .atomic import prepare_out
     from .finetune import FinetuneConfig, finetune
+    from .integrity import check_fits_model
     from .model import load_bundle
     from .state import load_state
 
-    out = prepare_out(args.state)
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr {args.lr}: a learning rate must be above 0")
+    out = hold(prepare_out(args.state))
     state = load_state(out)
+    if state.finetune:
+        had = state.finetune["config"]
+        for opt, given, kept in (("--mode", args.mode, had["mode"]), ("--lr", args.lr, had.get("lr"))):
+            if given is not None and given != kept:
+                raise ValueError(f"{opt} {given}: the fine-tune in {out} runs with {opt[2:]} {kept} and continues "
+                                 f"with it; drop {opt}, or fine-tune a copy of the learn run's folder afresh")
     model = args.model or state.model
     if not model or model.startswith("random:"):
         raise ValueError(f"--model: the state names no model folder ({model!r}); give --model DIR")
     bundle = load_bundle(model, device=args.device)
+    check_fits_model(state, bundle, out)
     images = _images_of(bundle, state)
     if state.finetune:
         cfg = FinetuneConfig.from_dict(state.finetune["config"])
         cfg.steps = args.steps
         print(f"continuing the fine-tune from step {state.finetune['step']}")
     else:
-        cfg = FinetuneConfig(steps=args.steps, mode=args.mode, lr=args.lr, rank=args.rank,
+        cfg = FinetuneConfig(steps=args.steps, mode=args.mode or "full", lr=args.lr, rank=args.rank,
                              train_text_encoder=not args.no_text_encoder, attn_weight=args.attn_weight,
                              gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
                              max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every)
@@ -245,6 +278,8 @@ def cmd_export(args) -> int:
     from .concept_file import load_concepts
     from .export import export_concepts
 
+    if args.rank < 1:
+        raise ValueError(f"--rank {args.rank}: a LoRA's rank is at least 1")
     cb = load_concepts(args.concepts)
     name = args.name or Path(args.concepts).resolve().parent.name
     written = export_concepts(cb, args.out, name, rank=args.rank)
@@ -328,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="joint fine-tune of tokens and weights, masks fixed")
     f.add_argument("--state", required=True, help="the OUT folder of a learn run")
     f.add_argument("--steps", type=int, default=400)
-    f.add_argument("--mode", choices=["full", "lora"], default="full")
+    f.add_argument("--mode", choices=["full", "lora"], default=None, help="full (default) or lora")
     f.add_argument("--rank", type=int, default=4)
     f.add_argument("--lr", type=float, default=None, help="default 2e-6 (full) or 1e-4 (lora)")
     f.add_argument("--attn-weight", type=float, default=1e-2)
@@ -464,6 +499,8 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, RunLocked) as exc:  # OSError: unreadable inputs, unwritable outputs
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        release_held()  # the run folder a command held

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .concepts import concept_names
+from .concepts import CONCEPT_RE, check_name, concept_names
 from .images import image_to_tensor, image_to_uint8, open_image, working_size
 
 
@@ -34,6 +34,11 @@ class TrainImage:
         return (mean + std * eps).unsqueeze(0)
 
 
+def short(text: str, limit: int = 60) -> str:
+    """`text` quoted for a message, cut to about `limit` characters (a prompt may be 10,000)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 def check_prompts(images: list, prompts: list[str]) -> None:
     if len(images) != len(prompts):
         raise ValueError(
@@ -42,15 +47,41 @@ def check_prompts(images: list, prompts: list[str]) -> None:
     for i, p in enumerate(prompts):
         if not concept_names(p):
             raise ValueError(
-                f"prompt {i + 1} ({p!r}) names no concept; write the concepts as [v1], [v2], ... "
+                f"prompt {i + 1} ({short(p)}) names no concept; write the concepts as [v1], [v2], ... "
                 "e.g. 'a photo of [v1] and [v2]'"
             )
+        for name in concept_names(p):
+            try:
+                check_name(name)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i + 1}: {exc}") from None
+
+
+def check_prompt_length(tokenizer, prompt: str, what: str = "prompt") -> None:
+    """Refuses a prompt longer than the text encoder reads (the tokenizer's model_max_length, with
+    its start and end tokens): the tail would be cut off silently, and with it any concept there."""
+    limit = tokenizer.model_max_length - 2
+    parts = CONCEPT_RE.split(prompt)  # text, N, text, N, ..., text; each [vN] is one token
+    count, lost = 0, []
+    for j, part in enumerate(parts):
+        if j % 2:
+            if count >= limit:
+                lost.append(f"[v{part}]")
+            count += 1
+        elif part.strip():
+            count += len(tokenizer(part.strip(), add_special_tokens=False).input_ids)
+    if count > limit:
+        fell = (f"{', '.join(dict.fromkeys(lost))} would fall off its end" if lost
+                else "its end would be cut off")
+        raise ValueError(f"{what} ({short(prompt)}) is {count:,} tokens long, but the text encoder reads "
+                         f"{limit}; {fell}. Shorten it")
 
 
 @torch.no_grad()
 def prepare_image(bundle, path: str | Path | None, prompt: str, resolution: int | None = None, flip: bool = True,
                   pil=None) -> TrainImage:
     """Reads `path` (or takes a PIL image `pil`) and encodes it; `resolution` defaults to the model's."""
+    check_prompt_length(bundle.tokenizer, prompt, f"prompt of {Path(path).name if path is not None else 'the image'}")
     img = pil.convert("RGB") if pil is not None else open_image(path, "image")
     resolution = resolution or bundle.default_resolution
     size = working_size(*img.size, resolution, bundle.pixel_granularity)

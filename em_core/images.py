@@ -7,6 +7,7 @@ most. Masks are written back at the original image size.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,14 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
         raise FileNotFoundError(f"{what}: {path} does not exist or is not a file")
     try:
         with Image.open(path) as img:
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:  # an animated GIF, APNG or WebP, or a multi-page TIFF: PIL opens on frame 1
+                warnings.warn(f"{what}: {path} has {frames} frames; using frame 1", stacklevel=2)
             img.load()
             return _to_rgb(img, what)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{what}: {path} has more pixels than PIL opens safely ({exc}); scale it down "
+                         f"(to {Image.MAX_IMAGE_PIXELS:,} pixels at most) and give it again") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{what}: {path} is not a readable image ({exc}); give a PNG or JPEG that opens") from exc
 
@@ -66,14 +73,20 @@ def image_to_uint8(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img.resize(size, Image.BICUBIC), dtype=np.uint8))
 
 
-def open_mask(path: str | Path, size: tuple[int, int] | None = None, what: str = "mask") -> np.ndarray:
+def open_mask(path: str | Path, size: tuple[int, int] | None = None, what: str = "mask",
+              image_size: tuple[int, int] | None = None) -> np.ndarray:
     """A boolean (H, W) mask, > 127 (of 255) inside, resized to `size` (W, H).
 
     Grey levels are read from the image; a mask with varying transparency is read from its
-    alpha channel (a cut-out), one with constant alpha from its colour.
+    alpha channel (a cut-out), one with constant alpha from its colour. With `image_size` (W, H),
+    the size of the image the mask belongs to, a mask of another size is refused rather than
+    stretched. A mask that covers the whole image is accepted with a warning.
     """
     path = Path(path)
     img = open_image(path, what).convert("L")
+    if image_size is not None and tuple(img.size) != tuple(image_size):
+        raise ValueError(f"{what}: {path} is {img.size[0]}x{img.size[1]} pixels, but its image is "
+                         f"{image_size[0]}x{image_size[1]}; give a mask of the image's own size")
     with Image.open(path) as raw:
         if raw.mode in ("RGBA", "LA", "PA") or (raw.mode == "P" and "transparency" in raw.info):
             alpha = np.asarray(raw.convert("RGBA"))[..., 3]
@@ -81,7 +94,11 @@ def open_mask(path: str | Path, size: tuple[int, int] | None = None, what: str =
                 img = Image.fromarray(alpha, "L")
     if size is not None and img.size != size:
         img = img.resize(size, Image.BILINEAR)
-    return np.asarray(img) > 127
+    mask = np.asarray(img) > 127
+    if mask.all():
+        warnings.warn(f"{what}: {path} is white everywhere, so the concept is the whole image; a mask marks "
+                      "the concept's pixels in white and the rest in black", stacklevel=2)
+    return mask
 
 
 def mask_to_image(mask: np.ndarray | torch.Tensor, size: tuple[int, int] | None = None) -> Image.Image:
