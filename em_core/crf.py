@@ -41,8 +41,8 @@ class CRFParams:
     # Inference runs with the longer side at most this many pixels (None: the image's own size);
     # the label probabilities are then resized back. Cost grows with the pixel count. Full size by
     # default: CutLER's settings are in pixels of the image, and on the real photographs at 512 px
-    # they gain 8.4 IoU points at full size against 7.0 at a 256 px working side (mean of four
-    # seeds, benchmarks/README.md), at about 4x the time (1.5 s against 0.35 s per photo).
+    # they gain 8.3 IoU points at full size against 7.0 at a 256 px working side (four seeds,
+    # benchmarks/README.md), at about 4x the time (1.42 s against 0.33 s a photo on a 2-core CPU).
     max_side: int | None = None
 
     def to_dict(self) -> dict:
