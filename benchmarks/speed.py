@@ -12,7 +12,7 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
 - mask_init: 50 timesteps in batched calls (the runs' `mask_batch`) that stop after the last
   captured layer / the straightforward one-by-one loop over full U-Net calls (plus the two halves
   of that gain apart), and the largest difference of the maps;
-- densecrf: DenseCRF at 512x512 with 4 labels, at full size and at the default working side;
+- densecrf: DenseCRF at 512x512 with 4 labels, at full size (the default) and at a 256 px working side;
 - text_side: a step's text side (concept injection + prompt encoding, forward), every step's
   host work besides the U-Net;
 - maps_pass: the GFLOP of one maps-only U-Net call, and the share of it spent projecting the
