@@ -32,17 +32,37 @@ from .config import LearnConfig
 from .dataset import prepare_image
 from .em_loop import learn, start_state
 from .generate import generate
-from .masks import iou, normalise
+from .masks import estimate_masks, iou, normalise
 from .metrics import iou_curve
 from .plot import line_chart
 from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
 
-METHODS = ("baseline", "em", "em_50_independent", "em_step_maps", "em_no_crf", "true_masks")
+METHODS = ("baseline", "em", "em_50_independent", "em_step_maps", "em_no_crf", "em_background", "true_masks",
+           "true_masks_random_init")
+# true_masks_random_init: the true masks with every token started at random rather than from its shape word;
+# em_background: EM with the background concept taken as what no object claims (LearnConfig.background).
+
+
+def entangled_scene(seed: int):
+    """Two objects of one shape (both tokens start from that word): only EM's masks can tell them apart."""
+    from .scenes import BACKGROUNDS, COLOURS, SceneObject, render
+
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        shape = str(rng.choice(list(SHAPES)))
+        c1, c2 = (str(c) for c in rng.choice(list(COLOURS), 2, replace=False))
+        scene = render([SceneObject(c1, shape), SceneObject(c2, shape)], str(rng.choice(BACKGROUNDS)), 64,
+                       seed=int(rng.integers(1 << 31)))
+        if min(m.sum() for k, m in scene.masks.items() if k != scene.background) >= 0.06 * 64 * 64 * 0.8:
+            return scene
+    return scene
 
 
 def eval_set(n: int, seed: int = 20_000) -> list:
-    """n scenes with 1-3 objects plus the background as a concept: 2-4 concepts each."""
-    return [random_scene(seed + i, n_objects=1 + i % 3, shapes=SHAPES, max_overlap=0.2) for i in range(n)]
+    """n scenes with 1-3 objects plus the background as a concept: 2-4 concepts each; every fourth
+    scene is entangled (two objects of one shape)."""
+    return [entangled_scene(seed + i) if i % 4 == 3 else
+            random_scene(seed + i, n_objects=1 + i % 3, shapes=SHAPES, max_overlap=0.2) for i in range(n)]
 
 
 def concept_task(scene):
@@ -59,10 +79,12 @@ def concept_task(scene):
 
 
 def _method_config(method: str, steps: int, refresh: int, timesteps: int, seed: int,
-                   refresh_timesteps: int = LearnConfig.refresh_timesteps) -> LearnConfig:
+                   refresh_timesteps: int = LearnConfig.refresh_timesteps, background: str | None = None) -> LearnConfig:
     kw = dict(steps=steps, mask_timesteps=timesteps, seed=seed, save_every=10 ** 9)
-    if method == "baseline" or method == "true_masks":
+    if method in ("baseline", "true_masks", "true_masks_random_init"):
         return LearnConfig(refresh_every=0, **kw)
+    if method == "em_background":
+        return LearnConfig(refresh_every=refresh, refresh_timesteps=refresh_timesteps, background=background, **kw)
     if method == "em_50_independent":
         return LearnConfig(refresh_every=refresh, refresh_timesteps=timesteps, timestep_sampling="uniform", **kw)
     return LearnConfig(refresh_every=refresh, use_crf=(method != "em_no_crf"), refresh_timesteps=refresh_timesteps,
@@ -126,7 +148,7 @@ def caption_fidelity(bundle, checker, n: int = 48, seed: int = 50_000, steps: in
 def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, refresh: int = 25,
              timesteps: int = 50, refresh_timesteps: int = LearnConfig.refresh_timesteps, gen_images: int = 2,
              gen_steps: int = 25, guidance: float = 4.0, checker_path: str | None = None, seed: int = 0,
-             quality_images: int = 48, log=print) -> dict:
+             quality_images: int = 48, methods=METHODS, log=print) -> dict:
     from .checker import judge, load_checker
     from .model import load_bundle
 
@@ -134,8 +156,11 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
     bundle = load_bundle(model)
     checker = load_checker(checker_path or Path(model) / "checker.safetensors")
     t0 = time.time()
-    results = {m: {"final_iou": [], "curves": [], "fid_colour": [], "fid_shape": [], "fid_held_out_shape": []}
-               for m in METHODS}
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    results = {m: {"final_iou": [], "curves": [], "fid_colour": [], "fid_shape": [], "fid_held_out_shape": [],
+                   "own_attention_iou": []} for m in methods}
     per_scene = []
     held_out = eval_set(scenes)
     for k, scene in enumerate(held_out):
@@ -145,10 +170,18 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
         scene.image.save(path)
         img = prepare_image(bundle, path, prompt)
         row = {"scene": k, "caption": scene.caption, "prompt": prompt}
-        for method in METHODS:
-            fixed = {(0, n): m for n, m in truth.items()} if method == "true_masks" else None
-            cfg = _method_config(method, steps, refresh, timesteps, seed, refresh_timesteps)
-            state = learn(bundle, [img], start_state(bundle, [img], cfg, init, fixed), progress=False)
+        for method in methods:
+            oracle = method.startswith("true_masks")
+            fixed = {(0, n): m for n, m in truth.items()} if oracle else None
+            cfg = _method_config(method, steps, refresh, timesteps, seed, refresh_timesteps, img.names[-1])
+            words = {} if method == "true_masks_random_init" else init
+            state = learn(bundle, [img], start_state(bundle, [img], cfg, words, fixed), progress=False)
+            if oracle:  # the headroom: masks from the trained tokens' own attention, as EM would estimate them
+                own, _ = estimate_masks(bundle, state.concepts, img, n_timesteps=timesteps, batch=cfg.mask_batch,
+                                        crf_params=cfg.crf, generator=torch.Generator().manual_seed(seed),
+                                        layers=cfg.mask_layers)
+                results[method]["own_attention_iou"].append(
+                    float(np.mean([iou(m, _resized(truth[n], m.shape)) for n, m in zip(img.names, own)])))
             curve = iou_curve(state, {(0, n): m for n, m in truth.items()})
             means = [(c["step"], float(np.mean(list(c["iou"]["img1"].values())))) for c in curve]
             results[method]["curves"].append(means)
@@ -165,7 +198,7 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
             row[method] = {"final_iou": means[-1][1], "curve": means}
         per_scene.append(row)
         log(f"scene {k + 1}/{scenes} ({time.time() - t0:.0f}s): " +
-            "  ".join(f"{m} {row[m]['final_iou']:.3f}" for m in METHODS))
+            "  ".join(f"{m} {row[m]['final_iou']:.3f}" for m in methods))
     summary = _summary(results, steps, refresh)
     summary["model_quality"] = {"word_attention": word_attention_iou(bundle, held_out),
                                 "caption_fidelity": caption_fidelity(bundle, checker, n=quality_images,
@@ -175,11 +208,19 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
                                gen_images=gen_images, gen_steps=gen_steps, guidance=guidance, seed=seed,
                                seconds=round(time.time() - t0))
     write_json(inside(out, "results.json"), {"summary": summary, "scenes": per_scene})
-    chart = line_chart({m: summary["curve"][m] for m in METHODS if m != "true_masks"},
+    chart = line_chart({m: summary["curve"][m] for m in methods if not m.startswith("true_masks")},
                        title=f"mask IoU vs truth, mean of {scenes} scenes", xlabel="EM step", ylabel="IoU")
     write_atomic(inside(out, "iou_curve.png"), lambda tmp: chart.save(tmp, format="PNG"))
     write_atomic(inside(out, "report.md"), lambda tmp: Path(tmp).write_text(report_markdown(summary)))
     return summary
+
+
+def _resized(mask: np.ndarray, shape) -> np.ndarray:
+    if mask.shape == tuple(shape):
+        return mask
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(shape[::-1], Image.NEAREST)) > 127
 
 
 def _mean(xs):
@@ -196,7 +237,9 @@ def _summary(results: dict, steps: int, refresh: int) -> dict:
             pts.append((s, _mean(vals)))
         curve[m] = pts
     table = {m: {"mask_iou": _mean(r["final_iou"]), "fid_colour": _mean(r["fid_colour"]),
-                 "fid_shape_seen": _mean(r["fid_shape"]), "fid_shape_held_out": _mean(r["fid_held_out_shape"])}
+                 "fid_shape_seen": _mean(r["fid_shape"]), "fid_shape_held_out": _mean(r["fid_held_out_shape"]),
+                 "first_iou": _mean([c[0][1] for c in r["curves"]]),
+                 "own_attention_iou": _mean(r["own_attention_iou"])}
              for m, r in results.items()}
     return {"table": table, "curve": curve}
 
@@ -216,6 +259,12 @@ def report_markdown(summary: dict) -> str:
     for m, row in t.items():
         lines.append(f"| {m} | {row['mask_iou']:.3f} | {row['fid_colour']:.3f} | {row['fid_shape_seen']:.3f} | "
                      f"{row['fid_shape_held_out']:.3f} |")
+    oracles = [m for m in t if m.startswith("true_masks")]
+    if oracles and "baseline" in t:
+        lines += ["", "Headroom: masks from the trained tokens' own attention (as EM estimates them) against the "
+                  "first estimate from untrained tokens (the baseline's), mean IoU:", ""]
+        lines += [f"- {m}: {t[m]['own_attention_iou']:.3f} vs {t['baseline']['first_iou']:.3f} "
+                  f"({t[m]['own_attention_iou'] - t['baseline']['first_iou']:+.3f})" for m in oracles]
     lines += ["", "Mean mask IoU against the truth at each refresh (the curve in `iou_curve.png`):", "",
               "| step | " + " | ".join(m for m in summary["curve"]) + " |",
               "|---|" + "---|" * len(summary["curve"])]

@@ -55,7 +55,8 @@ def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
     from em_core.evaluate import METHODS, concept_task, eval_set, evaluate
 
     scenes = eval_set(6)
-    assert [len(s.objects) for s in scenes] == [1, 2, 3, 1, 2, 3]
+    assert [len(s.objects) for s in scenes] == [1, 2, 3, 2, 2, 3]
+    assert scenes[3].objects[0].shape == scenes[3].objects[1].shape  # entangled: one init word for both
     prompt, init, truth, info = concept_task(scenes[2])
     assert prompt == "a photo of [v1] and [v2] and [v3] on [v4]" and set(truth) == {"[v1]", "[v2]", "[v3]", "[v4]"}
     assert init["[v4]"] == scenes[2].background and set(info) == {"[v1]", "[v2]", "[v3]"}
@@ -66,9 +67,12 @@ def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
                        log=lambda *a: None)
     assert set(summary["table"]) == set(METHODS)
     assert summary["table"]["true_masks"]["mask_iou"] == 1.0
+    for m in ("true_masks", "true_masks_random_init"):
+        assert 0.0 <= summary["table"][m]["own_attention_iou"] <= 1.0
+    assert summary["table"]["baseline"]["first_iou"] == summary["table"]["baseline"]["mask_iou"]
     assert [s for s, _ in summary["curve"]["em"]] == [0, 1, 2]
     report = (tmp_path / "ev" / "report.md").read_text()
-    assert "| em |" in report and "| baseline |" in report
+    assert "| em |" in report and "| baseline |" in report and "Headroom" in report
     assert (tmp_path / "ev" / "iou_curve.png").is_file() and (tmp_path / "ev" / "scenes" / "scene00.png").is_file()
 
 
