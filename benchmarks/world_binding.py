@@ -33,7 +33,7 @@ def main() -> None:
     for group, kinds in res["binding"].items():
         print(f"AUROC own vs other, {group:>4} layers: colour {kinds['colour']['mean']:.3f}  "
               f"shape {kinds['shape']['mean']:.3f}  (per t: "
-              + ", ".join(f"{t}: {kinds['colour'][t]:.2f}/{kinds['shape'][t]:.2f}" for t in kinds['colour'] if t != 'mean')
+              + ", ".join(f"{t}: {kinds['colour'][t]:.2f}/{kinds['shape'][t]:.2f}" for t in kinds['colour'] if isinstance(t, int))
               + ")")
     tu = res["text_use"]
     print(f"true caption vs empty prompt, fixed noise: loss drop {tu['drop_upper_half']:.3%} over t >= 500, "

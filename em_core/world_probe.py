@@ -125,7 +125,9 @@ def binding(bundle, n_scenes: int = 24, timesteps=(100, 300, 500, 700, 900), see
                     result.setdefault(group, {}).setdefault(word_kind, {})[int(t)] = float(np.nanmean(scores))
     for group, kinds in result.items():
         for word_kind, per_t in kinds.items():
-            per_t["mean"] = float(np.mean([v for k, v in per_t.items() if k != "mean"]))
+            vals = {k: v for k, v in per_t.items() if isinstance(k, int)}
+            per_t["mean"] = float(np.mean(list(vals.values())))
+            per_t["low_t"] = float(np.mean([v for k, v in vals.items() if k <= 500]))
     return result
 
 
