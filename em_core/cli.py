@@ -87,7 +87,7 @@ def cmd_learn(args) -> int:
         raise ValueError("--image: give at least one image, each followed by its --prompt")
     check_prompts(args.image, args.prompt)
     out = hold(prepare_out(args.out))
-    bundle = load_bundle(args.model, device=args.device)
+    bundle = load_bundle(args.model, device=args.device, prediction_type=args.prediction_type)
     resume = (out / "state.safetensors").is_file()
     if resume:
         state = load_state(out)
@@ -231,7 +231,7 @@ def cmd_finetune(args) -> int:
     model = args.model or state.model
     if not model or model.startswith("random:"):
         raise ValueError(f"--model: the state names no model folder ({model!r}); give --model DIR")
-    bundle = load_bundle(model, device=args.device)
+    bundle = load_bundle(model, device=args.device, prediction_type=args.prediction_type)
     check_fits_model(state, bundle, out)
     images = _images_of(bundle, state)
     if state.finetune:
@@ -261,7 +261,7 @@ def cmd_generate(args) -> int:
     from .model import load_bundle
 
     out = prepare_out(args.out)
-    bundle = load_bundle(args.model, device=args.device)
+    bundle = load_bundle(args.model, device=args.device, prediction_type=args.prediction_type)
     cb = load_concepts(args.concepts, bundle, allow_other_model=args.allow_other_model) if args.concepts else None
     images = generate(bundle, args.prompt, concepts=cb.concepts if cb else None, weights=cb.weights if cb else None,
                       negative=args.negative, seed=args.seed, steps=args.steps, guidance=args.guidance,
@@ -332,6 +332,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+PREDICTION_TYPE = dict(
+    choices=["epsilon", "v_prediction"], default=None,
+    help="what a single-file checkpoint's U-Net predicts. SD 1.x: epsilon (the default). SD 2.x files rarely say, "
+         "so give it: epsilon for SD 2.1-base / 2.0-base (512 px), v_prediction for SD 2.1 / 2.0 (768 px). "
+         "A diffusers folder states its own")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m em_core", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -376,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="clip the total gradient norm to this (Break-A-Scene's 1.0); 0: no clipping")
     f.add_argument("--model", default=None, help="model folder, if not the one the state was learned on")
+    f.add_argument("--prediction-type", **PREDICTION_TYPE)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--save-every", type=int, default=100)
     f.add_argument("--device", default="cpu")
@@ -384,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="images from a prompt with learned concepts")
     g.add_argument("--model", required=True)
+    g.add_argument("--prediction-type", **PREDICTION_TYPE)
     g.add_argument("--concepts", default=None, help="a concepts.safetensors bundle")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative", default="")
@@ -446,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = _defaults()
     l = sub.add_parser("learn", help="learn concept tokens and masks from images")
-    l.add_argument("--model", required=True, help="diffusers-format model folder")
+    l.add_argument("--model", required=True, help="diffusers-format model folder or single .safetensors file")
+    l.add_argument("--prediction-type", **PREDICTION_TYPE)
     l.add_argument("--image", action="append", default=[], help="repeat; each followed by its --prompt")
     l.add_argument("--prompt", action="append", default=[], help='e.g. "a photo of [v1] and [v2]"')
     l.add_argument("--init", action="append", default=[], help='"[v1]=man": start a token from a word')
@@ -481,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw mask-estimate timesteps from [LO, HI) only (default: the whole schedule)")
     l.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="log the loss on fixed noise and timesteps every N steps (0: never)")
-    l.add_argument("--resolution", type=int, default=None)
+    l.add_argument("--resolution", type=int, default=None,
+                   help="working side in pixels (default: the model's own: 512 for SD 1.x and SD 2.x-base, "
+                        "768 for SD 2.x 768-v)")
     l.add_argument("--seed", type=int, default=d.seed)
     l.add_argument("--save-every", type=int, default=d.save_every)
     l.add_argument("--device", default="cpu")

@@ -75,14 +75,17 @@ class ModelBundle:
         return self
 
 
-def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
+def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                prediction_type: str | None = None) -> ModelBundle:
     """Loads a diffusers-format folder (model_index.json + component subfolders), or a single-file
-    SD 1.x / 2.x .safetensors checkpoint, with no network."""
+    SD 1.x / 2.x .safetensors checkpoint, with no network. `prediction_type` (epsilon or
+    v_prediction) is for single files, where SD 2.x needs it; a folder's scheduler states its own,
+    and a different one given is refused."""
     path = Path(path)
     if path.is_file():
         from .single_file import load_single_file
 
-        return load_single_file(path, device=device, dtype=dtype)
+        return load_single_file(path, prediction_type=prediction_type, device=device, dtype=dtype)
     if not path.is_dir():
         raise FileNotFoundError(
             f"model: {path} does not exist; give a diffusers-format model folder (one with model_index.json) "
@@ -104,5 +107,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: tor
             f"model: {path} could not be read offline ({exc}). Weights must be .safetensors files "
             "(pickled .bin weights are never loaded); re-save the model with safe_serialization=True"
         ) from exc
+    own = scheduler.config.prediction_type
+    if prediction_type is not None and prediction_type != own:
+        raise ValueError(f"prediction_type: {path} is a diffusers folder whose scheduler predicts {own}; "
+                         f"{prediction_type} is for single files only (drop it)")
     bundle = ModelBundle((tokenizer,), (text_encoder,), unet, vae, scheduler, source=str(path.resolve()))
     return bundle.to(device=device).freeze()

@@ -28,8 +28,10 @@ FAMILIES = {
                   bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
         scheduler=_SCHEDULER, pad_token="<|endoftext|>",
     ),
-    # Stable Diffusion 2.x: OpenCLIP ViT-H/14 (penultimate layer, so 23 layers), 768 px v-prediction
-    # by default; SD 2.x "base" checkpoints are 512 px epsilon (pass prediction_type="epsilon").
+    # Stable Diffusion 2.x: OpenCLIP ViT-H/14 (penultimate layer, so 23 layers). Two kinds share these
+    # weights' shapes: SD 2.x-base, 512 px epsilon, and SD 2.x (768-v), 768 px v-prediction; a single
+    # file rarely says which, so family_config takes the prediction type and sets the side from it.
+    # The entries here are the 768-v model's.
     "sd2": dict(
         unet=dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
                   use_linear_projection=True, upcast_attention=True),
@@ -41,6 +43,37 @@ FAMILIES = {
         pad_token="!",
     ),
 }
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The native side of each SD 2.x kind: SD 2.x-base is 512 px epsilon, SD 2.x (768-v) 768 px v-prediction.
+SD2_SIDES = {"epsilon": 512, "v_prediction": 768}
+SD2_HELP = ("SD 2.1-base (and 2.0-base) is epsilon at 512 px, SD 2.1 (and 2.0, the 768-v models) is "
+            "v_prediction at 768 px")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    return prediction_type
+
+
+def family_config(family: str, prediction_type: str | None = None) -> dict:
+    """The configs of `family` for a model trained on `prediction_type`: the scheduler's target and,
+    for SD 2.x, the U-Net's native side (64 latents for base/epsilon, 96 for 768-v). SD 1.x is
+    epsilon unless told otherwise; SD 2.x needs the type (see single_file.prediction_type_of)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family: unknown {family!r}; choose one of {sorted(FAMILIES)}")
+    cfg = FAMILIES[family]
+    if prediction_type is None:
+        if family == "sd2":
+            raise ValueError(f"prediction_type: an SD 2.x model needs it ({SD2_HELP})")
+        return cfg
+    check_prediction_type(prediction_type)
+    out = dict(cfg, scheduler=dict(cfg["scheduler"], prediction_type=prediction_type))
+    if family == "sd2":
+        out["unet"] = dict(cfg["unet"], sample_size=SD2_SIDES[prediction_type] // 8)
+    return out
 
 
 def detect_family(keys) -> str:

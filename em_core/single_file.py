@@ -8,11 +8,16 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .model import ModelBundle
-from .sd_configs import CLIP_TOKENIZER, FAMILIES, detect_family
+from .sd_configs import CLIP_TOKENIZER, SD2_HELP, check_prediction_type, detect_family, family_config
+
+# ComfyUI's Checkpoint Save marks a v-prediction model with this (empty) tensor; A1111 and the
+# original Stability releases write nothing.
+V_PRED_MARKER = "v_pred"
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
@@ -37,13 +42,31 @@ def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
+def prediction_type_of(family: str, keys, given: str | None = None, where: str = "checkpoint") -> str:
+    """What a single file's U-Net predicts: `given` when set; epsilon for SD 1.x; for SD 2.x only
+    what the file says (ComfyUI's v_pred marker), else an error asking for it. SD 2.x-base (512 px,
+    epsilon) and SD 2.x 768-v (768 px, v-prediction) have the same weight names and shapes, so
+    guessing would train half of them on the wrong target."""
+    if given is not None:
+        return check_prediction_type(given)
+    if family != "sd2":
+        return "epsilon"
+    if V_PRED_MARKER in keys:
+        return "v_prediction"
+    raise ValueError(f"{where}: this SD 2.x file does not say whether it predicts epsilon or v; give it: "
+                     f"--prediction-type epsilon or v_prediction on the command line, or the checkpoint node's "
+                     f"prediction_type input ({SD2_HELP})")
+
+
 def state_dict_to_bundle(checkpoint: dict, family: str | None = None, prediction_type: str | None = None,
                          source: str = "") -> ModelBundle:
-    """A bundle from an LDM-layout state dict (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)."""
+    """A bundle from an LDM-layout state dict (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*).
+    SD 2.x needs `prediction_type` unless the file marks it (see prediction_type_of)."""
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 
     family = family or detect_family(checkpoint)
+    prediction_type = prediction_type_of(family, checkpoint, prediction_type, source or "checkpoint")
     if family == "sd2":
         text_state = lambda text: convert_open_clip_checkpoint(text, checkpoint)  # noqa: E731
     else:
@@ -54,10 +77,11 @@ def state_dict_to_bundle(checkpoint: dict, family: str | None = None, prediction
 
 
 def bundle_from_comfy(unet_state: dict, clip_state: dict, vae_state: dict, prediction_type: str | None = None,
-                      source: str = "comfyui") -> ModelBundle:
+                      source: str = "comfyui", dtype: torch.dtype = torch.float32) -> ModelBundle:
     """A bundle from the state dicts of ComfyUI's MODEL (diffusion_model: LDM names), CLIP
     (clip_l.transformer.* for SD 1.x, clip_h.transformer.* for SD 2.x: Hugging Face names already)
-    and VAE (LDM names). Tensors are copied once into the engine's modules."""
+    and VAE (LDM names), with `prediction_type` as ComfyUI's model says (needed for SD 2.x). Tensors
+    are copied once into the engine's modules, which hold them in `dtype`."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     from .ldm_layout import UNET_PREFIX, VAE_PREFIX
@@ -71,34 +95,34 @@ def bundle_from_comfy(unet_state: dict, clip_state: dict, vae_state: dict, predi
     unet_ldm = {UNET_PREFIX + k: v for k, v in unet_state.items()}
     vae_ldm = {VAE_PREFIX + k: v for k, v in vae_state.items()}
     text = {k[len(prefix):]: v for k, v in clip_state.items() if k.startswith(prefix)}
-    return _assemble(prefixes[prefix], lambda cfg: convert_ldm_unet_checkpoint(unet_ldm, cfg),
+    family = prefixes[prefix]
+    prediction_type = prediction_type_of(family, (), prediction_type, "model")
+    return _assemble(family, lambda cfg: convert_ldm_unet_checkpoint(unet_ldm, cfg),
                      lambda cfg: convert_ldm_vae_checkpoint(vae_ldm, cfg), lambda model: text, prediction_type,
-                     source)
+                     source, dtype)
 
 
-def _assemble(family, unet_state, vae_state, text_state, prediction_type, source) -> ModelBundle:
-    if family not in FAMILIES:
-        raise ValueError(f"family: unknown {family!r}; choose one of {sorted(FAMILIES)}")
-    cfg = FAMILIES[family]
-    unet = UNet2DConditionModel(**cfg["unet"])
+def _assemble(family, unet_state, vae_state, text_state, prediction_type, source,
+              dtype: torch.dtype = torch.float32) -> ModelBundle:
+    cfg = family_config(family, prediction_type)
+    # Each module goes to `dtype` before its weights are copied in, so a half-precision model never
+    # has a float32 copy of all its weights at once.
+    unet = UNet2DConditionModel(**cfg["unet"]).to(dtype)
     _load_strict(unet, unet_state(dict(unet.config)), "U-Net")
-    vae = AutoencoderKL(**cfg["vae"])
+    vae = AutoencoderKL(**cfg["vae"]).to(dtype)
     _load_strict(vae, vae_state(dict(vae.config)), "VAE")
-    text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    text = CLIPTextModel(CLIPTextConfig(**cfg["text"])).to(dtype)
     _load_strict(text, text_state(text), "text encoder")
-    sched = dict(cfg["scheduler"])
-    if prediction_type:
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type: {prediction_type!r} is not epsilon or v_prediction")
-        sched["prediction_type"] = prediction_type
-    bundle = ModelBundle((clip_tokenizer(cfg["pad_token"]),), (text,), unet, vae, DDPMScheduler(**sched),
+    bundle = ModelBundle((clip_tokenizer(cfg["pad_token"]),), (text,), unet, vae, DDPMScheduler(**cfg["scheduler"]),
                          source=source)
     return bundle.freeze()
 
 
 def load_single_file(path: str | Path, family: str | None = None, prediction_type: str | None = None,
                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
-    """A bundle from one .safetensors checkpoint; pickled .ckpt files are refused, never opened."""
+    """A bundle from one .safetensors checkpoint; pickled .ckpt files are refused, never opened.
+    SD 1.x files are epsilon; an SD 2.x file needs `prediction_type` unless it carries ComfyUI's
+    v_pred marker (the error says which value each SD 2.x release needs)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: {path} does not exist or is not a file")
@@ -106,7 +130,13 @@ def load_single_file(path: str | Path, family: str | None = None, prediction_typ
         raise ValueError(f"checkpoint: {path.name} is not .safetensors; pickled checkpoints (.ckpt, .pt, .bin) "
                          "are never loaded. Convert it to safetensors first")
     try:
+        with safe_open(str(path), framework="pt") as f:  # names only: the family and type are checked first
+            keys = set(f.keys())
+        family = family or detect_family(keys)
+        prediction_type = prediction_type_of(family, keys, prediction_type, f"checkpoint {path.name}")
         checkpoint = load_file(str(path))
+    except ValueError:
+        raise
     except Exception as exc:
         raise ValueError(f"checkpoint: {path} is corrupt or truncated ({exc})") from exc
     bundle = state_dict_to_bundle(checkpoint, family, prediction_type, source=str(path.resolve()))
