@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 try:  # inside ComfyUI
@@ -28,22 +29,36 @@ def register_folders() -> None:
         _fp.folder_names_and_paths[CONCEPTS_FOLDER] = ([path], {".safetensors"})
 
 
+def _no_kind(kind: str) -> str:
+    return f"ComfyUI has no {kind!r} folder type (folder_paths knows no such name)"
+
+
 def folder(kind: str, fallback: Path) -> Path:
-    """The first folder ComfyUI has for `kind` (concepts, embeddings, loras), else `fallback`."""
-    if _fp is not None:
-        try:
-            return Path(_fp.get_folder_paths(kind)[0])
-        except (KeyError, IndexError):
-            pass
-    return Path(fallback)
+    """The first folder ComfyUI has for `kind` (concepts, embeddings, loras); outside ComfyUI,
+    `fallback`. Inside ComfyUI a kind it lacks is refused: a folder guessed relative to the working
+    directory is not where ComfyUI would look for the file."""
+    if _fp is None:
+        return Path(fallback)
+    try:
+        paths = _fp.get_folder_paths(kind)
+    except KeyError:
+        cause = _no_kind(kind)
+    else:
+        if paths:
+            return Path(paths[0])
+        cause = f"ComfyUI has no folder registered for {kind!r}"
+    raise LookupError(f"{cause}; add one under {kind}: in extra_model_paths.yaml, or restart ComfyUI so it "
+                      f"registers models/{kind}")
 
 
 def folders(kind: str, fallback: Path) -> list[Path]:
-    """Every folder ComfyUI has for `kind` (models/diffusers and any extra_model_paths), else `fallback`."""
+    """Every folder ComfyUI has for `kind` (models/diffusers and any extra_model_paths); outside
+    ComfyUI, `fallback`. A kind ComfyUI lacks gives none, with a warning saying so."""
     if _fp is not None:
         try:
             return [Path(p) for p in _fp.get_folder_paths(kind)]
         except KeyError:
+            warnings.warn(f"{_no_kind(kind)}: no {kind} models are listed", stacklevel=2)
             return []
     return [Path(fallback)]
 
@@ -83,10 +98,13 @@ def find_diffusers(name: str, fallback: Path) -> Path:
 
 
 def list_files(kind: str, fallback: Path) -> list[str]:
+    """The .safetensors files ComfyUI lists for `kind`; outside ComfyUI, those in `fallback`. A kind
+    ComfyUI lacks lists none, with a warning saying so."""
     if _fp is not None:
         try:
             return sorted(_fp.get_filename_list(kind))
         except KeyError:
+            warnings.warn(f"{_no_kind(kind)}: no {kind} files are listed", stacklevel=2)
             return []
     root = Path(fallback)
     return sorted(p.name for p in root.glob("*.safetensors")) if root.is_dir() else []
@@ -125,6 +143,59 @@ def resume_root() -> Path:
 
     base = _fp.get_temp_directory() if _fp is not None else tempfile.gettempdir()
     return Path(base) / "concept_em_resume"
+
+
+def torch_device():
+    """The device ComfyUI computes on (its --cpu, --directml, MPS, XPU... choices included), else the
+    first CUDA GPU, else the CPU."""
+    import torch
+
+    if _mm is not None:
+        return _mm.get_torch_device()
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def free_memory(bytes_needed: float, device) -> None:
+    """Ask ComfyUI to unload its own models from `device` until `bytes_needed` are free (outside
+    ComfyUI there is nothing else to unload)."""
+    if _mm is not None:
+        _mm.free_memory(bytes_needed, device)
+
+
+def unload_all_models() -> None:
+    """ComfyUI's loaded models (checkpoints, CLIP, VAE, ControlNets...) leave the GPU for their offload
+    device, so a learning node has the memory to itself; ComfyUI loads them back when a later node
+    needs them."""
+    if _mm is not None:
+        _mm.unload_all_models()
+
+
+def soft_empty_cache() -> None:
+    """Hand the memory torch keeps cached back to the device (ComfyUI's own call where it runs)."""
+    if _mm is not None:
+        _mm.soft_empty_cache()
+        return
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def owns_device(fn):
+    """For a node that trains or samples with the engine's model, which ComfyUI does not manage: ComfyUI's
+    models are unloaded before it runs, and the cache torch kept is emptied after it ends, however
+    it ends (done, cancelled, failed)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        unload_all_models()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            soft_empty_cache()
+
+    return run
 
 
 def interrupted() -> bool:

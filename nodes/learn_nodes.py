@@ -1,6 +1,8 @@
 """Nodes for learning concepts: mask init, DenseCRF, EM token steps, joint fine-tune."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -22,6 +24,58 @@ STATE = "CONCEPT_EM_STATE"
 MODEL = "CONCEPT_EM_MODEL"
 CUTLER = CRFParams()  # the engine's defaults: CutLER's settings
 CUSTOM = "used when preset is custom (defaults: CutLER's)"
+PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
+LR_AUTO = "0 = auto: 2e-6 for full weights (Break-A-Scene), 1e-4 for LoRA (diffusers' LoRA examples)"
+EM_MODEL_TIP = "the model from Concept EM Model Loader or Concept EM Model (from checkpoint)"
+CONCEPTS_TIP = "the concept state from Attention Mask Init, DenseCRF Refine or another EM Token Step"
+
+
+def mixed_precision_for(choice: str, device) -> str:
+    """The fine-tune's mixed precision (the engine's no / fp16 / bf16) for the node's choice on the
+    model's device, refused with the input's name where the device cannot run it. auto: bf16 on a
+    CUDA GPU that has it, fp16 on one that has not, float32 elsewhere."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    if choice == "auto":
+        return "bf16" if bf16 else "fp16" if cuda else "no"
+    if choice == "fp32":
+        return "no"
+    if choice == "fp16":
+        if not cuda:
+            raise ValueError(f"mixed_precision: fp16 runs on CUDA GPUs only and the model is on {dev.type}; "
+                             "choose fp32 (or auto)")
+        return "fp16"
+    if choice == "bf16":
+        if cuda and not bf16:
+            raise ValueError(f"mixed_precision: this GPU ({torch.cuda.get_device_name(dev)}) does not support bf16; "
+                             "choose fp16, fp32 or auto")
+        if not cuda and dev.type != "cpu":
+            raise ValueError(f"mixed_precision: bf16 runs on CUDA GPUs that support it and on the CPU, not on "
+                             f"{dev.type}; choose fp32 (or auto)")
+        return "bf16"
+    raise ValueError(f"mixed_precision: {choice!r} is not one of {', '.join(PRECISIONS)}")
+
+
+@contextlib.contextmanager
+def float32_for_lora(bundle, mode: str):
+    """A LoRA fine-tune of a half-precision model runs on a float32 U-Net and text encoder: peft makes
+    each adapter in its layer's dtype, and AdamW steps on fp16 / bf16 adapters round away (fp16 ones
+    also fail the loss scaler). Afterwards they go back to the precision they had, exactly (half ->
+    float32 -> half changes no value). Full fine-tunes train float32 copies anyway, so their model
+    stays as loaded."""
+    modules = (bundle.unet, bundle.text_encoder)
+    was = [next(m.parameters()).dtype for m in modules]
+    lift = mode == "lora" and any(d != torch.float32 for d in was)
+    if lift:
+        for m in modules:
+            m.to(torch.float32)
+    try:
+        yield
+    finally:
+        if lift:
+            for m, d in zip(modules, was):
+                m.to(d)
 
 
 def parse_prompts(text: str, n_images: int) -> list[str]:
@@ -63,29 +117,43 @@ def curve_image(state) -> torch.Tensor:
 class AttentionMaskInit:
     """Tokens for every [vN] in the prompts and their first masks, from cross-attention over random timesteps."""
 
+    DESCRIPTION = ("Starts learning concepts: a token for every [vN] named in the prompts (from its init word, or "
+                   "random) and a first mask for each, read from the model's cross-attention averaged over random "
+                   "timesteps and thresholded. Feed it to DenseCRF Refine, then EM Token Step.")
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "em_model": (MODEL,),
-            "images": ("IMAGE",),
+            "em_model": (MODEL, {"tooltip": EM_MODEL_TIP}),
+            "images": ("IMAGE", {"tooltip": "the image(s) showing the concepts; several images are learned together"}),
             "prompts": ("STRING", {"multiline": True, "default": "a photo of [v1] and [v2] in [v3]",
                                    "tooltip": "one line per image (or one line for all), naming concepts as [vN]"}),
             "init_words": ("STRING", {"default": "", "tooltip": "e.g. [v1]=man, [v2]=dog; others start at random"}),
-            "timesteps": ("INT", {"default": 50, "min": 1, "max": 1000}),
-            "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 0.99, "step": 0.01}),
-            "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 10000}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            "timesteps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip":
+                                  "random timesteps whose cross-attention maps are averaged into the first masks"}),
+            "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 0.99, "step": 0.01, "tooltip":
+                                    "a pixel joins a concept's mask where that concept's normalised attention is the "
+                                    "highest and at least this"}),
+            "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip":
+                                     "token steps on the whole image before the masks are read (0: none; helps tokens "
+                                     "that start at random)"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
+                             "seeds the random tokens, timesteps and noise, so a run can be repeated"}),
             "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8,
-                                   "tooltip": "working side in pixels; 0: the model's own"}),
+                                   "tooltip": "working side in pixels; 0: the model's own (512 for SD 1.x and SD "
+                                              "2.x-base, 768 for SD 2.x 768-v, 64 for the tiny world)"}),
         }}
 
     RETURN_TYPES = (STATE, "MASK")
     RETURN_NAMES = ("concepts", "masks")
+    OUTPUT_TOOLTIPS = ("the tokens and masks, for DenseCRF Refine or EM Token Step",
+                       "every concept's mask, image by image (for Mask Overlay Preview)")
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
     @forward_warnings
     @host.trains
+    @host.owns_device
     def run(self, em_model, images, prompts, init_words, timesteps, threshold, warmup_steps, seed, resolution):
         pils = images_to_pil(images)
         lines = parse_prompts(prompts, len(pils))
@@ -100,6 +168,9 @@ class AttentionMaskInit:
 
 class DenseCRFRefine:
     """DenseCRF against the image: on a concept state's masks, or on any IMAGE + MASK."""
+
+    DESCRIPTION = ("Snaps masks to the image's edges and colours with a fully connected CRF (DenseCRF, CutLER's "
+                   "settings by default). Works on a concept state's masks, or on any IMAGE with a MASK.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -120,10 +191,16 @@ class DenseCRFRefine:
                 "default": "cutler", "tooltip": "cutler: CutLER's settings, the paper's choice (10 iterations; "
                 "Gaussian sxy 3, weight 7; bilateral sxy 50, srgb 5, weight 10); deeplab: DeepLab-v2's (sxy 1, "
                 "weight 3; sxy 67, srgb 3, weight 4); custom: the six values above"}),
-        }, "optional": {"concepts": (STATE,), "image": ("IMAGE",), "mask": ("MASK",)}}
+        }, "optional": {"concepts": (STATE, {"tooltip": "a concept state whose masks are refined (connect this, or "
+                                                      "image and mask)"}),
+                         "image": ("IMAGE", {"tooltip": "without concepts: the image the mask is refined against"}),
+                         "mask": ("MASK", {"tooltip": "without concepts: the mask(s) to refine, one per concept, or "
+                                                      "one per image"})}}
 
     RETURN_TYPES = (STATE, "MASK")
     RETURN_NAMES = ("concepts", "masks")
+    OUTPUT_TOOLTIPS = ("the concept state with refined masks (nothing when image and mask were given)",
+                       "the refined masks")
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
@@ -169,20 +246,29 @@ class DenseCRFRefine:
 class EMTokenStep:
     """More EM steps: tokens under the masks, masks re-estimated every `refresh_every` steps. Chainable."""
 
+    DESCRIPTION = ("The EM loop: trains the concept tokens under their masks (masked diffusion loss plus an "
+                   "attention loss), and every refresh_every steps re-estimates the masks from the tokens' own "
+                   "attention (then DenseCRF). Chain several with different settings; the node shows the masks and "
+                   "the loss live. Cancel keeps what was learned: queue the same graph again to go on.")
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "em_model": (MODEL,),
-            "concepts": (STATE,),
-            "steps": ("INT", {"default": 400, "min": 1, "max": 100000}),
-            "learning_rate": ("FLOAT", {"default": 5e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
-            "attention_loss_weight": ("FLOAT", {"default": 1e-2, "min": 0.0, "max": 10.0, "step": 1e-3}),
+            "em_model": (MODEL, {"tooltip": EM_MODEL_TIP}),
+            "concepts": (STATE, {"tooltip": CONCEPTS_TIP}),
+            "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip":
+                              "token steps this node adds to the incoming state"}),
+            "learning_rate": ("FLOAT", {"default": 5e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "tooltip":
+                                        "AdamW learning rate of the token vectors (Break-A-Scene: 5e-4)"}),
+            "attention_loss_weight": ("FLOAT", {"default": 1e-2, "min": 0.0, "max": 10.0, "step": 1e-3, "tooltip":
+                                                "weight of the loss pulling each token's attention onto its mask "
+                                                "(Break-A-Scene: 1e-2; 0: masked diffusion loss only)"}),
             "refresh_every": ("INT", {"default": 50, "min": 0, "max": 100000, "tooltip": "0: keep the masks"}),
-            "use_crf": ("BOOLEAN", {"default": True}),
+            "use_crf": ("BOOLEAN", {"default": True, "tooltip": "refine each refreshed mask with DenseCRF"}),
             "refresh_timesteps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip":
                                           "timesteps (stratified) of each refresh; 30 match the accuracy of 50 "
                                           "independent ones"}),
-            "flip": ("BOOLEAN", {"default": True}),
+            "flip": ("BOOLEAN", {"default": True, "tooltip": "train on mirrored images half of the time"}),
             "mask_source": (["fresh", "training"], {
                 "default": "fresh",
                 "tooltip": "fresh: new U-Net passes over refresh_timesteps timesteps at each refresh (the paper); "
@@ -191,11 +277,14 @@ class EMTokenStep:
 
     RETURN_TYPES = (STATE, "MASK", "IMAGE")
     RETURN_NAMES = ("concepts", "masks", "curve")
+    OUTPUT_TOOLTIPS = ("the state after these steps, for another EM Token Step, Joint Finetune or the output nodes",
+                       "every concept's mask now", "the loss and mask-change curve of the whole run")
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
     @forward_warnings
     @host.trains
+    @host.owns_device
     def run(self, em_model, concepts, steps, learning_rate, attention_loss_weight, refresh_every, use_crf,
             refresh_timesteps, flip, mask_source="fresh", unique_id=None):
         concepts.require_images("EM Token Step")
@@ -220,43 +309,62 @@ class EMTokenStep:
 class JointFinetune:
     """Tokens and model weights together, masks fixed; the base model is never changed."""
 
+    DESCRIPTION = ("Break-A-Scene's second stage: the tokens and the model's weights (a LoRA, or all of them) train "
+                   "together under the fixed masks. The model you loaded is never changed: the result travels with "
+                   "the concepts (Concept Generate, Save Concept Bundle, Apply Concepts To Model). Shows the loss "
+                   "live; Cancel keeps what was learned.")
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "em_model": (MODEL,),
-            "concepts": (STATE,),
-            "steps": ("INT", {"default": 400, "min": 1, "max": 100000}),
-            "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6,
-                                        "tooltip": "0: 2e-6 for full weights, 1e-4 for LoRA"}),
-            "mode": (["full", "lora"], {"default": "lora"}),
-            "lora_rank": ("INT", {"default": 4, "min": 1, "max": 256}),
-            "train_text_encoder": ("BOOLEAN", {"default": True}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": False}),
+            "em_model": (MODEL, {"tooltip": EM_MODEL_TIP}),
+            "concepts": (STATE, {"tooltip": "the concept state after EM Token Step"}),
+            "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip":
+                              "fine-tune steps this node adds to the incoming state"}),
+            # 0 stands for auto; web/concept_em.js shows it as "auto" on the widget.
+            "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "tooltip": LR_AUTO}),
+            "mode": (["full", "lora"], {"default": "lora", "tooltip":
+                                        "lora: small low-rank adapters (MBs, exported as a LoRA); full: every weight "
+                                        "(as Break-A-Scene; needs far more memory)"}),
+            "lora_rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "rank of the LoRA adapters (mode lora)"}),
+            "train_text_encoder": ("BOOLEAN", {"default": True, "tooltip":
+                                               "train the text encoder's weights too (Break-A-Scene does)"}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
+                                                   "recompute activations in the backward pass: less memory, slower"}),
+            # Last, so a workflow saved before it existed keeps its other widget values in place.
+            "mixed_precision": (PRECISIONS, {"default": "auto", "tooltip":
+                                             "auto: bf16 on a CUDA GPU that supports it, fp16 on one that does not, "
+                                             "fp32 elsewhere. fp16 needs a CUDA GPU; bf16 a CUDA GPU with bf16 (or "
+                                             "the CPU, slowly)"}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = (STATE, "IMAGE")
     RETURN_NAMES = ("concepts", "curve")
+    OUTPUT_TOOLTIPS = ("the concepts with their fine-tuned weights", "the loss curve of the whole run")
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
     @forward_warnings
     @host.trains
+    @host.owns_device
     def run(self, em_model, concepts, steps, learning_rate, mode, lora_rank, train_text_encoder,
-            gradient_checkpointing, unique_id=None):
+            gradient_checkpointing, mixed_precision="auto", unique_id=None):
         concepts.require_images("Joint Finetune")
+        precision = mixed_precision_for(mixed_precision, em_model.device)
         state = concepts.state
         done = state.finetune["step"] if state.finetune else 0
         cfg = FinetuneConfig(steps=done + steps, mode=mode, lr=learning_rate or None, rank=lora_rank,
                              train_text_encoder=train_text_encoder, gradient_checkpointing=gradient_checkpointing,
-                             mixed_precision="bf16" if em_model.device.type == "cuda" else "no")
+                             mixed_precision=precision)
         settings = dict(steps=steps, lr=learning_rate, mode=mode, rank=lora_rank, te=train_text_encoder,
                         ckpt=gradient_checkpointing, precision=cfg.mixed_precision)
         folder = resume.checkpoint_dir("finetune", resume.run_key("finetune", em_model, concepts, settings))
         ft_step = lambda s: s.finetune["step"] if s.finetune else 0  # noqa: E731
         state, since = resume.resumed(folder, state, ft_step)
         feed = LiveFeed(unique_id, steps, concepts.images, resumed_at=None if since is None else since - done)
-        state = finetune(em_model, list(concepts.images), state, cfg, out=folder, progress=False,
-                         should_stop=host.interrupted, on_step=feed.on_step)
+        with float32_for_lora(em_model, mode):
+            state = finetune(em_model, list(concepts.images), state, cfg, out=folder, progress=False,
+                             should_stop=host.interrupted, on_step=feed.on_step)
         resume.finish(folder, state.finetune["status"], "Joint Finetune")
         return concepts.with_state(state), curve_image(state)
 

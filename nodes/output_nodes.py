@@ -24,30 +24,40 @@ CATEGORY = "concept_em"
 STATE = "CONCEPT_EM_STATE"
 MODEL = "CONCEPT_EM_MODEL"
 FALLBACK_ROOT = Path("models")
+EM_MODEL_TIP = "the model the concepts were learned on (Concept EM Model Loader / from checkpoint)"
+CONCEPTS_TIP = "learned concepts: from EM Token Step, Joint Finetune or Load Concept Bundle"
 
 
 class ConceptGenerate:
+    DESCRIPTION = ("Images from a prompt that names learned concepts as [v1], [v2], ..., with the engine's own "
+                   "sampler and the concepts' fine-tuned weights if they have any. For ComfyUI's KSampler use "
+                   "Apply Concepts To Model and Concept Text Encode instead.")
+
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "em_model": (MODEL,),
-            "concepts": (STATE,),
-            "prompt": ("STRING", {"multiline": True, "default": "a photo of [v1] and [v2] in [v3]"}),
-            "negative": ("STRING", {"multiline": True, "default": ""}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-            "steps": ("INT", {"default": 30, "min": 1, "max": 200}),
-            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
-            "width": ("INT", {"default": 512, "min": 8, "max": 4096, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 8, "max": 4096, "step": 8}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
-            "scheduler": (list(SCHEDULERS), {"default": "ddim"}),
+            "em_model": (MODEL, {"tooltip": EM_MODEL_TIP}),
+            "concepts": (STATE, {"tooltip": CONCEPTS_TIP}),
+            "prompt": ("STRING", {"multiline": True, "default": "a photo of [v1] and [v2] in [v3]",
+                                  "tooltip": "what to draw; [vN] stands for a learned concept"}),
+            "negative": ("STRING", {"multiline": True, "default": "", "tooltip": "what to steer away from"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "the starting noise"}),
+            "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "sampling steps"}),
+            "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
+                              "tooltip": "classifier-free guidance scale"}),
+            "width": ("INT", {"default": 512, "min": 8, "max": 4096, "step": 8, "tooltip": "image width in pixels"}),
+            "height": ("INT", {"default": 512, "min": 8, "max": 4096, "step": 8, "tooltip": "image height in pixels"}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "images to make"}),
+            "scheduler": (list(SCHEDULERS), {"default": "ddim", "tooltip": "the diffusers sampler"}),
         }}
 
     RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("the generated images",)
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
     @host.trains
+    @host.owns_device
     def run(self, em_model, concepts, prompt, negative, seed, steps, cfg, width, height, batch_size, scheduler):
         st = concepts.state
         images = generate(em_model, prompt, concepts=st.concepts, weights=st.weights, negative=negative, seed=seed,
@@ -66,9 +76,13 @@ def numbered_file(folder: Path, name: str, suffix: str = ".safetensors") -> str:
 
 
 class SaveConceptBundle:
+    DESCRIPTION = ("Saves the learned concepts (tokens, masks, fine-tuned weights, settings) as one .safetensors "
+                   "bundle in models/concepts, numbered like Save Image; Load Concept Bundle reads it back.")
+
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"em_model": (MODEL,), "concepts": (STATE,),
+        return {"required": {"em_model": (MODEL, {"tooltip": EM_MODEL_TIP + "; recorded so a load can check it"}),
+                             "concepts": (STATE, {"tooltip": CONCEPTS_TIP}),
                              "name": ("STRING", {"default": "my_concepts", "tooltip":
                                                  "saved as NAME_00001_.safetensors, NAME_00002_... in "
                                                  "models/concepts"}),
@@ -100,14 +114,23 @@ def state_from_bundle(cb) -> LearnState:
 
 
 class LoadConceptBundle:
+    DESCRIPTION = ("Loads concepts saved by Save Concept Bundle (models/concepts), for Concept Generate, Apply "
+                   "Concepts To Model or Export. Learning further needs the images: start again from Attention "
+                   "Mask Init for that.")
+
     @classmethod
     def INPUT_TYPES(cls):
         files = host.list_files(host.CONCEPTS_FOLDER, FALLBACK_ROOT / host.CONCEPTS_FOLDER)
-        return {"required": {"em_model": (MODEL,), "bundle": (files or ["(none yet)"],),
-                             "allow_other_model": ("BOOLEAN", {"default": False})}}
+        return {"required": {"em_model": (MODEL, {"tooltip": "the model to use the concepts with; checked against "
+                                                             "the one they were learned on"}),
+                             "bundle": (files or ["(none yet)"], {"tooltip": "a bundle file in models/concepts"}),
+                             "allow_other_model": ("BOOLEAN", {"default": False, "tooltip":
+                                                               "load even if em_model is not the model the bundle "
+                                                               "was learned on (same token width needed)"})}}
 
     RETURN_TYPES = (STATE,)
     RETURN_NAMES = ("concepts",)
+    OUTPUT_TOOLTIPS = ("the loaded concepts (and fine-tuned weights)",)
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
@@ -122,13 +145,22 @@ class LoadConceptBundle:
 class ExportConceptsForComfy:
     """Embeddings into ComfyUI's embeddings folder and the weights as a LoRA into its loras folder."""
 
+    DESCRIPTION = ("Writes each concept as a textual-inversion embedding (models/embeddings, used as "
+                   "embedding:NAME_v1 in any prompt) and the fine-tuned weights as a LoRA (models/loras, for core "
+                   "Load LoRA), so ordinary ComfyUI graphs can use them without this pack.")
+
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"concepts": (STATE,), "name": ("STRING", {"default": "my_concepts"}),
-                             "lora_rank": ("INT", {"default": 16, "min": 1, "max": 256})}}
+        return {"required": {"concepts": (STATE, {"tooltip": CONCEPTS_TIP}),
+                             "name": ("STRING", {"default": "my_concepts", "tooltip":
+                                                 "file name stem: embeddings NAME_v1, NAME_v2...; LoRA NAME"}),
+                             "lora_rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip":
+                                                   "rank of the LoRA extracted from a full fine-tune (a LoRA "
+                                                   "fine-tune keeps its own rank)"})}}
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("prompt_hint",)
+    OUTPUT_TOOLTIPS = ("which embedding name stands for which [vN], and the LoRA's file",)
     OUTPUT_NODE = True
     FUNCTION = "run"
     CATEGORY = CATEGORY
@@ -147,12 +179,17 @@ class ExportConceptsForComfy:
 
 
 class MaskOverlayPreview:
+    DESCRIPTION = "Draws masks over their image, one colour per concept, for a Preview Image node."
+
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": ("IMAGE",), "masks": ("MASK",),
-                             "opacity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05})}}
+        return {"required": {"image": ("IMAGE", {"tooltip": "the image(s) the masks belong to"}),
+                             "masks": ("MASK", {"tooltip": "one mask per concept (per image, in order)"}),
+                             "opacity": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                                                   "tooltip": "how strongly the colours cover the image"})}}
 
     RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("the image(s) with the masks drawn over",)
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
@@ -184,15 +221,27 @@ class ApplyConceptsToModel:
     LoRA patch (ComfyUI's own loader; the inputs are cloned, not changed) and the token vectors
     written as embeddings, which Concept Text Encode refers to."""
 
+    DESCRIPTION = ("Gives ComfyUI's own MODEL and CLIP the concepts: the fine-tuned weights as a LoRA patch (the "
+                   "inputs are cloned, never changed) and the tokens as embeddings. Encode prompts with [vN] using "
+                   "Concept Text Encode, then sample with KSampler.")
+
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "concepts": (STATE,),
-                             "name": ("STRING", {"default": "my_concepts"}),
-                             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
-                             "lora_rank": ("INT", {"default": 16, "min": 1, "max": 256})}}
+        return {"required": {"model": ("MODEL", {"tooltip": "the MODEL of the checkpoint the concepts were learned on"}),
+                             "clip": ("CLIP", {"tooltip": "the CLIP of that checkpoint"}),
+                             "concepts": (STATE, {"tooltip": CONCEPTS_TIP}),
+                             "name": ("STRING", {"default": "my_concepts", "tooltip":
+                                                 "embedding file stem (models/embeddings/NAME_v1...); Concept Text "
+                                                 "Encode refers to it"}),
+                             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
+                                                    "tooltip": "LoRA strength on both MODEL and CLIP"}),
+                             "lora_rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip":
+                                                   "rank of the LoRA extracted from a full fine-tune"})}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("model", "clip", "concept_name")
+    OUTPUT_TOOLTIPS = ("the MODEL with the fine-tuned weights", "the CLIP with the fine-tuned weights",
+                       "the embeddings' name, for Concept Text Encode")
     FUNCTION = "run"
     CATEGORY = CATEGORY
 
@@ -211,13 +260,21 @@ class ApplyConceptsToModel:
 class ConceptTextEncode:
     """CLIP Text Encode that understands [vN] (after Apply Concepts To Model)."""
 
+    DESCRIPTION = ("CLIP Text Encode that understands [v1], [v2]...: each becomes the concept's embedding written "
+                   "by Apply Concepts To Model. Use its clip and concept_name outputs.")
+
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"clip": ("CLIP",), "concept_name": ("STRING", {"default": "my_concepts"}),
-                             "text": ("STRING", {"multiline": True, "default": "a photo of [v1] and [v2]"})},
-                "optional": {"concepts": (STATE,)}}
+        return {"required": {"clip": ("CLIP", {"tooltip": "the clip output of Apply Concepts To Model"}),
+                             "concept_name": ("STRING", {"default": "my_concepts", "tooltip":
+                                                         "the concept_name output of Apply Concepts To Model"}),
+                             "text": ("STRING", {"multiline": True, "default": "a photo of [v1] and [v2]",
+                                                 "tooltip": "the prompt; [vN] stands for a learned concept"})},
+                "optional": {"concepts": (STATE, {"tooltip": "optional: checks that every [vN] in the text was "
+                                                             "learned"})}}
 
     RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("the conditioning for KSampler",)
     FUNCTION = "run"
     CATEGORY = CATEGORY
 

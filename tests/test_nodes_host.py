@@ -95,9 +95,17 @@ def test_model_loader_lists_every_diffusers_folder_and_finds_it_again(tmp_path, 
     choices = mn.ConceptModelLoader.INPUT_TYPES()["required"]["model_name"][0]
     assert choices == [mn.SHIPPED, "other", "sd15", "stability/sd21-base"]
     loaded = []
-    monkeypatch.setattr(mn, "load_bundle", lambda path, device=None: loaded.append(Path(path)) or "bundle")
+
+    class Loaded:  # what load_bundle gives, as far as the loader uses it (sized, then moved to the device)
+        unet = vae = text_encoder = torch.nn.Linear(1, 1)
+
+        def to(self, device=None):
+            return self
+
+    bundle = Loaded()
+    monkeypatch.setattr(mn, "load_bundle", lambda path, device=None: loaded.append(Path(path)) or bundle)
     for name in choices[1:]:
-        assert mn.ConceptModelLoader().run(name) == ("bundle",)
+        assert mn.ConceptModelLoader().run(name) == (bundle,)
     assert loaded == [b / "other", a / "sd15", a / "stability" / "sd21-base"]
     with pytest.raises(ValueError, match="outside"):
         mn.ConceptModelLoader().run("../models/diffusers/sd15")
