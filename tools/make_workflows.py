@@ -6,6 +6,7 @@ tests/data/comfyui_core_nodes.json, so every input name and widget order matches
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SEED_NAMES = {"seed", "noise_seed"}  # the front end adds a control_after_generate value after these
 
 
+@functools.lru_cache(maxsize=None)
 def node_specs() -> dict:
     core = json.loads((ROOT / "tests" / "data" / "comfyui_core_nodes.json").read_text())["nodes"]
     specs = {name: {"inputs": {**s.get("required", {}), **s.get("optional", {})}, "outputs": s["outputs"],
@@ -47,6 +49,87 @@ def defaults(cls_name: str) -> dict:
             elif isinstance(decl[0], list) and decl[0]:
                 out[k] = decl[0][0]
     return out
+
+
+# The front end's node measurements (ComfyUI_frontend's LGraphNode.computeSize, litegraph constants):
+# a title bar above the node's position, a row per input socket / output, a row per widget.
+TITLE_H = 30  # LiteGraph.NODE_TITLE_HEIGHT: drawn above pos
+SLOT_H = 20  # LiteGraph.NODE_SLOT_HEIGHT
+WIDGET_H = 20  # LiteGraph.NODE_WIDGET_HEIGHT, plus 4 between widgets
+MULTILINE_H = 120  # a textarea widget's height, generously (its CSS minimum is smaller)
+MULTILINE_MIN_W = 400  # a node with a textarea is at least this wide (the front end's minNodeSize)
+CHAR_W = 9  # px per character of a 14 px label, generously (the front end measures the text)
+# A node showing images (node.imgs: Load/Save/Preview Image, and the live preview of EM Token Step /
+# Joint Finetune) gets an image widget at least 220 px high, so it grows by that and a gap: the
+# learning nodes went from 266 to 478 px in the real front end.
+IMAGE_H = 224
+SHOWS_IMAGES = {"LoadImage", "SaveImage", "PreviewImage"}  # stored with room for their image
+LIVE_PREVIEW = {"ConceptEM_EMTokenStep", "ConceptEM_JointFinetune"}  # grow when a run starts
+MULTILINE_CORE = {("CLIPTextEncode", "text")}  # recorded core specs have no options; this one is multiline
+GAP_X, GAP_Y = 60, 50
+
+
+def widget_rows(node_type: str) -> list[tuple[str, int]]:
+    """(name, height) of each widget the front end makes for the node, in order."""
+    rows = []
+    cls = pack.NODE_CLASS_MAPPINGS.get(node_type)
+    if cls is not None:
+        decls = {k: d for sec in ("required", "optional") for k, d in cls.INPUT_TYPES().get(sec, {}).items()}
+        kinds = {k: ("COMBO" if isinstance(d[0], list) else d[0]) for k, d in decls.items()}
+        multiline = {k for k, d in decls.items() if len(d) > 1 and d[1].get("multiline")}
+    else:
+        kinds = node_specs()[node_type]["inputs"]
+        multiline = {k for t, k in MULTILINE_CORE if t == node_type}
+    for name, typ in kinds.items():
+        if typ not in WIDGET_TYPES:
+            continue
+        rows.append((name, MULTILINE_H if name in multiline else WIDGET_H))
+        if name in SEED_NAMES:
+            rows.append(("control_after_generate", WIDGET_H))
+        if node_type == "LoadImage" and name == "image":
+            rows.append(("upload", WIDGET_H))
+    return rows
+
+
+def node_size(node_type: str, title: str | None = None) -> list[int]:
+    """The size the front end gives the node (no smaller), with room for its image if it shows one."""
+    spec = node_specs()[node_type]
+    sockets = [k for k, t in spec["inputs"].items() if t not in WIDGET_TYPES]
+    rows = max(len(sockets), len(spec["outputs"]), 1)
+    widgets = widget_rows(node_type)
+    height = rows * SLOT_H + (sum(h + 4 for _, h in widgets) + 8 if widgets else 0) + 6
+    if node_type in SHOWS_IMAGES:
+        height += IMAGE_H
+    labels = [n for n, _ in widgets] + sockets + list(spec["output_names"])
+    title = title or pack.NODE_DISPLAY_NAME_MAPPINGS.get(node_type, node_type)
+    width = max([CHAR_W * len(label) + 130 for label in labels] + [CHAR_W * len(title) + 50, 320])
+    if any(h == MULTILINE_H for _, h in widgets):
+        width = max(width, MULTILINE_MIN_W)
+        height = max(height, 200)
+    return [int(width), int(height)]
+
+
+def shown_height(node: dict) -> int:
+    """How tall the node gets on the canvas once it has run: the live preview's image widget."""
+    return node["size"][1] + (IMAGE_H if node["type"] in LIVE_PREVIEW else 0)
+
+
+def layout(columns: list[list[dict]], x0: int = 20, y0: int = 50) -> list[dict]:
+    """Places columns of nodes left to right and each column's nodes top to bottom, every node at
+    least its measured size, a node's live preview and title bar included, so none overlaps another."""
+    placed, x = [], x0
+    for column in columns:
+        y, width = y0, 0
+        for n in column:
+            n = dict(n)
+            measured = node_size(n["type"], n.get("title"))
+            n["size"] = [max(a, b) for a, b in zip(n.get("size", measured), measured)]
+            n["pos"] = [x, y]
+            y += shown_height(n) + TITLE_H + GAP_Y
+            width = max(width, n["size"][0])
+            placed.append(n)
+        x += width + GAP_X
+    return sorted(placed, key=lambda n: n["id"])
 
 
 def build(spec_nodes: list[dict]) -> dict:
@@ -80,7 +163,7 @@ def build(spec_nodes: list[dict]) -> dict:
                 inputs.append({"name": name, "type": typ, "link": link_id})
         outputs = [{"name": s["output_names"][i], "type": t, "links": out_links.get((n["id"], i), []),
                     "slot_index": i} for i, t in enumerate(s["outputs"])]
-        ui_nodes.append({"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n.get("size", [320, 200]),
+        ui_nodes.append({"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n["size"],
                          "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                          "properties": {"Node name for S&R": n["type"]}, "widgets_values": widgets,
                          **({"title": n["title"]} if "title" in n else {})})
@@ -96,91 +179,93 @@ def build(spec_nodes: list[dict]) -> dict:
             "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 
-def learn_chain(model_id: int, image_link, prompt_widget: dict, steps: tuple, finetune_steps: int, first: int,
-                width: int, extra_links: dict | None = None) -> list[dict]:
-    """Mask init -> CRF -> two EM stages -> joint fine-tune -> generate, with mask previews."""
+def learn_columns(model_column: list[dict], model_id: int, image_link, prompt_widget: dict, steps: tuple,
+                  finetune_steps: int, first: int, width: int, extra_links: dict | None = None) -> list[list[dict]]:
+    """Mask init -> CRF -> two EM stages -> joint fine-tune -> generate, with mask previews, by column."""
     i = first
     return [
-        {"id": i, "type": "ConceptEM_AttentionMaskInit", "pos": [420, 40], "size": [360, 300],
-         "links": {"em_model": (model_id, "em_model"), "images": image_link, **(extra_links or {})},
-         "widgets": prompt_widget},
-        {"id": i + 1, "type": "ConceptEM_DenseCRFRefine", "pos": [820, 40], "links": {"concepts": (i, "concepts")}},
-        {"id": i + 2, "type": "ConceptEM_EMTokenStep", "pos": [1200, 40], "title": "EM stage 1",
-         "links": {"em_model": (model_id, "em_model"), "concepts": (i + 1, "concepts")},
-         "widgets": {"steps": steps[0], "refresh_every": max(1, steps[0] // 4)}},
-        {"id": i + 3, "type": "ConceptEM_EMTokenStep", "pos": [1580, 40], "title": "EM stage 2 (lower lr)",
-         "links": {"em_model": (model_id, "em_model"), "concepts": (i + 2, "concepts")},
-         "widgets": {"steps": steps[1], "learning_rate": 2.5e-4, "refresh_every": max(1, steps[1] // 2)}},
-        {"id": i + 4, "type": "ConceptEM_JointFinetune", "pos": [1960, 40],
-         "links": {"em_model": (model_id, "em_model"), "concepts": (i + 3, "concepts")},
-         "widgets": {"steps": finetune_steps, "mode": "lora"}},
-        {"id": i + 5, "type": "ConceptEM_Generate", "pos": [2340, 40], "size": [360, 420],
-         "links": {"em_model": (model_id, "em_model"), "concepts": (i + 4, "concepts")},
-         "widgets": {"prompt": "a photo of [v1] and [v2] on [v3]", "width": width, "height": width,
-                     "batch_size": 4}},
-        {"id": i + 6, "type": "SaveImage", "pos": [2740, 40], "links": {"images": (i + 5, "IMAGE")},
-         "widgets": {"filename_prefix": "concept_em"}},
-        {"id": i + 7, "type": "ConceptEM_MaskOverlay", "pos": [820, 380],
-         "links": {"image": image_link, "masks": (i + 1, "masks")}},
-        {"id": i + 8, "type": "PreviewImage", "pos": [1200, 480], "title": "masks after DenseCRF",
-         "links": {"images": (i + 7, "IMAGE")}},
-        {"id": i + 9, "type": "ConceptEM_MaskOverlay", "pos": [1580, 380],
-         "links": {"image": image_link, "masks": (i + 3, "masks")}},
-        {"id": i + 10, "type": "PreviewImage", "pos": [1960, 480], "title": "masks after EM",
-         "links": {"images": (i + 9, "IMAGE")}},
-        {"id": i + 11, "type": "PreviewImage", "pos": [1580, 700], "title": "loss and mask change",
-         "links": {"images": (i + 3, "curve")}},
-        {"id": i + 12, "type": "ConceptEM_SaveBundle", "pos": [2340, 520],
-         "links": {"em_model": (model_id, "em_model"), "concepts": (i + 4, "concepts")},
-         "widgets": {"name": "my_concepts"}},
+        model_column,
+        [{"id": i, "type": "ConceptEM_AttentionMaskInit",
+          "links": {"em_model": (model_id, "em_model"), "images": image_link, **(extra_links or {})},
+          "widgets": prompt_widget}],
+        [{"id": i + 1, "type": "ConceptEM_DenseCRFRefine", "links": {"concepts": (i, "concepts")}},
+         {"id": i + 7, "type": "ConceptEM_MaskOverlay", "links": {"image": image_link, "masks": (i + 1, "masks")}},
+         {"id": i + 8, "type": "PreviewImage", "title": "masks after DenseCRF", "links": {"images": (i + 7, "IMAGE")}}],
+        [{"id": i + 2, "type": "ConceptEM_EMTokenStep", "title": "EM stage 1",
+          "links": {"em_model": (model_id, "em_model"), "concepts": (i + 1, "concepts")},
+          "widgets": {"steps": steps[0], "refresh_every": max(1, steps[0] // 4)}}],
+        [{"id": i + 3, "type": "ConceptEM_EMTokenStep", "title": "EM stage 2 (lower lr)",
+          "links": {"em_model": (model_id, "em_model"), "concepts": (i + 2, "concepts")},
+          "widgets": {"steps": steps[1], "learning_rate": 2.5e-4, "refresh_every": max(1, steps[1] // 2)}},
+         {"id": i + 9, "type": "ConceptEM_MaskOverlay", "links": {"image": image_link, "masks": (i + 3, "masks")}},
+         {"id": i + 10, "type": "PreviewImage", "title": "masks after EM", "links": {"images": (i + 9, "IMAGE")}},
+         {"id": i + 11, "type": "PreviewImage", "title": "loss and mask change", "links": {"images": (i + 3, "curve")}}],
+        [{"id": i + 4, "type": "ConceptEM_JointFinetune",
+          "links": {"em_model": (model_id, "em_model"), "concepts": (i + 3, "concepts")},
+          "widgets": {"steps": finetune_steps, "mode": "lora"}}],
+        [{"id": i + 5, "type": "ConceptEM_Generate",
+          "links": {"em_model": (model_id, "em_model"), "concepts": (i + 4, "concepts")},
+          "widgets": {"prompt": "a photo of [v1] and [v2] on [v3]", "width": width, "height": width,
+                      "batch_size": 4}},
+         {"id": i + 12, "type": "ConceptEM_SaveBundle",
+          "links": {"em_model": (model_id, "em_model"), "concepts": (i + 4, "concepts")},
+          "widgets": {"name": "my_concepts"}}],
+        [{"id": i + 6, "type": "SaveImage", "links": {"images": (i + 5, "IMAGE")},
+          "widgets": {"filename_prefix": "concept_em"}}],
     ]
 
 
 def full_sd15() -> dict:
-    return build([
-        {"id": 1, "type": "CheckpointLoaderSimple", "pos": [20, 40], "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
-        {"id": 2, "type": "ConceptEM_ModelFromCheckpoint", "pos": [20, 220],
+    models = [
+        {"id": 1, "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        {"id": 2, "type": "ConceptEM_ModelFromCheckpoint",
          "links": {"model": (1, "MODEL"), "clip": (1, "CLIP"), "vae": (1, "VAE")}},
-        {"id": 3, "type": "LoadImage", "pos": [20, 380], "widgets": {"image": "example.png", "upload": "image"}},
-        *learn_chain(2, (3, "IMAGE"), {"prompts": "a photo of [v1] and [v2] in [v3]",
-                                       "init_words": "[v1]=man, [v2]=dog, [v3]=room"}, (200, 200), 400, 10, 512),
-    ])
+        {"id": 3, "type": "LoadImage", "widgets": {"image": "example.png", "upload": "image"}},
+    ]
+    return build(layout(learn_columns(models, 2, (3, "IMAGE"), {"prompts": "a photo of [v1] and [v2] in [v3]",
+                                                                "init_words": "[v1]=man, [v2]=dog, [v3]=room"},
+                                      (200, 200), 400, 10, 512)))
+
+
+def tiny_scene_text(seed: int, objects: int) -> tuple[str, str]:
+    """What Tiny World Scene's prompt and init_words outputs carry for these widget values."""
+    _, prompt, init = pack.NODE_CLASS_MAPPINGS["ConceptEM_TinyWorldScene"]().run(seed, objects)
+    return prompt, init
 
 
 def tiny_world() -> dict:
-    return build([
-        {"id": 1, "type": "ConceptEM_ModelLoader", "pos": [20, 40]},
-        {"id": 2, "type": "ConceptEM_TinyWorldScene", "pos": [20, 220]},
-        *learn_chain(1, (2, "image"), {}, (60, 40), 40, 10, 64,
-                     extra_links={"prompts": (2, "prompt"), "init_words": (2, "init_words")}),
-    ])
+    scene = defaults("ConceptEM_TinyWorldScene")
+    prompt, init = tiny_scene_text(scene["seed"], scene["objects"])
+    models = [{"id": 1, "type": "ConceptEM_ModelLoader"}, {"id": 2, "type": "ConceptEM_TinyWorldScene"}]
+    # The linked prompt boxes store what the links supply, so the (greyed) boxes show the real prompt.
+    return build(layout(learn_columns(models, 1, (2, "image"), {"prompts": prompt, "init_words": init}, (60, 40),
+                                      40, 10, 64, extra_links={"prompts": (2, "prompt"),
+                                                               "init_words": (2, "init_words")})))
 
 
 def reuse() -> dict:
-    return build([
-        {"id": 1, "type": "CheckpointLoaderSimple", "pos": [20, 40], "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
-        {"id": 2, "type": "ConceptEM_ModelFromCheckpoint", "pos": [20, 220],
-         "links": {"model": (1, "MODEL"), "clip": (1, "CLIP"), "vae": (1, "VAE")}},
-        {"id": 3, "type": "ConceptEM_LoadBundle", "pos": [380, 220], "links": {"em_model": (2, "em_model")},
-         "widgets": {"bundle": "my_concepts_00001_.safetensors"}},
-        {"id": 4, "type": "ConceptEM_ApplyToModel", "pos": [740, 40],
-         "links": {"model": (1, "MODEL"), "clip": (1, "CLIP"), "concepts": (3, "concepts")}},
-        {"id": 5, "type": "ConceptEM_TextEncode", "pos": [1100, 40],
-         "links": {"clip": (4, "clip"), "concept_name": (4, "concept_name"), "concepts": (3, "concepts")},
-         "widgets": {"text": "[v1] shaking hands with a robot in [v3]"}},
-        {"id": 6, "type": "CLIPTextEncode", "pos": [1100, 300], "links": {"clip": (4, "clip")},
-         "widgets": {"text": "blurry, low quality"}},
-        {"id": 7, "type": "EmptyLatentImage", "pos": [1100, 520], "widgets": {"width": 512, "height": 512,
-                                                                             "batch_size": 4}},
-        {"id": 8, "type": "KSampler", "pos": [1480, 40],
-         "links": {"model": (4, "model"), "positive": (5, "CONDITIONING"), "negative": (6, "CONDITIONING"),
-                   "latent_image": (7, "LATENT")},
-         "widgets": {"seed": 1, "steps": 30, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras",
-                     "denoise": 1.0}},
-        {"id": 9, "type": "VAEDecode", "pos": [1860, 40], "links": {"samples": (8, "LATENT"), "vae": (1, "VAE")}},
-        {"id": 10, "type": "SaveImage", "pos": [2100, 40], "links": {"images": (9, "IMAGE")},
-         "widgets": {"filename_prefix": "concept_em_reuse"}},
-    ])
+    return build(layout([
+        [{"id": 1, "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+         {"id": 2, "type": "ConceptEM_ModelFromCheckpoint",
+          "links": {"model": (1, "MODEL"), "clip": (1, "CLIP"), "vae": (1, "VAE")}}],
+        [{"id": 3, "type": "ConceptEM_LoadBundle", "links": {"em_model": (2, "em_model")},
+          "widgets": {"bundle": "my_concepts_00001_.safetensors"}}],
+        [{"id": 4, "type": "ConceptEM_ApplyToModel",
+          "links": {"model": (1, "MODEL"), "clip": (1, "CLIP"), "concepts": (3, "concepts")}}],
+        [{"id": 5, "type": "ConceptEM_TextEncode",
+          "links": {"clip": (4, "clip"), "concept_name": (4, "concept_name"), "concepts": (3, "concepts")},
+          "widgets": {"text": "[v1] shaking hands with a robot in [v3]"}},
+         {"id": 6, "type": "CLIPTextEncode", "links": {"clip": (4, "clip")}, "widgets": {"text": "blurry, low quality"}},
+         {"id": 7, "type": "EmptyLatentImage", "widgets": {"width": 512, "height": 512, "batch_size": 4}}],
+        [{"id": 8, "type": "KSampler",
+          "links": {"model": (4, "model"), "positive": (5, "CONDITIONING"), "negative": (6, "CONDITIONING"),
+                    "latent_image": (7, "LATENT")},
+          "widgets": {"seed": 1, "steps": 30, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras",
+                      "denoise": 1.0}}],
+        [{"id": 9, "type": "VAEDecode", "links": {"samples": (8, "LATENT"), "vae": (1, "VAE")}}],
+        [{"id": 10, "type": "SaveImage", "links": {"images": (9, "IMAGE")},
+          "widgets": {"filename_prefix": "concept_em_reuse"}}],
+    ]))
 
 
 def main() -> None:

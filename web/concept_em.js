@@ -30,6 +30,42 @@ function drawCurve(losses, width, height) {
   return canvas;
 }
 
+// Joint Finetune's learning_rate 0 means "auto" (2e-6 for full weights, 1e-4 for LoRA), which a FLOAT
+// widget would draw as 0.000000. The widget draws "auto (...)" for 0, and its label says 0 is auto
+// wherever the value's text cannot be replaced (other front-end versions, Vue nodes).
+function getterIn(obj, name) {
+  for (let o = obj; o; o = Object.getPrototypeOf(o)) {
+    const d = Object.getOwnPropertyDescriptor(o, name);
+    if (d) return d;
+  }
+  return null;
+}
+
+function showAutoLearningRate(node) {
+  const lr = node.widgets?.find((w) => w.name === "learning_rate");
+  if (!lr) return;
+  const auto = () => {
+    const mode = node.widgets?.find((w) => w.name === "mode")?.value;
+    return mode === "full" ? "auto (2e-6)" : "auto (1e-4)";
+  };
+  lr.label = "learning_rate (0 = auto)";
+  const display = getterIn(lr, "_displayValue");
+  if (display?.get) {
+    Object.defineProperty(lr, "_displayValue", {
+      configurable: true,
+      get() {
+        return Number(this.value) === 0 && !this.computedDisabled ? auto() : display.get.call(this);
+      },
+    });
+  }
+  const format = getterIn(lr, "formatDisplayValue");
+  if (typeof format?.value === "function") {
+    lr.formatDisplayValue = function (...args) {
+      return Number(this.value) === 0 ? auto() : format.value.apply(this, args);
+    };
+  }
+}
+
 app.registerExtension({
   name: "concept_em.live_preview",
   setup() {
@@ -54,6 +90,14 @@ app.registerExtension({
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!WATCHED.has(nodeData.name)) return;
+    if (nodeData.name === "ConceptEM_JointFinetune") {
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const r = onNodeCreated?.apply(this, arguments);
+        showAutoLearningRate(this);
+        return r;
+      };
+    }
     const onDrawForeground = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
       const r = onDrawForeground?.apply(this, arguments);
