@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import write_atomic
 from .concepts import ConceptSet
-from .integrity import BadFile, Checker, check_digest, embedding_width, with_digest
+from .integrity import BadFile, Checker, check_digest, embedding_width, read_failure, with_digest
 from .weights import TunedWeights
 
 FORMAT = "em_core.concepts/1"
@@ -114,8 +114,8 @@ def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False
             header = f.metadata() or {}
         tensors = load_file(str(path))
         meta = json.loads(header.get("em_core", "null"))
-    except Exception as exc:  # safetensors' own errors for bad headers and short files
-        raise ValueError(f"concepts: {path} is corrupt or truncated ({exc}); export it again") from exc
+    except Exception as exc:  # safetensors' own errors, the system's, JSON's: each named for what it is
+        raise read_failure("concepts", path, exc, "export or save the bundle again") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"concepts: {path} is not an em_core concept bundle ({FORMAT})")
     again = "export or save the bundle again"

@@ -210,12 +210,16 @@ def _adamw(groups: list, device: torch.device) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel on CUDA and the CPU. The foreach path a GPU otherwise takes
     holds a temporary as large as all the trainable weights during each step (3.6 GB more for a
     full SD 1.5 fine-tune); the fused one holds none, and is faster (benchmarks/optimizer.py).
-    Other devices keep torch's default: some accept fused=True and only fail at the first step."""
+    Other devices keep torch's default: some accept fused=True and only fail at the first step.
+    Where torch refuses the fused kernel (an older torch, parameters of a dtype or device it lacks
+    a kernel for), its default AdamW is used and a warning says why."""
     if device.type in ("cuda", "cpu"):
         try:
             return torch.optim.AdamW(groups, fused=True)
-        except (RuntimeError, ValueError, TypeError):  # an older torch without it
-            pass
+        except (RuntimeError, ValueError, TypeError) as exc:
+            warnings.warn(f"fine-tune: torch {torch.__version__} refused the fused AdamW on {device.type} "
+                          f"({type(exc).__name__}: {exc}); using its default (foreach) AdamW, which holds a "
+                          "temporary as large as the trained weights during each step", stacklevel=2)
     return torch.optim.AdamW(groups)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 
 import torch
 
@@ -51,6 +52,45 @@ def check_digest(what: str, path, header: dict, tensors: dict, again: str) -> No
         raise BadFile(f"{what}: {path}: the tensors do not match the digest in the header ({DIGEST_KEY} "
                       f"{stored[:19]}..., computed {have[:19]}...): the file was changed or damaged after it "
                       f"was written; {again}")
+
+
+# safetensors' messages (0.4+ spell them out, older ones give the variant's name) by what they mean.
+_SHORT = ("incomplete metadata", "not fully covered", "metadataincompletebuffer", "invalid header length",
+          "invalidheaderlength", "invalid offset", "invalidoffset")
+_NOT_SAFETENSORS = ("header too large", "headertoolarge", "header too small", "headertoosmall",
+                    "invalid json in header", "invalidheaderdeserialization", "invalid header start",
+                    "invalidheaderstart", "utf-8", "utf8", "invalidheader")
+
+
+def read_failure(what: str, path, exc: BaseException, again: str) -> BaseException:
+    """The error to raise for `path` failing to load with `exc`, saying what went wrong rather than
+    calling every failure damage: a file the system would not read (permissions, I/O error) or
+    memory running out is not a damaged file, and only damage gets `again` (what to do about it)."""
+    import json
+
+    if isinstance(exc, MemoryError):
+        return MemoryError(f"{what}: not enough memory to read {path} ({str(exc) or 'MemoryError'})")
+    if isinstance(exc, OSError):
+        cause = exc.strerror or str(exc) or type(exc).__name__
+        return OSError(exc.errno, f"{what}: {path} could not be read ({type(exc).__name__}: {cause}); the file "
+                                  "itself may be fine: check its permissions and the disk")
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    text = str(exc).lower()
+    if isinstance(exc, json.JSONDecodeError):
+        why = f"has header metadata that is not valid JSON ({exc}): damaged, or not written by em_core"
+    elif size == 0:
+        why = "is empty (0 bytes): an interrupted write or copy"
+    elif any(k in text for k in _SHORT):
+        why = (f"is truncated: its {size} bytes are fewer than its safetensors header describes "
+               f"(an interrupted write, copy or download; {exc})")
+    elif any(k in text for k in _NOT_SAFETENSORS):
+        why = f"is not a safetensors file, or its header is damaged ({exc})"
+    else:
+        why = f"could not be read ({type(exc).__name__}: {exc})"
+    return BadFile(f"{what}: {path} {why}; {again}")
 
 
 class Checker:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .integrity import read_failure
 from .model import ModelBundle
 from .sd_configs import CLIP_TOKENIZER, SD2_HELP, check_prediction_type, detect_family, family_config
 
@@ -137,8 +138,8 @@ def load_single_file(path: str | Path, family: str | None = None, prediction_typ
         checkpoint = load_file(str(path))
     except ValueError:
         raise
-    except Exception as exc:
-        raise ValueError(f"checkpoint: {path} is corrupt or truncated ({exc})") from exc
+    except Exception as exc:  # safetensors' own errors, the system's: each named for what it is
+        raise read_failure("checkpoint", path, exc, "download or convert it again") from exc
     bundle = state_dict_to_bundle(checkpoint, family, prediction_type, source=str(path.resolve()))
     del checkpoint
     return bundle.to(device=device, dtype=dtype)

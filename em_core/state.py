@@ -24,7 +24,7 @@ from .atomic import inside, prepare_out, write_atomic, write_json
 from .concepts import ConceptSet
 from .config import LearnConfig
 from .images import mask_to_image
-from .integrity import check_state, check_weights_file, with_digest
+from .integrity import check_state, check_weights_file, read_failure, with_digest
 from .weights import TunedWeights
 
 FORMAT = "em_core.state/1"
@@ -165,9 +165,12 @@ def _load_finetune_optimizer(out: Path, step) -> dict | None:
     try:
         tensors, meta = read_safetensors_mapped(path)
         info = json.loads(meta["em_core.finetune_optimizer"])
-    except Exception as exc:  # missing, truncated, foreign
-        warnings.warn(f"state: {path} is missing or unreadable ({exc}); a resumed fine-tune starts AdamW afresh",
-                      stacklevel=3)
+    except Exception as exc:  # missing, unreadable, damaged, foreign: said which
+        kind = type(exc).__name__
+        if type(exc).__module__ != "builtins":
+            kind = f"{type(exc).__module__}.{kind}"
+        why = "is missing" if not path.is_file() else f"could not be read ({kind}: {exc})"
+        warnings.warn(f"state: {path} {why}; a resumed fine-tune starts AdamW afresh", stacklevel=3)
         return None
     if info["step"] != step:
         warnings.warn(f"state: {path} is from fine-tune step {info['step']}, the state from {step}; "
@@ -236,8 +239,8 @@ def load_state(out: str | Path) -> LearnState:
         meta = json.loads(header.get("em_core", "null"))
         history = json.loads(header.get("history", '{"steps": [], "refreshes": []}'))
         tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"state: {path} is corrupt or truncated ({exc}); rerun `learn` into a fresh folder") from exc
+    except Exception as exc:  # safetensors' own errors, the system's, JSON's: each named for what it is
+        raise read_failure("state", path, exc, "rerun `learn` into a fresh folder") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"state: {path} is not an em_core state file (format {FORMAT})")
     check_state(path, header, meta, tensors)
@@ -270,7 +273,10 @@ def load_state(out: str | Path) -> LearnState:
             with safe_open(str(wpath), framework="pt") as f:
                 wheader = f.metadata() or {}
         except Exception as exc:
-            raise ValueError(f"state: {wpath} is missing, corrupt or truncated ({exc})") from exc
+            if not wpath.is_file():
+                raise FileNotFoundError(f"state: {wpath} is missing; the state names tuned weights that "
+                                        "should be beside it") from exc
+            raise read_failure("state", wpath, exc, "the tuned weights are lost: fine-tune again") from exc
         w = meta["weights"]
         check_weights_file(wpath, wheader, w, wt)
         weights = TunedWeights(w["kind"], wt, w.get("rank"), w.get("alpha"))

@@ -126,10 +126,10 @@ def test_bundle_file_checks_model_and_integrity(bundle, learned, tmp_path, tiny_
     assert load_concepts(path, other, allow_other_model=True).names == same.names
     raw = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="cut.safetensors is truncated"):
         load_concepts(tmp_path / "cut.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="junk.safetensors is not a safetensors file"):
         load_concepts(tmp_path / "junk.safetensors")
 
 
