@@ -69,7 +69,7 @@ def test_workflow_matches_the_node_definitions(path):
         assert socket["link"] == link_id
         inputs, _, _, _ = spec(by_id[target]["type"])
         want = inputs[socket["name"]]
-        assert want == typ or (want == "STRING" and typ == "STRING"), (socket["name"], want, typ)
+        assert want == typ, (socket["name"], want, typ)
         assert by_id[origin]["outputs"][slot]["type"] == typ
 
 
