@@ -192,6 +192,66 @@ def test_exported_lora_names_are_ones_comfyui_loads_for_sd15_modules(kind, data)
     assert sorted(kohya_name("text_encoder", n) for n in te_mods) == sorted(accepted["clip"])
 
 
+# Modules per family: (U-Net attention projections a LoRA fine-tune adapts, text-encoder layers).
+# SD 2.x: 16 transformer blocks x 2 attentions x (to_q, to_k, to_v, to_out.0); OpenCLIP ViT-H used to
+# its penultimate layer, so 23 of the 24 layers ComfyUI's map covers.
+FAMILY_SIZES = {"sd15": (128, 12), "sd2": (128, 23)}
+
+
+@pytest.mark.parametrize("family, prediction, data", [("sd15", None, "comfyui_lora_keys_sd15.json"),
+                                                      ("sd2", "epsilon", "comfyui_lora_keys_sd2.json")])
+def test_exported_loras_of_a_family_shaped_model_carry_only_keys_comfyui_loads(family, prediction, data):
+    """Both fine-tune modes' exports, from a model built from the family's shipped config on the meta
+    device (names and shapes, no weights): every key is one ComfyUI's LoRA loader maps for that
+    family (tests/data, from comfy.lora at a125cd84), and nothing the loader could take is lost."""
+    from diffusers import UNet2DConditionModel
+    from peft.functional import get_peft_model_state_dict
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from em_core.export import lora_state_dict
+    from em_core.sd_configs import family_config
+    from em_core.weights import ADAPTER, lora_injected
+
+    cfg = family_config(family, prediction)
+    accepted = json.loads((DATA / data).read_text())
+    known = set(accepted["unet"]) | set(accepted["clip"])
+    with torch.device("meta"):
+        modules = {"unet": UNet2DConditionModel(**cfg["unet"]),
+                   "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text"]))}
+    n_attn, n_layers = FAMILY_SIZES[family]
+    assert modules["text_encoder"].config.num_hidden_layers == n_layers
+
+    def exported(weights) -> dict:
+        tensors, skipped = lora_state_dict(weights, rank=1)
+        names = {}
+        for key in tensors:
+            name, _, suffix = key.partition(".")
+            names.setdefault(name, set()).add(suffix)
+        assert all(s == {"lora_down.weight", "lora_up.weight", "alpha"} for s in names.values())
+        unknown = sorted(n for n in names if n not in known)
+        assert not unknown, unknown[:5]
+        return {"names": set(names), "skipped": skipped}
+
+    # LoRA mode: the adapters peft puts on the targets, as finetune makes them (tiny stand-in tensors).
+    peft_tensors = {}
+    for comp, module in modules.items():
+        with torch.device("meta"), lora_injected(module, comp, 1):
+            sd = get_peft_model_state_dict(module, adapter_name=ADAPTER)
+        peft_tensors.update({f"{comp}.{k}": torch.zeros(v.shape) for k, v in sd.items()})
+    lora = exported(TunedWeights("lora", peft_tensors, rank=1, alpha=1.0))
+    te = {n for n in lora["names"] if n.startswith("lora_te_")}
+    assert len(lora["names"]) - len(te) == n_attn and len(te) == 4 * n_layers and not lora["skipped"]
+
+    # Full mode: a delta for every parameter (1-element stand-ins of the right rank); every Linear and
+    # Conv2d weight of the U-Net and every attention / MLP weight of the text encoder becomes a LoRA.
+    full = {f"{comp}.{n}": torch.ones((1,) * p.ndim) for comp, m in modules.items() for n, p in m.named_parameters()}
+    got = exported(TunedWeights("full", full))
+    want = {kohya_name(comp, n) for comp, module in modules.items() for n, m in module.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and (comp == "unet" or ".layers." in n)}
+    assert got["names"] == want and len(want) > 250
+    assert sum(n.startswith("lora_te_") for n in got["names"]) == 6 * n_layers
+
+
 def test_cli_learn_finetune_generate_export_reload(tiny_dir, scene_files, tmp_path, capsys):
     run, gen = tmp_path / "run", tmp_path / "gen"
     a = str(scene_files[0][0])
