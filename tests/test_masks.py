@@ -21,8 +21,11 @@ def test_batched_timesteps_give_the_same_maps_as_one_by_one(bundle, scene_files)
     img, cs = _setup(bundle, scene_files)
     one = attention_maps(bundle, cs, img, n_timesteps=12, batch=1, generator=torch.Generator().manual_seed(5))
     many = attention_maps(bundle, cs, img, n_timesteps=12, batch=12, generator=torch.Generator().manual_seed(5))
-    assert one.shape == (3, 8, 8)  # 64 px -> 16 latent -> coarsest cross-attention layers (/2) at 8x8
+    assert one.shape == (3, 16, 16)  # 64 px -> 16 latent; every layer, resized to the finest captured (16x16)
     assert torch.allclose(one, many, atol=1e-5)
+    coarse = attention_maps(bundle, cs, img, n_timesteps=12, batch=4, generator=torch.Generator().manual_seed(5),
+                            layers="coarse")
+    assert coarse.shape == (3, 8, 8)  # the coarsest down/up layers (/2) at 8x8
     fewer = attention_maps(bundle, cs, img, n_timesteps=12, batch=5, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(one, fewer, atol=1e-5)
 
