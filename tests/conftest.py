@@ -46,3 +46,22 @@ def real_scenes():
     if not SHARED_SCENES.is_dir():
         return []
     return sorted(p for p in SHARED_SCENES.iterdir() if (p / "img.jpg").is_file())
+
+
+@pytest.fixture
+def images(scene_files):
+    """The two scenes as a ComfyUI IMAGE batch."""
+    from PIL import Image
+
+    from nodes.convert import pil_to_images
+
+    return pil_to_images([Image.open(p) for p, _ in scene_files])
+
+
+@pytest.fixture
+def node_start(bundle, images):
+    """Attention Mask Init's (concepts, masks) on the two scenes, as the node tests start from."""
+    from nodes.learn_nodes import AttentionMaskInit
+
+    return AttentionMaskInit().run(bundle, images, "a photo of [v1] and [v2] on [v3]\n[v1] on [v3]",
+                                   "[v1]=red", 4, 0.5, 0, 0, 0)

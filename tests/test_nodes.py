@@ -28,15 +28,8 @@ def test_every_node_declares_the_classic_api():
 
 
 @pytest.fixture
-def images(scene_files):
-    return pil_to_images([Image.open(p) for p, _ in scene_files])
-
-
-@pytest.fixture
-def started(bundle, images):
-    run, masks = AttentionMaskInit().run(bundle, images, "a photo of [v1] and [v2] on [v3]\n[v1] on [v3]",
-                                         "[v1]=red", 4, 0.5, 0, 0, 0)
-    return run, masks
+def started(node_start):
+    return node_start
 
 
 def test_mask_init_then_crf_then_em_steps_then_finetune(bundle, images, started):

@@ -120,15 +120,8 @@ def test_model_loader_outside_comfyui_lists_the_fallback_folder(tmp_path, monkey
 
 
 @pytest.fixture
-def images(scene_files):
-    return pil_to_images([Image.open(p) for p, _ in scene_files])
-
-
-@pytest.fixture
-def started(bundle, images):
-    run, _ = AttentionMaskInit().run(bundle, images, "a photo of [v1] and [v2] on [v3]\n[v1] on [v3]",
-                                     "[v1]=red", 4, 0.5, 0, 0, 0)
-    return run
+def started(node_start):
+    return node_start[0]
 
 
 def test_save_bundle_numbers_its_files_and_overwrites_only_when_told(bundle, started, tmp_path, monkeypatch):
