@@ -368,8 +368,8 @@ def _card_extras(runs: list, model_dir: Path) -> str:
     if path.is_file():
         g = json.loads(path.read_text())
         a, tu, rb = g["binding"]["all"], g["text_use"], g.get("readback")
-        out += (f"- World gates (`python benchmarks/world_binding.py --model em_core/models/tiny_world --out "
-                f"em_core/models/tiny_world/world_binding.json`, commit {g['run']['commit'][:8]}): own-vs-other AUROC "
+        out += (f"- World gates (`python benchmarks/world_binding.py --model {model_dir.as_posix()} --out "
+                f"{(model_dir / 'world_binding.json').as_posix()}`, commit {g['run']['commit'][:8]}): own-vs-other AUROC "
                 f"of colour / shape words' attention over all layers {a['colour']['mean']:.3f} / "
                 f"{a['shape']['mean']:.3f} (t = 100..900; t <= 500: {a['colour']['low_t']:.3f} / "
                 f"{a['shape']['low_t']:.3f}); the true caption lowers the fixed-noise loss by "
@@ -428,7 +428,8 @@ threads, {info['seconds']} s in all: {how}; seed {info['seed']}. Loads with diff
 - VAE: {info['vae_steps']} steps of batch {info['vae_batch']}, L1 + 1e-6 KL, final loss {info['vae_final_loss']:.4f}.
   {'' if not recon else f"Round trips of 256 fresh single-object renders: L1 {recon['l1']:.3f}; the checker reads colour {recon['colour']:.3f} and shape {recon['shape']:.3f} from them (the ceiling for any image decoded from these latents)."}
 - U-Net + text encoder together: {info['denoiser_steps']} steps of batch {info['denoiser_batch']}, epsilon MSE,
-  10% captions dropped for classifier-free guidance, final loss (mean of last 100) {info['denoiser_final_loss']:.4f};
+  10% captions dropped for classifier-free guidance, final loss (mean of last 100, the binding loss included
+  where a run had one) {info['denoiser_final_loss']:.4f};
   the weights saved are an exponential moving average (decay 0.999, diffusers' EMAModel) of the last run.
   Losses of runs on different VAEs are not comparable (a sharper VAE gives latents with more
   detail to predict); what the model can do is measured in `docs/tiny_world_eval/report.md`.
