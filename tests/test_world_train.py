@@ -1,0 +1,47 @@
+"""The world model's binding supervision: which caption words attend to which object, and a
+loss that prefers maps binding each word to its own object over maps that mark the other one."""
+import torch
+
+from em_core.scenes import SceneObject, render
+from em_core.world_train import BindingStore, word_targets
+
+
+def _scene():
+    objs = [SceneObject("red", "circle", "striped"), SceneObject("blue", "square")]
+    return render(objs, "grass", 64, seed=0, boxes=[(2, 2, 26, 26), (36, 36, 62, 62)])
+
+
+def test_each_object_word_and_the_background_word_get_their_own_mask():
+    s = _scene()
+    assert s.caption == "a red striped circle and a blue square on grass"
+    sel, masks, present = word_targets([s, s], [True, False], 32, (16, 16))
+    # bos a red striped circle and a blue square on grass: words at 2, 3, 4 | 7, 8 | 10
+    assert [int(sel[0, :, t].argmax()) for t in range(int(present[0].sum()))] == [2, 3, 4, 7, 8, 10]
+    assert not present[1].any()  # a dropped caption supervises nothing
+    circle, square = (torch.from_numpy(s.masks[k].astype("float32")) for k in list(s.masks)[:2])
+    pooled = torch.nn.functional.avg_pool2d
+    assert torch.allclose(masks[0, 0], pooled(circle[None, None], 4)[0, 0])
+    assert torch.allclose(masks[0, 3], pooled(square[None, None], 4)[0, 0])
+    assert torch.equal(masks[0, 1], masks[0, 0]) and torch.equal(masks[0, 4], masks[0, 3])  # one mask per object
+    assert torch.allclose(masks[0, 0] + masks[0, 3] + masks[0, 5], torch.ones(16, 16))  # objects + grass cover all
+
+
+def _loss(s, swap: bool) -> float:
+    sel, masks, present = word_targets([s], [True], 32, (16, 16))
+    own = masks[0, : int(present[0].sum())]
+    if swap:  # the first object's words look at the second object and the other way round
+        own = own[[3, 3, 3, 0, 0, 5]]
+    # probs (B=1, heads=1, N=256, L=32): each supervised word's column is its map, the rest uniform.
+    probs = torch.full((1, 1, 256, 32), 1e-3)
+    for t in range(own.shape[0]):
+        probs[0, 0, :, int(sel[0, :, t].argmax())] = own[t].flatten() + 1e-3
+    probs = probs / probs.sum(-1, keepdim=True)
+    store = BindingStore({"layer": 1}, (16, 16), sel, masks, present)
+    store.add("layer", probs)
+    return float(store.loss())
+
+
+def test_the_binding_loss_prefers_words_on_their_own_objects():
+    s = _scene()
+    right, swapped = _loss(s, False), _loss(s, True)
+    assert right < 0.2 < swapped
