@@ -51,6 +51,13 @@ class MapsComplete(Exception):
     """Raised by the last captured layer of a maps-only U-Net call: the rest of the U-Net is skipped."""
 
 
+def selected_maps(probs: torch.Tensor, select: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, K, h, w): the attention each pixel gives the text positions `select` (B, L, K) picks,
+    from one layer's softmax `probs` (B, heads, h*w, L), averaged over heads."""
+    maps = torch.einsum("bhnl,blk->bkn", probs, select.to(probs.dtype)) / probs.shape[1]
+    return maps.reshape(maps.shape[0], maps.shape[1], *hw)
+
+
 class MapStore:
     """Accumulates per-concept maps for one U-Net call.
 
@@ -74,9 +81,7 @@ class MapStore:
         """probs: (B, heads, N, L) softmax attention of one layer."""
         factor = self.layers[name]
         h, w = self.latent_hw[0] // factor, self.latent_hw[1] // factor
-        sel = self.select.to(probs.dtype)
-        maps = torch.einsum("bhnl,blk->bkn", probs, sel) / probs.shape[1]
-        maps = maps.reshape(maps.shape[0], maps.shape[1], h, w)
+        maps = selected_maps(probs, self.select, (h, w))
         if (h, w) != self.out_hw:
             maps = F.interpolate(maps, size=self.out_hw, mode="bilinear", align_corners=False)
         if self.closed:

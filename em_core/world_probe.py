@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import LAYERS_ALL, AttentionCapture
+from .attention import LAYERS_ALL, AttentionCapture, selected_maps
 from .scenes import TRAIN_SHAPES, random_scene
 
 GROUPS = ("down", "mid", "up", "all")
@@ -45,8 +45,7 @@ class _LayerMaps:
 
     def add(self, name: str, probs: torch.Tensor) -> None:
         f = self.layers[name]
-        maps = torch.einsum("bhnl,blk->bkn", probs, self.select.to(probs.dtype)) / probs.shape[1]
-        maps = maps.reshape(maps.shape[0], maps.shape[1], self.latent_hw[0] // f, self.latent_hw[1] // f)
+        maps = selected_maps(probs, self.select, (self.latent_hw[0] // f, self.latent_hw[1] // f))
         if f != 1:
             maps = F.interpolate(maps, size=self.latent_hw, mode="bilinear", align_corners=False)
         self.by_layer[name] = maps.float()
@@ -64,8 +63,9 @@ def _encode(bundle, captions: list[str]):
 
 
 def _latents(bundle, scenes) -> torch.Tensor:
-    x = torch.from_numpy(np.stack([np.asarray(s.image, np.float32) for s in scenes]) / 127.5 - 1)
-    return bundle.vae.encode(x.permute(0, 3, 1, 2)).latent_dist.mean * bundle.vae.config.scaling_factor
+    from .world_train import scene_pixels
+
+    return bundle.vae.encode(scene_pixels(scenes)).latent_dist.mean * bundle.vae.config.scaling_factor
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from .attention import selected_maps
 from .model import ModelBundle
 from .scenes import TRAIN_SHAPES, WORDS, random_scene
 from .tiny_model import SD_SCHEDULER, save_bundle
@@ -50,10 +51,15 @@ def build_world_model(seed: int = 0) -> ModelBundle:
                        DDPMScheduler(**SD_SCHEDULER), source="tiny-world")
 
 
+def scene_pixels(scenes) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1], as the VAE takes them."""
+    arr = np.stack([np.asarray(s.image, np.float32) for s in scenes]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
 def scene_batch(first_seed: int, n: int, with_scenes: bool = False):
     scenes = [random_scene(first_seed + i, size=WORLD["size"], shapes=TRAIN_SHAPES) for i in range(n)]
-    arr = np.stack([np.asarray(s.image, np.float32) for s in scenes]) / 127.5 - 1.0
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    x = scene_pixels(scenes)
     return (x, [s.caption for s in scenes], scenes) if with_scenes else (x, [s.caption for s in scenes])
 
 
@@ -112,8 +118,7 @@ class BindingStore:
     def add(self, name: str, probs: torch.Tensor) -> None:
         factor = self.layers[name]
         h, w = self.latent_hw[0] // factor, self.latent_hw[1] // factor
-        maps = torch.einsum("bhnl,blk->bkn", probs, self.select.to(probs.dtype)) / probs.shape[1]
-        maps = maps.reshape(maps.shape[0], maps.shape[1], h, w)
+        maps = selected_maps(probs, self.select, (h, w))
         target = self.masks if factor == 1 else torch.nn.functional.avg_pool2d(self.masks, factor)
         present = self.present[..., None, None]
         peak = maps.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
