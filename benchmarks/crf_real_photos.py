@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,21 +28,9 @@ from em_core.crf import PRESETS, CRFParams, refine_masks
 from em_core.images import open_image, open_mask
 from em_core.masks import iou
 from em_core.metrics import attention_like
+from em_core.provenance import command, commit, machine
 
 SCENES = Path(__file__).resolve().parents[2] / "shared" / "data" / "scenes"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def commit() -> dict:
-    """HEAD's hash and the tracked files that differ from it (uncommitted edits, anyone's)."""
-    try:
-        def git(*a):
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-
-        return {"head": git("rev-parse", "HEAD").strip(),
-                "modified": sorted(line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines())}
-    except (OSError, subprocess.CalledProcessError):
-        return {"head": "unknown", "modified": []}
 
 
 def photo_scenes(folder: str, side: int):
@@ -113,14 +97,11 @@ def main() -> None:
                      "iou_after": float(np.mean(after)), "crf_s": float(np.mean(times)),
                      "crf_s_median": float(np.median(times)), "masks": len(before)})
     if args.json:
-        machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                   "python": platform.python_version(), "numpy": np.__version__,
-                   "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
         Path(args.json).write_text(json.dumps({
-            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "commit": commit(),
+            "command": command(), "commit": commit(),
             "preset": args.preset, "params": params.to_dict(), "seeds": args.seeds, "sides": args.sides,
             "data": f"tiny world, scenes 0..{args.tiny_world - 1}" if args.tiny_world else "photographs",
-            "machine": machine, "rows": rows}, indent=1) + "\n")
+            "machine": machine(), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
-import torch
-
 from em_core.checker import load_checker
 from em_core.model import load_bundle
+from em_core.provenance import provenance
 from em_core.evaluate import caption_fidelity
 from em_core.world_probe import binding, text_use
 
@@ -43,9 +40,8 @@ def main() -> None:
         res["readback"] = caption_fidelity(bundle, checker, n=args.readback, steps=30)
         print(f"captions read back: colour {res['readback']['colour']:.3f}, shape {res['readback']['shape']:.3f} "
               f"({args.readback} images)")
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    res["run"] = {"commit": commit, "seconds": round(time.time() - t0), "machine": platform.machine(),
-                  "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args)}
+    res.update(provenance(config=vars(args)))
+    res["seconds"] = round(time.time() - t0)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1), encoding="utf-8")
 

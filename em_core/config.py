@@ -25,7 +25,7 @@ class LearnConfig:
     # `refresh_timesteps` random timesteps with the full prompt; 'training' averages the maps the token
     # steps since the last refresh already computed for the attention loss, from steps whose prompt
     # named all of the image's concepts: no extra U-Net calls, but fewer and noisier maps, and
-    # measurably worse masks on the tiny world (docs/tiny_world_eval/report.md).
+    # measurably worse masks on the tiny world (before issue 15: docs/history/tiny_world_eval/report.md).
     mask_source: str = "fresh"
     mask_batch: int = 10  # timesteps per U-Net call when estimating masks
     threshold: float = 0.5

@@ -35,6 +35,7 @@ from .generate import generate
 from .masks import estimate_masks, iou, normalise
 from .metrics import iou_curve
 from .plot import line_chart
+from .provenance import provenance
 from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
 
 METHODS = ("baseline", "em", "em_50_independent", "em_step_maps", "em_no_crf", "em_background", "true_masks",
@@ -207,7 +208,8 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
                                refresh_timesteps=refresh_timesteps,
                                gen_images=gen_images, gen_steps=gen_steps, guidance=guidance, seed=seed,
                                seconds=round(time.time() - t0))
-    write_json(inside(out, "results.json"), {"summary": summary, "scenes": per_scene})
+    write_json(inside(out, "results.json"), {"summary": summary, "scenes": per_scene,
+                                            **provenance(config=summary["settings"])})
     chart = line_chart({m: summary["curve"][m] for m in methods if not m.startswith("true_masks")},
                        title=f"mask IoU vs truth, mean of {scenes} scenes", xlabel="EM step", ylabel="IoU")
     write_atomic(inside(out, "iou_curve.png"), lambda tmp: chart.save(tmp, format="PNG"))

@@ -49,7 +49,7 @@ def attention_like(mask: np.ndarray, rng: np.random.Generator, grid: int = 16, b
     return np.asarray(big, np.float32) / 255 > threshold
 
 
-NO_WEIGHTS = ("{what} needs local weights: pass {flag} DIR, a folder with a transformers {kind} saved by "
+NO_WEIGHTS = ("{what} needs local weights: pass {flag}=FOLDER, a folder with a transformers {kind} saved by "
               "save_pretrained (nothing is downloaded)")
 
 
@@ -76,7 +76,7 @@ def clip_image_similarity(generated, references, clip_dir) -> float:
     import torch
     from transformers import CLIPModel
 
-    path = _require(clip_dir, "CLIP image similarity", "--clip", "CLIPModel")
+    path = _require(clip_dir, "CLIP image similarity", "clip_dir", "CLIPModel")
     model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
     size = model.config.vision_config.image_size
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's own
@@ -94,7 +94,7 @@ def feature_cosine_similarity(generated, references, backbone_dir) -> float:
     import torch
     from transformers import AutoConfig, AutoModel
 
-    path = _require(backbone_dir, "feature cosine similarity", "--features", "vision model")
+    path = _require(backbone_dir, "feature cosine similarity", "backbone_dir", "vision model")
     model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     vision = getattr(cfg, "vision_config", cfg)

@@ -374,7 +374,7 @@ def _card_extras(runs: list, model_dir: Path) -> str:
         g = json.loads(path.read_text())
         a, tu, rb = g["binding"]["all"], g["text_use"], g.get("readback")
         out += (f"- World gates (`python benchmarks/world_binding.py --model {model_dir.as_posix()} --out "
-                f"{(model_dir / 'world_binding.json').as_posix()}`, commit {g['run']['commit'][:8]}): own-vs-other AUROC "
+                f"{(model_dir / 'world_binding.json').as_posix()}`, commit {(g['commit']['head'] if 'commit' in g else g['run']['commit'])[:8]}): own-vs-other AUROC "
                 f"of colour / shape words' attention over all layers {a['colour']['mean']:.3f} / "
                 f"{a['shape']['mean']:.3f} (t = 100..900; t <= 500: {a['colour']['low_t']:.3f} / "
                 f"{a['shape']['low_t']:.3f}); the true caption lowers the fixed-noise loss by "
@@ -437,7 +437,7 @@ threads, {info['seconds']} s in all: {how}; seed {info['seed']}. Loads with diff
   where a run had one) {info['denoiser_final_loss']:.4f};
   the weights saved are an exponential moving average (decay 0.999, diffusers' EMAModel) of the last run.
   Losses of runs on different VAEs are not comparable (a sharper VAE gives latents with more
-  detail to predict); what the model can do is measured in `docs/tiny_world_eval/report.md`.
+  detail to predict); what the model can do is measured by `python -m em_core evaluate` and `benchmarks/world_binding.py`.
 - `checker.safetensors`: the evaluation's colour / shape reader ({'' if not checker else f"colour accuracy {float(checker['colour']):.3f}, shape accuracy {float(checker['shape']):.3f} on 512 fresh single-object scenes"}).
 
 ![samples](samples.png)

@@ -35,7 +35,7 @@ def test_clip_and_feature_similarity_with_local_weights(clip_dir):
 
 
 def test_clear_messages_without_weights():
-    with pytest.raises(ValueError, match="needs local weights: pass --clip"):
+    with pytest.raises(ValueError, match="needs local weights: pass clip_dir=FOLDER"):
         clip_image_similarity(_imgs(0), _imgs(1), None)
     with pytest.raises(ValueError, match="needs an LPIPS network"):
         lpips_diversity(_imgs(0))
