@@ -81,6 +81,7 @@ def cmd_learn(args) -> int:
     from .integrity import check_fits_model
     from .model import load_bundle
     from .state import load_state
+    from .training import interrupted_message
 
     d = LearnConfig()
     if not args.image:
@@ -139,9 +140,8 @@ def cmd_learn(args) -> int:
     torch.manual_seed(config.seed)
     try:
         state = learn(bundle, images, state, out=out, progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the last completed step is saved in {out}; run the same command to resume",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print("\n" + interrupted_message(exc, out), file=sys.stderr)
         return 130
     print(f"{state.status}: {state.step} steps; state, masks and history in {out}" +
           (f" ({state.message})" if state.message else ""))
@@ -217,6 +217,7 @@ def cmd_finetune(args) -> int:
     from .integrity import check_fits_model
     from .model import load_bundle
     from .state import load_state
+    from .training import interrupted_message
 
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr {args.lr}: a learning rate must be above 0")
@@ -242,11 +243,13 @@ def cmd_finetune(args) -> int:
         cfg = FinetuneConfig(steps=args.steps, mode=args.mode or "full", lr=args.lr, rank=args.rank,
                              train_text_encoder=not args.no_text_encoder, attn_weight=args.attn_weight,
                              gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
-                             max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every)
+                             max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every,
+                             prior_weight=args.prior_weight, class_prompt=args.class_prompt,
+                             class_images=args.class_images, class_steps=args.class_steps)
     try:
         state = finetune(bundle, images, state, cfg, out=out, progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: what was learned is saved in {out}; run the same command to continue", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print("\n" + interrupted_message(exc, out, finetune=True), file=sys.stderr)
         return 130
     ft = state.finetune
     print(f"{ft['status']}: {ft['step']} fine-tune steps ({cfg.mode}); {out / 'concepts.safetensors'}"
@@ -382,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16 (CUDA only) runs with a loss scaler, as Break-A-Scene")
     f.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="clip the total gradient norm to this (Break-A-Scene's 1.0); 0: no clipping")
+    f.add_argument("--prior-weight", type=float, default=0.0,
+                   help="prior preservation (Break-A-Scene: 1.0): the base model's images of --class-prompt keep "
+                        "their own diffusion loss times this; 0 (default): off")
+    f.add_argument("--class-prompt", default="a photo at the beach", help="Break-A-Scene's class prompt")
+    f.add_argument("--class-images", type=int, default=100,
+                   help="images the base model makes from --class-prompt first, kept in STATE/class_images/")
+    f.add_argument("--class-steps", type=int, default=50, help="sampling steps per class image")
     f.add_argument("--model", default=None, help="model folder, if not the one the state was learned on")
     f.add_argument("--prediction-type", **PREDICTION_TYPE)
     f.add_argument("--seed", type=int, default=0)
