@@ -26,15 +26,20 @@ class BadFile(ValueError):
     """A file that parsed but whose contents cannot be used; the message names file and field."""
 
 
+def hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    """One tensor's part of the digest: its name, dtype and shape, then its raw bytes."""
+    t = t.detach()
+    h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+    if t.numel():
+        raw = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(memoryview(raw))
+
+
 def tensor_digest(tensors: dict) -> str:
     """'sha256:<hex>' over every tensor in name order: name, dtype, shape, then its raw bytes."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach()
-        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
-        if t.numel():
-            raw = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            h.update(memoryview(raw))
+        hash_tensor(h, name, tensors[name])
     return "sha256:" + h.hexdigest()
 
 
@@ -313,6 +318,33 @@ def check_weights_file(path, header: dict, info, tensors: dict) -> dict:
     again = "delete it and the state's fine-tune, or rerun `finetune`"
     check_digest("state", path, header, tensors, again)
     return Checker("state", path, again).weights(tensors, info)
+
+
+MOMENTS_AGAIN = "a resumed fine-tune starts AdamW afresh"
+
+
+def check_moments_file(path, header: dict, info, tensors: dict) -> None:
+    """A run's finetune_optimizer.safetensors: digest, then for each parameter its header lists an
+    AdamW step count and both moments (float, one shape, finite, second moments not negative), and
+    no other tensor. The file is optional, so its reader warns with the message instead of refusing."""
+    check_digest("state", path, header, tensors, MOMENTS_AGAIN)
+    check = Checker("state", path, MOMENTS_AGAIN)
+    steps = info.get("adam_steps") if isinstance(info, dict) else None
+    if not isinstance(steps, dict):
+        check.fail("header 'adam_steps'", f"{steps!r} is not a {{parameter: AdamW step count}} record")
+    if not isinstance(info.get("step"), int) or isinstance(info["step"], bool) or info["step"] < 0:
+        check.fail("header 'step'", f"{info.get('step')!r}, expected the fine-tune step")
+    for name, n in steps.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            check.fail(f"header 'adam_steps'[{name!r}]", f"{n!r}, expected an AdamW step count")
+        avg = check.tensor(tensors, f"{name}.exp_avg")
+        sq = check.tensor(tensors, f"{name}.exp_avg_sq", shape=avg.shape)
+        if sq.numel() and float(sq.min()) < 0:
+            check.fail(f"tensor {name + '.exp_avg_sq'!r}", "negative second moments")
+    expected = {f"{n}.{k}" for n in steps for k in ("exp_avg", "exp_avg_sq")}
+    for key in tensors:
+        if key not in expected:
+            check.fail(f"tensor {key!r}", "not a moment of a parameter the header lists")
 
 
 def check_fits_model(state, bundle, where: str, what: str = "--model") -> None:

@@ -11,6 +11,7 @@ OUT/finetune_optimizer.safetensors  the fine-tune's AdamW moments, so a resumed 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from .atomic import inside, prepare_out, write_atomic, write_json
 from .concepts import ConceptSet
 from .config import LearnConfig
 from .images import mask_to_image
-from .integrity import check_state, check_weights_file, read_failure, with_digest
+from .integrity import (DIGEST_KEY, MOMENTS_AGAIN, BadFile, check_moments_file, check_state, check_weights_file,
+                        hash_tensor, read_failure, with_digest)
 from .weights import TunedWeights
 
 FORMAT = "em_core.state/1"
@@ -101,10 +103,15 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
 _NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 
 
+_DIGEST_SLOT = "sha256:" + "?" * 64  # the header's digest until the tensors have been hashed
+
+
 def write_safetensors_streaming(tensors: dict, path, metadata: dict) -> None:
     """The safetensors format, written one tensor at a time. safetensors' save_file first copies every
-    tensor into memory at once, which for a full SD 1.5 fine-tune's moments is 7.6 GB more."""
-    header, offset = {"__metadata__": metadata}, 0
+    tensor into memory at once, which for a full SD 1.5 fine-tune's moments is 7.6 GB more. The header
+    carries the tensors' digest (integrity.tensor_digest), hashed while they are written and put in
+    its slot, of the same length, at the end: one pass over the tensors."""
+    header, offset = {"__metadata__": {**metadata, DIGEST_KEY: _DIGEST_SLOT}}, 0
     for k in sorted(tensors):
         t = tensors[k]
         n = t.numel() * t.element_size()
@@ -112,13 +119,18 @@ def write_safetensors_streaming(tensors: dict, path, metadata: dict) -> None:
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
+    slot = head.index(_DIGEST_SLOT.encode())
+    h = hashlib.sha256()
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for k in sorted(tensors):
             t = tensors[k].detach().to("cpu").contiguous()
+            hash_tensor(h, k, t)
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.seek(8 + slot)
+        f.write(("sha256:" + h.hexdigest()).encode())
 
 
 def read_safetensors_mapped(path) -> tuple[dict, dict]:
@@ -170,7 +182,12 @@ def _load_finetune_optimizer(out: Path, step) -> dict | None:
         if type(exc).__module__ != "builtins":
             kind = f"{type(exc).__module__}.{kind}"
         why = "is missing" if not path.is_file() else f"could not be read ({kind}: {exc})"
-        warnings.warn(f"state: {path} {why}; a resumed fine-tune starts AdamW afresh", stacklevel=3)
+        warnings.warn(f"state: {path} {why}; {MOMENTS_AGAIN}", stacklevel=3)
+        return None
+    try:  # the digest and every moment, as the state's other files are checked
+        check_moments_file(path, meta, info, tensors)
+    except BadFile as exc:
+        warnings.warn(str(exc), stacklevel=3)
         return None
     if info["step"] != step:
         warnings.warn(f"state: {path} is from fine-tune step {info['step']}, the state from {step}; "
@@ -225,6 +242,22 @@ def save_state(state: LearnState, out: str | Path) -> Path:
             img = mask_to_image(m[k].astype(np.float32), tuple(state.images[i]["original_size"]))
             write_atomic(inside(out, Path("masks") / mask_png_name(i, name)), lambda tmp: img.save(tmp, format="PNG"))
     return out
+
+
+def saved_progress(out: str | Path) -> dict | None:
+    """The steps the run folder's commit file holds, from its header alone (no tensors read):
+    {"step", "status", "finetune_step"}; None when there is no state file or it will not parse."""
+    from safetensors import safe_open
+
+    path = Path(out) / "state.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("em_core", "null"))
+        ft = meta.get("finetune") or {}
+        return {"step": int(meta["step"]), "status": meta.get("status"),
+                "finetune_step": None if ft.get("step") is None else int(ft["step"])}
+    except Exception:  # missing, damaged or foreign: nothing readable is held
+        return None
 
 
 def load_state(out: str | Path) -> LearnState:

@@ -90,13 +90,43 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
     return loss, info
 
 
+class SaveInterrupted(KeyboardInterrupt):
+    """A second Ctrl-C stopped the save at exit: the run folder holds what its last completed save
+    wrote, which may be an older step than the one the run had reached."""
+
+
 @contextlib.contextmanager
 def saved_on_exit(save, on_interrupt):
-    """Saves once when the block ends; on Ctrl-C marks the state first, saves, and re-raises."""
+    """Saves once when the block ends; on Ctrl-C marks the state first, saves, and re-raises
+    (a `SaveInterrupted` if another Ctrl-C stopped that save)."""
     try:
         yield
     except KeyboardInterrupt:
         on_interrupt()
-        save()
+        try:
+            save()
+        except KeyboardInterrupt as again:
+            raise SaveInterrupted("a second Ctrl-C stopped the save at exit") from again
         raise
     save()
+
+
+def interrupted_message(exc: BaseException, out, finetune: bool = False) -> str:
+    """What to print after a Ctrl-C: the step the run folder really holds, read back from its
+    commit file (the in-memory step is not it when the save at exit was cut short)."""
+    from .state import saved_progress
+
+    saved = saved_progress(out)
+    if saved is None:
+        held = f"{out} holds no readable run state"
+    elif finetune and saved["finetune_step"] is None:
+        held = f"{out} holds no fine-tune step yet (the learned state, step {saved['step']})"
+    elif finetune:
+        held = f"{out} holds fine-tune step {saved['finetune_step']}"
+    else:
+        held = f"{out} holds step {saved['step']}"
+    if isinstance(exc, SaveInterrupted):
+        return (f"interrupted again during the save at exit, which did not finish: {held}, from its last "
+                f"completed save; later steps are lost. Run the same command to "
+                f"{'continue' if finetune else 'resume'} from there")
+    return f"interrupted: {held}; run the same command to {'continue' if finetune else 'resume'}"

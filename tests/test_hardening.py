@@ -1,5 +1,6 @@
-"""Issue 17: crafted and damaged files, the run folder's lock and writes, deterministic exports,
-clear messages for bad input (parts 1, 5, 6, 7, 8, 9)."""
+"""Issue 17: crafted and damaged files (run states, their weights and fine-tune moments), the run
+folder's lock and writes, what a Ctrl-C leaves on disk, deterministic exports, clear messages for
+bad input (parts 1, 5, 6, 7, 8, 9)."""
 from __future__ import annotations
 
 import errno
@@ -203,6 +204,85 @@ def test_state_digests_catch_changed_bytes_and_old_states_still_load(bundle, tmp
     assert load_state(tmp_path).step == 2
 
 
+def _with_moments(bundle, out: Path) -> Path:
+    """A saved state whose fine-tune moments file holds one U-Net parameter's moments at step 1."""
+    st = _state(bundle)
+    name, p = next((n, p) for n, p in bundle.unet.named_parameters() if p.ndim == 2)
+    g = torch.Generator().manual_seed(2)
+    st.finetune_optimizer = {"step": 1, "state": {f"unet.{name}": {
+        "step": 1, "exp_avg": torch.randn(p.shape, generator=g), "exp_avg_sq": torch.rand(p.shape, generator=g)}}}
+    save_state(st, out)
+    return out / "finetune_optimizer.safetensors"
+
+
+def _rewrite_moments(path: Path, edit, drop_digest: bool = False) -> None:
+    """As _rewrite, for the moments file (its header key is em_core.finetune_optimizer)."""
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+    tensors = load_file(str(path))
+    info = json.loads(header["em_core.finetune_optimizer"])
+    edit(tensors, info)
+    header["em_core.finetune_optimizer"] = json.dumps(info)
+    if drop_digest:
+        header.pop(DIGEST_KEY, None)
+    save_file(tensors, str(path), metadata=header)
+
+
+def test_the_fine_tune_moments_file_carries_a_digest_and_round_trips(bundle, tmp_path):
+    from em_core.integrity import tensor_digest
+
+    path = _with_moments(bundle, tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        stored = f.metadata()[DIGEST_KEY]
+    assert stored == tensor_digest(load_file(str(path)))  # what the streaming writer hashed is what it wrote
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fo = load_state(tmp_path).finetune_optimizer
+    (name, s), = fo["state"].items()
+    assert fo["step"] == 1 and s["step"] == 1 and bool((s["exp_avg_sq"] >= 0).all())
+
+
+def test_fine_tune_moments_whose_bytes_changed_fail_their_digest(bundle, tmp_path):
+    path = _with_moments(bundle, tmp_path)
+    _flip_a_tensor_byte(path, next(iter(load_file(str(path)))))
+    with pytest.warns(UserWarning, match=r"finetune_optimizer.safetensors: the tensors do not match the digest.*"
+                                         r"a resumed fine-tune starts AdamW afresh"):
+        st = load_state(tmp_path)
+    assert st.finetune_optimizer is None and st.step == 2  # the rest of the run still loads
+
+
+def _first(t):
+    return next(k for k in t if k.endswith(".exp_avg"))
+
+
+@pytest.mark.parametrize("edit, field, problem", [
+    (lambda t, i: t[_first(t)].view(-1).__setitem__(3, float("nan")), ".exp_avg'", "NaN"),
+    (lambda t, i: t[_first(t) + "_sq"].view(-1).__setitem__(0, -1.0), ".exp_avg_sq'", "negative second moments"),
+    (lambda t, i: t.__setitem__(_first(t) + "_sq", t[_first(t) + "_sq"][:1].contiguous()), ".exp_avg_sq'",
+     "expected ("),
+    (lambda t, i: t.pop(_first(t) + "_sq"), ".exp_avg_sq'", "missing"),
+    (lambda t, i: t.__setitem__("stowaway", torch.zeros(1)), "'stowaway'", "not a moment of a parameter"),
+    (lambda t, i: i["adam_steps"].update({k: -3 for k in i["adam_steps"]}), "adam_steps", "-3"),
+])
+def test_crafted_fine_tune_moments_are_dropped_with_a_warning_naming_file_and_field(bundle, tmp_path, edit, field,
+                                                                                    problem):
+    path = _with_moments(bundle, tmp_path)
+    _rewrite_moments(path, edit, drop_digest=True)  # no digest: the field checks alone must catch it
+    with pytest.warns(UserWarning) as seen:
+        st = load_state(tmp_path)
+    msg = " | ".join(str(w.message) for w in seen)
+    assert str(path) in msg and field in msg and problem in msg and "starts AdamW afresh" in msg
+    assert st.finetune_optimizer is None
+
+
+def test_fine_tune_moments_written_before_digests_still_load(bundle, tmp_path):
+    path = _with_moments(bundle, tmp_path)
+    _rewrite_moments(path, lambda t, i: None, drop_digest=True)
+    assert load_state(tmp_path).finetune_optimizer["step"] == 1
+
+
 # ----------------------------------------------------------------------------- part 5: the run folder
 
 def _holder(folder: Path) -> subprocess.Popen:
@@ -339,6 +419,64 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypat
                                          r"read-only file system\); its previous version is kept"):
         write_atomic(target, readonly)
     assert target.read_text() == "old" and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_after_ctrl_c_the_message_names_the_step_really_on_disk(tiny_dir, image64, tmp_path, capsys, monkeypatch,
+                                                                second):
+    """A Ctrl-C lands at step 4's save; the save at exit then writes step 4, unless a second Ctrl-C
+    stops it too, and then the folder still holds step 2 from the save before (the message used
+    to say 'the last completed step is saved' either way)."""
+    from em_core import em_loop
+
+    real, calls = em_loop.save_run, []
+
+    def save_run(state, bundle, out):
+        calls.append((state.step, state.status))
+        if state.step == 4 and (len(calls) == 2 or second):  # step 4's periodic save, then the one at exit
+            raise KeyboardInterrupt
+        real(state, bundle, out)
+
+    monkeypatch.setattr(em_loop, "save_run", save_run)
+    out = tmp_path / "run"
+    rc = main(["learn", "--model", str(tiny_dir), "--image", str(image64), "--prompt", "[v1]", "--steps", "8",
+               "--warmup-steps", "0", "--save-every", "2", "--refresh-every", "0", "--mask-timesteps", "2",
+               "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 130 and calls == [(2, "running"), (4, "running"), (4, "interrupted")]
+    on_disk = load_state(out)
+    if second:
+        assert on_disk.step == 2 and on_disk.status == "running"
+        assert f"interrupted again during the save at exit, which did not finish: {out} holds step 2" in err
+        assert "later steps are lost" in err
+    else:
+        assert on_disk.step == 4 and on_disk.status == "interrupted"
+        assert f"interrupted: {out} holds step 4; run the same command to resume" in err
+    assert "last completed step is saved" not in err
+
+
+def test_the_fine_tune_interrupt_message_reads_the_fine_tune_step_from_disk(bundle, tmp_path):
+    from em_core.training import SaveInterrupted, interrupted_message, saved_on_exit
+
+    assert interrupted_message(KeyboardInterrupt(), tmp_path, finetune=True) == (
+        f"interrupted: {tmp_path} holds no readable run state; run the same command to continue")
+    st = _state(bundle)
+    save_state(st, tmp_path)
+    assert f"{tmp_path} holds no fine-tune step yet (the learned state, step 2)" in interrupted_message(
+        KeyboardInterrupt(), tmp_path, finetune=True)
+    st.finetune = {"config": {}, "step": 3, "status": "running", "message": ""}
+    save_state(st, tmp_path)
+    st.finetune = {**st.finetune, "step": 5, "status": "interrupted"}  # in memory only: its save is cut short
+
+    def save():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SaveInterrupted) as err:
+        with saved_on_exit(save, lambda: None):
+            raise KeyboardInterrupt
+    msg = interrupted_message(err.value, tmp_path, finetune=True)
+    assert msg.startswith("interrupted again during the save at exit") and f"{tmp_path} holds fine-tune step 3" in msg
+    assert isinstance(err.value, KeyboardInterrupt)  # callers that catch Ctrl-C still do
 
 
 # ----------------------------------------------------------------------------- part 6: deterministic export
