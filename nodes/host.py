@@ -210,8 +210,18 @@ class Progress:
         self.bar = _cu.ProgressBar(total, node_id=node_id) if _cu is not None and total > 0 else None
 
     def update(self, done: int, total: int, preview=None) -> None:
-        if self.bar is not None:
+        """ComfyUI's progress hook raises its interruption when Cancel was pressed, and clears the flag
+        as it does. Raised from inside a learning loop's step callback, that would skip the loop's own
+        stop (which saves the checkpoint a re-queue resumes from), so Cancel is put back and left to
+        the loop, which stops before its next step and then raises the interruption itself."""
+        if self.bar is None:
+            return
+        try:
             self.bar.update_absolute(done, total, preview)
+        except Exception as exc:
+            if _mm is None or not isinstance(exc, _mm.InterruptProcessingException):
+                raise
+            _mm.interrupt_current_processing(True)
 
 
 def current_node() -> str | None:

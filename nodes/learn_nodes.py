@@ -162,6 +162,8 @@ class AttentionMaskInit:
         prepared = [prepare_image(em_model, None, p, cfg.resolution, cfg.flip, pil=im) for im, p in zip(pils, lines)]
         state = learn(em_model, prepared, start_state(em_model, prepared, cfg, parse_init_words(init_words)),
                       progress=False, should_stop=host.interrupted)
+        if state.status == "cancelled":  # stopped during the warm-up: never cached as done
+            host.raise_cancelled()
         run = ConceptRun(state, tuple(prepared))
         return run, state_masks(run)
 

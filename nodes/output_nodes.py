@@ -63,6 +63,8 @@ class ConceptGenerate:
         images = generate(em_model, prompt, concepts=st.concepts, weights=st.weights, negative=negative, seed=seed,
                           steps=steps, guidance=cfg, scheduler=scheduler, width=width, height=height, n=batch_size,
                           progress=False, should_stop=host.interrupted)
+        if host.interrupted():  # stopped part-way: the images are not denoised, so never cached as done
+            host.raise_cancelled()
         return (pil_to_images(images),)
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 import nodes.model_nodes as mn
 from nodes import host, live
 from nodes.convert import pil_to_images
-from nodes.learn_nodes import AttentionMaskInit, DenseCRFRefine, EMTokenStep
+from nodes.learn_nodes import AttentionMaskInit, DenseCRFRefine, EMTokenStep, JointFinetune
 from nodes.output_nodes import LoadConceptBundle, SaveConceptBundle
 
 PACK = Path(__file__).resolve().parents[1]
@@ -235,3 +235,108 @@ def test_forwarded_warnings_join_a_text_output_and_library_warnings_stay_on_the_
     assert srv.sent == [(live.WARNING_EVENT, {"node": "3", "class": "Node", "messages": ["a concept vanished"]},
                          "browser-4")]
     assert sorted(str(w.message) for w in console) == ["a concept vanished", "a library's complaint"]
+
+
+class ComfyInterrupt:
+    """comfy.model_management's Cancel flag and comfy.utils' ProgressBar whose hook behaves like
+    main.py's (a125cd84): each update raises InterruptProcessingException once Cancel is set,
+    clearing the flag as throw_exception_if_processing_interrupted does. Cancel is pressed while
+    the bar reaches `cancel_at`."""
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    def __init__(self, cancel_at=None):
+        self.flag, self.cancel_at, self.updates = False, cancel_at, []
+        mm = self
+
+        class ProgressBar:
+            def __init__(self, total, node_id=None):
+                self.total = total
+
+            def update_absolute(self, value, total=None, preview=None):
+                mm.updates.append(value)
+                if value == mm.cancel_at:
+                    mm.flag = True  # the user's Cancel arrives during this step
+                mm.throw_exception_if_processing_interrupted()
+
+        self.utils = types.SimpleNamespace(ProgressBar=ProgressBar)
+
+    def processing_interrupted(self):
+        return self.flag
+
+    def interrupt_current_processing(self, value=True):
+        self.flag = value
+
+    def throw_exception_if_processing_interrupted(self):
+        if self.flag:
+            self.flag = False
+            raise self.InterruptProcessingException()
+
+    def get_torch_device(self):
+        return torch.device("cpu")
+
+    def unload_all_models(self):
+        pass
+
+    def soft_empty_cache(self, force=False):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["em", "finetune"])
+def test_cancel_through_comfyuis_progress_hook_keeps_a_checkpoint_and_a_requeue_resumes(
+        kind, bundle, started, tmp_path, monkeypatch, capsys):
+    """Found by hand in a real ComfyUI (docs/comfyui_host_check.md): ComfyUI's progress hook raises
+    the interruption from inside the loop's step callback, which skipped the loop's stop and its
+    checkpoint, so a re-queue started again at step 1."""
+    monkeypatch.setattr(host, "resume_root", lambda: tmp_path / "resume")
+
+    def node(cancel_at=None):
+        comfy = ComfyInterrupt(cancel_at)
+        monkeypatch.setattr(host, "_mm", comfy)
+        monkeypatch.setattr(host, "_cu", comfy.utils)
+        if kind == "em":
+            return comfy, lambda: EMTokenStep().run(bundle, started, 4, 5e-4, 1e-2, 2, True, 4, True, unique_id="12")
+        return comfy, lambda: JointFinetune().run(bundle, started, 4, 1e-3, "lora", 2, True, False, unique_id="14")
+
+    _, run = node()
+    whole = run()[0]
+    comfy, run = node(cancel_at=2)
+    with pytest.raises(ComfyInterrupt.InterruptProcessingException):
+        run()
+    assert comfy.updates == [1, 2]  # stopped before step 3
+    assert list((tmp_path / "resume").glob("*/state.safetensors")), "no checkpoint kept"
+    comfy, run = node()
+    again = run()[0]
+    assert "resuming from step 2 of 4" in capsys.readouterr().out
+    assert comfy.updates == [3, 4]
+    step = (lambda s: s.step) if kind == "em" else (lambda s: s.finetune["step"])
+    assert step(again.state) == 4
+    assert torch.allclose(again.state.concepts.vectors, whole.state.concepts.vectors, atol=1e-6)
+    assert not list((tmp_path / "resume").iterdir())
+
+
+def _cancel_after(n):
+    calls = {"n": 0}
+
+    def interrupted():
+        calls["n"] += 1
+        return calls["n"] > n
+
+    return interrupted
+
+
+def test_a_cancelled_generate_or_mask_warm_up_is_never_returned_as_done(bundle, images, started, monkeypatch):
+    """Found by hand in a real ComfyUI: Concept Generate cancelled mid-sampling returned its half-denoised
+    images normally, so ComfyUI cached them and a re-queue saved them as if finished."""
+    from nodes.output_nodes import ConceptGenerate
+
+    monkeypatch.setattr(host, "interrupted", _cancel_after(2))
+    with pytest.raises(host.Cancelled):
+        ConceptGenerate().run(bundle, started, "[v1] on [v3]", "", 1, 6, 5.0, 64, 64, 1, "ddim")
+    monkeypatch.setattr(host, "interrupted", _cancel_after(1))
+    with pytest.raises(host.Cancelled):
+        AttentionMaskInit().run(bundle, images[:1], "[v1] and [v2]", "", 2, 0.5, 3, 0, 0)  # 3 warm-up steps
+    monkeypatch.setattr(host, "interrupted", lambda: False)
+    img, = ConceptGenerate().run(bundle, started, "[v1] on [v3]", "", 1, 2, 5.0, 64, 64, 1, "ddim")
+    assert img.shape == (1, 64, 64, 3)

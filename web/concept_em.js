@@ -1,6 +1,8 @@
 // Live preview for the Concept EM nodes: while EM Token Step or Joint Finetune runs, show the
 // current masks over the image and the loss curve on the node, fed by "concept_em.progress"
-// messages that the Python nodes send through ComfyUI's PromptServer.
+// messages that the Python nodes send through ComfyUI's PromptServer. The pack's warnings (a concept
+// DenseCRF removed, an empty mask's fallback; "concept_em.warning") and a resumed run's note are shown as
+// toasts.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -66,10 +68,41 @@ function showAutoLearningRate(node) {
   }
 }
 
+// The front end's toast (app.extensionManager.toast, front end 1.3 and later), else an older
+// front end's dialog, else the console; never throws on a message with fields missing.
+function notify(severity, summary, detail) {
+  const text = String(detail ?? "");
+  try {
+    const toast = app.extensionManager?.toast;
+    if (toast?.add) {
+      toast.add({ severity, summary, detail: text, life: severity === "warn" ? 15000 : 6000 });
+      return;
+    }
+  } catch (e) { /* fall through */ }
+  (severity === "warn" ? console.warn : console.info)(`[concept_em] ${summary}: ${text}`);
+  if (severity === "warn" && app.ui?.dialog?.show) {
+    const div = document.createElement("div");
+    div.textContent = `${summary}: ${text}`;
+    app.ui.dialog.show(div);
+  }
+}
+
+function nodeTitle(detail) {
+  const raw = detail?.node == null ? "" : String(detail.node);
+  const node = raw ? app.graph?.getNodeById?.(/^\d+$/.test(raw) ? Number(raw) : raw) : null;
+  const name = node?.title || detail?.class || "Concept EM";
+  return raw ? `${name} #${raw}` : name;
+}
+
 app.registerExtension({
   name: "concept_em.live_preview",
   setup() {
+    api.addEventListener("concept_em.warning", ({ detail }) => {
+      const messages = Array.isArray(detail?.messages) ? detail.messages : [detail?.message ?? detail?.messages];
+      for (const m of messages.filter((m) => m != null && m !== "")) notify("warn", nodeTitle(detail), m);
+    });
     api.addEventListener("concept_em.progress", ({ detail }) => {
+      if (detail?.note) notify("info", nodeTitle(detail), detail.note);
       // Plain ids are numbers; ids of nodes inside subgraphs look like "5:12".
       const raw = String(detail.node);
       const node = app.graph.getNodeById(/^\d+$/.test(raw) ? Number(raw) : raw);
