@@ -29,11 +29,20 @@ class WriteError(OSError):
         self.errno = err
 
 
+# safetensors' own error type wraps the system's: "... I/O error: ... (os error 28)" from 0.6,
+# "... IoError(Os { code: 28, kind: StorageFull, ... })" up to 0.5 (the declared floor is 0.4.3).
+_WRAPPED_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
+
+
+def _wrapped_errno(exc: BaseException) -> int | None:
+    m = _WRAPPED_OS_ERROR.search(str(exc))
+    return int(m.group(1) or m.group(2)) if m else None
+
+
 def _reason(exc: BaseException) -> str:
     err = getattr(exc, "errno", None)
-    if err is None:  # safetensors' own error type wraps the system's: "... (os error 28)"
-        m = re.search(r"os error (\d+)", str(exc))
-        err = int(m.group(1)) if m else None
+    if err is None:
+        err = _wrapped_errno(exc)
     if err is not None:
         return f"{os.strerror(err)}" + {errno.ENOSPC: ": the disk is full", errno.EDQUOT: ": the disk quota is used up",
                                          errno.EROFS: ": the folder is on a read-only file system"}.get(err, "")
@@ -108,9 +117,9 @@ def write_atomic(path: Path, writer) -> None:
                 os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, (WriteError, FileNotFoundError, IsADirectoryError,
                                                               NotADirectoryError)) \
-                or type(exc).__name__ == "SafetensorError" and "os error" in str(exc):
+                or type(exc).__name__ == "SafetensorError" and _wrapped_errno(exc) is not None:
             kept = "; its previous version is kept" if path.exists() else ""
-            raise WriteError(getattr(exc, "errno", None) or errno.EIO,
+            raise WriteError(getattr(exc, "errno", None) or _wrapped_errno(exc) or errno.EIO,
                              f"cannot write {path} ({_reason(exc)}){kept}") from exc
         raise
 

@@ -336,7 +336,11 @@ def test_a_stale_lock_is_taken_over_and_killed_saves_temp_files_are_cleaned(tmp_
     assert not (tmp_path / LOCK_NAME).exists() and not holds(tmp_path)
 
 
-def test_a_full_disk_gives_a_clear_message_and_keeps_the_previous_state(bundle, tmp_path, monkeypatch):
+@pytest.mark.parametrize("message", [
+    "Error while serializing: I/O error: No space left on device (os error 28)",  # safetensors 0.6 on
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })',
+])  # ... and safetensors 0.4.3 to 0.5.3 (the floor's own wording: a raw traceback before)
+def test_a_full_disk_gives_a_clear_message_and_keeps_the_previous_state(bundle, tmp_path, monkeypatch, message):
     from safetensors import SafetensorError
 
     from em_core.atomic import WriteError
@@ -346,11 +350,12 @@ def test_a_full_disk_gives_a_clear_message_and_keeps_the_previous_state(bundle, 
     later.step = 3
 
     def full(*a, **k):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise SafetensorError(message)
 
     monkeypatch.setattr("em_core.state.save_file", full)
     with pytest.raises(WriteError) as err:
         save_state(later, tmp_path)
+    assert err.value.errno == errno.ENOSPC
     assert "state.safetensors" in str(err.value) and "the disk is full" in str(err.value)
     assert "previous version is kept" in str(err.value)
     assert load_state(tmp_path).step == 2
