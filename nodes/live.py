@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 from PIL import Image
 
 from . import host
+
+LOG = logging.getLogger("concept_em")  # ComfyUI's log (its console and log file), line by line
 
 EVENT = "concept_em.progress"
 WARNING_EVENT = "concept_em.warning"
@@ -43,7 +46,7 @@ class LiveFeed:
         self.done = resumed_at or 0
         self.resumed_at = resumed_at
         if resumed_at:
-            print(f"[concept_em] resuming from step {resumed_at} of {total}: a checkpoint of the cancelled run")
+            LOG.info(f"resuming from step {resumed_at} of {total}: a checkpoint of the cancelled run")
             host.send(EVENT, {"node": node_id, "step": resumed_at, "total": self.total, "losses": [],
                               "note": f"resumed from step {resumed_at} (the cancelled run's checkpoint)"})
         self.losses: list[float] = []

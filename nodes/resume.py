@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 
 from . import host
+
+LOG = logging.getLogger("concept_em")  # ComfyUI's log (its console and log file), line by line
 
 
 def _digest_tensor(h, t) -> None:
@@ -57,7 +60,7 @@ def resumed(folder: Path, state, step_of):
     try:
         saved = load_state(folder)
     except (OSError, ValueError) as e:
-        print(f"[concept_em] checkpoint {folder} unreadable ({e}); starting afresh")
+        LOG.warning(f"checkpoint {folder} unreadable ({e}); starting afresh")
         return state, None
     if step_of(saved) <= step_of(state):
         return state, None
@@ -68,7 +71,7 @@ def finish(folder: Path, status: str, what: str) -> None:
     """Raises ComfyUI's interruption for a cancelled run (its checkpoint stays on disk); removes
     the checkpoint of a run that finished."""
     if status == "cancelled":
-        print(f"[concept_em] {what} cancelled; what it learned is kept in {folder}: queue the same graph "
-              "again to resume")
+        LOG.info(f"{what} cancelled; what it learned is kept in {folder}: queue the same graph "
+                 "again to resume")
         host.raise_cancelled()
     shutil.rmtree(folder, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The nodes inside a ComfyUI host, faked (CI has no ComfyUI): how the pack is imported, the model
 folders it lists, the files it writes, and whom its live messages reach (issue 16, parts 2, 7, 8, 9)."""
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -285,10 +286,11 @@ class ComfyInterrupt:
 
 @pytest.mark.parametrize("kind", ["em", "finetune"])
 def test_cancel_through_comfyuis_progress_hook_keeps_a_checkpoint_and_a_requeue_resumes(
-        kind, bundle, started, tmp_path, monkeypatch, capsys):
+        kind, bundle, started, tmp_path, monkeypatch, caplog):
     """Found by hand in a real ComfyUI (docs/comfyui_host_check.md): ComfyUI's progress hook raises
     the interruption from inside the loop's step callback, which skipped the loop's stop and its
     checkpoint, so a re-queue started again at step 1."""
+    caplog.set_level(logging.INFO, "concept_em")
     monkeypatch.setattr(host, "resume_root", lambda: tmp_path / "resume")
 
     def node(cancel_at=None):
@@ -308,7 +310,7 @@ def test_cancel_through_comfyuis_progress_hook_keeps_a_checkpoint_and_a_requeue_
     assert list((tmp_path / "resume").glob("*/state.safetensors")), "no checkpoint kept"
     comfy, run = node()
     again = run()[0]
-    assert "resuming from step 2 of 4" in capsys.readouterr().out
+    assert "resuming from step 2 of 4" in caplog.text
     assert comfy.updates == [3, 4]
     step = (lambda s: s.step) if kind == "em" else (lambda s: s.finetune["step"])
     assert step(again.state) == 4
