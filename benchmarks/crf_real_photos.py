@@ -43,7 +43,7 @@ def photo_scenes(folder: str, side: int):
 
 def tiny_world_scenes(n: int, side: int):
     """(name, image, [true masks]) of tiny-world scenes 0..n-1: each object and the background."""
-    from em_core.scenes import random_scene
+    from em_core.tiny_world.scenes import random_scene
 
     for seed in range(n):
         scene = random_scene(seed, size=side)

@@ -27,9 +27,9 @@ import torch
 from em_core.config import LearnConfig
 from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
-from em_core.evaluate import concept_task, eval_set
+from em_core.tiny_world.evaluate import concept_task, eval_set
 from em_core.masks import attention_maps
-from em_core.model import load_bundle
+from em_core.model_io import load_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "em_core" / "models" / "tiny_world"))
+    ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"))
     ap.add_argument("--scenes", type=int, default=30)
     ap.add_argument("--draws", type=int, default=4, help="repeated estimates per scene and setting")
     ap.add_argument("--reference", type=int, default=400, help="timesteps of the reference map")

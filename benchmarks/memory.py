@@ -93,7 +93,7 @@ def child(args) -> dict:
     from em_core.dataset import prepare_image
     from em_core.em_loop import learn, start_state
     from em_core.finetune import FinetuneConfig, finetune
-    from em_core.scenes import random_scene
+    from em_core.tiny_world.scenes import random_scene
 
     from speed import _bundle  # this folder's model loading: sd15 or a diffusers folder
 
@@ -146,7 +146,7 @@ def _secs(s) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "em_core" / "models" / "tiny_world"),
+    ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"),
                     help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model with random weights")
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)

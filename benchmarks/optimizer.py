@@ -61,7 +61,7 @@ def one(shapes, kw: dict, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "em_core" / "models" / "tiny_world"),
+    ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"),
                     help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per implementation (median)")
     ap.add_argument("--json", default=None)

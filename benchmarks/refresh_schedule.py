@@ -19,9 +19,9 @@ import numpy as np
 
 from em_core.config import LearnConfig
 from em_core.dataset import prepare_image
-from em_core.evaluate import concept_task, eval_set
+from em_core.tiny_world.evaluate import concept_task, eval_set
 from em_core.metrics import iou_curve
-from em_core.model import load_bundle
+from em_core.model_io import load_bundle
 from speed import interleaved_run  # a run with a plain step timed after each of its steps (this folder)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ SCHEDULES = {"every 50, 30 timesteps (default)": (50, 30), "every 50, 10 timeste
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "em_core" / "models" / "tiny_world"))
+    ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"))
     ap.add_argument("--scenes", type=int, default=12)
     ap.add_argument("--steps", type=int, default=LearnConfig.steps)
     ap.add_argument("--json", default=None)

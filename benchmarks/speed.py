@@ -47,8 +47,8 @@ from em_core.crf import CRFParams, refine_masks
 from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
 from em_core.masks import attention_maps, estimate_masks, latent_masks
-from em_core.model import load_bundle
-from em_core.scenes import random_scene
+from em_core.model_io import load_bundle
+from em_core.tiny_world.scenes import random_scene
 from em_core.training import concept_step_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def _bundle(name: str, device: str = "cpu", dtype: str = "fp32"):
     if name == "sd15":
-        from em_core.tiny_model import build_model
+        from em_core.tiny_world.tiny_model import build_model
 
         return build_model("sd15", seed=0).to(device, DTYPES[dtype])
     return load_bundle(name, device=device, dtype=DTYPES[dtype])
@@ -298,7 +298,7 @@ def bench_text_side(bundle, concepts, repeats: int = 50) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "em_core" / "models" / "tiny_world"),
+    ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"),
                     help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model with random weights")
     ap.add_argument("--size", type=int, default=None, help="working side in pixels (default: the model's)")
     ap.add_argument("--rounds", type=int, default=7)

@@ -1,7 +1,7 @@
 """The world model's gates (issue 14): word-to-object binding of cross-attention, text use of the
 denoiser, and captions read back by the checker; prints them and writes a results JSON.
 
-    python benchmarks/world_binding.py --model em_core/models/tiny_world [--out FILE.json]
+    python benchmarks/world_binding.py --model em_core/tiny_world/model [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import json
 import time
 from pathlib import Path
 
-from em_core.checker import load_checker
-from em_core.model import load_bundle
+from em_core.model_io import load_bundle
 from em_core.provenance import provenance
-from em_core.evaluate import caption_fidelity
-from em_core.world_probe import binding, text_use
+from em_core.tiny_world.checker import load_checker
+from em_core.tiny_world.evaluate import caption_fidelity
+from em_core.tiny_world.world_probe import binding, text_use
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="em_core/models/tiny_world")
+    ap.add_argument("--model", default="em_core/tiny_world/model")
     ap.add_argument("--scenes", type=int, default=24)
     ap.add_argument("--readback", type=int, default=48, help="generated captions to read back (0: skip)")
     ap.add_argument("--out", default=None)

@@ -14,7 +14,7 @@ from .em_loop import learn, start_state
 from .export import export_concepts
 from .finetune import FinetuneConfig, finetune
 from .generate import generate
-from .model import ModelBundle, load_bundle
+from .model_io import ModelBundle, load_bundle
 from .state import LearnState, load_state, save_state
 from .weights import TunedWeights, applied
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .crf import PRESETS, CRFParams
 from .runlock import RunLocked, hold, release_held
+from .tiny_world import SHIPPED_MODEL
 
 
 def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
@@ -20,7 +21,7 @@ def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from .tiny_model import make_tiny_model
+    from .tiny_world.tiny_model import make_tiny_model
 
     out = Path(args.dir)
     if out.exists() and not out.is_dir():
@@ -79,7 +80,7 @@ def cmd_learn(args) -> int:
     from .em_loop import learn, start_state
     from .images import open_mask
     from .integrity import check_fits_model
-    from .model import load_bundle
+    from .model_io import load_bundle
     from .state import load_state
     from .training import interrupted_message
 
@@ -148,59 +149,12 @@ def cmd_learn(args) -> int:
     return 0 if state.status == "done" else 1
 
 
-SHIPPED_MODEL = Path(__file__).parent / "models" / "tiny_world"
 
 
 def cmd_demo(args) -> int:
-    """The main job on the embedded default model: learn the concepts of a tiny-world scene with
-    EM, generate with them, and write masks, images and the mask IoU curve against the truth."""
-    from PIL import Image
+    from .tiny_world.demo import run_demo
 
-    from .atomic import inside, prepare_out, write_atomic, write_json
-    from .config import LearnConfig
-    from .dataset import prepare_image
-    from .em_loop import learn, start_state
-    from .evaluate import concept_task
-    from .generate import generate
-    from .metrics import iou_curve, mean_iou
-    from .model import load_bundle
-    from .plot import line_chart
-    from .scenes import random_scene
-    from .tiny_model import build_model
-
-    out = prepare_out(args.out)
-    if (SHIPPED_MODEL / "model_index.json").is_file():
-        bundle = load_bundle(SHIPPED_MODEL)
-    else:
-        print("note: the shipped tiny-world model is missing; using a random tiny model (masks mean nothing)")
-        bundle = build_model("tiny", seed=args.seed)
-    scene = random_scene(args.scene, n_objects=2, max_overlap=0.1)
-    prompt, init, truth, _ = concept_task(scene)
-    path = inside(out, "input.png")
-    scene.image.save(path)
-    for name, m in truth.items():
-        Image.fromarray(m.astype("uint8") * 255).save(inside(out, f"true_{name[1:-1]}.png"))
-    image = prepare_image(bundle, path, prompt)
-    print(f"scene: {scene.caption}\nprompt: {prompt}  (init words {init})")
-    config = LearnConfig(steps=args.steps, refresh_every=max(1, args.steps // 4), mask_timesteps=50, seed=args.seed)
-    state = start_state(bundle, [image], config, init)
-    state = learn(bundle, [image], state, out=inside(out, "run"), progress=not args.quiet)
-    curve = iou_curve(state, {(0, n): m for n, m in truth.items()})
-    write_json(inside(out, "iou_curve.json"), curve)
-    chart = line_chart({"EM": [(c["step"], mean_iou(c)) for c in curve]}, title="mask IoU vs truth",
-                       xlabel="EM step", ylabel="IoU", ylim=(0, 1))
-    write_atomic(inside(out, "iou_curve.png"), lambda tmp: chart.save(tmp, format="PNG"))
-    for entry in curve:
-        print(f"step {entry['step']:4d}  mean mask IoU vs truth {mean_iou(entry):.3f}")
-    names = state.concepts.names
-    prompts = [prompt, f"a photo of {names[0]} on snow", f"a photo of {names[-2]} and {names[0]} on {names[-1]}"]
-    for k, p in enumerate(prompts):
-        imgs = generate(bundle, p, concepts=state.concepts, seed=args.seed, n=2, steps=25, guidance=4.0,
-                        progress=False)
-        for i, im in enumerate(imgs):
-            write_atomic(inside(out, f"generated/{k}_{i}.png"), lambda tmp, im=im: im.save(tmp, format="PNG"))
-        print(f"generated: {p!r} -> {out / 'generated'}/{k}_*.png")
-    print(f"{state.status}: masks in {out / 'run' / 'masks'}, IoU curve in {out / 'iou_curve.png'}")
+    run_demo(args.out, scene=args.scene, steps=args.steps, seed=args.seed, progress=not args.quiet)
     return 0
 
 
@@ -215,7 +169,7 @@ def cmd_finetune(args) -> int:
     from .atomic import prepare_out
     from .finetune import FinetuneConfig, finetune
     from .integrity import check_fits_model
-    from .model import load_bundle
+    from .model_io import load_bundle
     from .state import load_state
     from .training import interrupted_message
 
@@ -261,7 +215,7 @@ def cmd_generate(args) -> int:
     from .atomic import inside, prepare_out, write_atomic
     from .concept_file import load_concepts
     from .generate import generate
-    from .model import load_bundle
+    from .model_io import load_bundle
 
     out = prepare_out(args.out)
     bundle = load_bundle(args.model, device=args.device, prediction_type=args.prediction_type)
@@ -297,8 +251,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_train_tiny_world(args) -> int:
-    from .checker import train_and_save_checker
-    from .world_train import train_tiny_world, write_model_card
+    from .tiny_world.checker import train_and_save_checker
+    from .tiny_world.world_train import train_tiny_world, write_model_card
 
     out = Path(args.out)
     if not args.card_only:
@@ -312,7 +266,7 @@ def cmd_train_tiny_world(args) -> int:
 
 
 def cmd_train_checker(args) -> int:
-    from .checker import train_and_save_checker
+    from .tiny_world.checker import train_and_save_checker
 
     acc = train_and_save_checker(args.out, args.seconds, args.seed)
     print(f"checker: colour accuracy {acc['colour']:.3f}, shape accuracy {acc['shape']:.3f} "
@@ -321,7 +275,7 @@ def cmd_train_checker(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import METHODS, evaluate
+    from .tiny_world.evaluate import METHODS, evaluate
 
     args.methods = args.methods or METHODS
     s = evaluate(args.model, args.out, scenes=args.scenes, steps=args.steps, refresh=args.refresh,
@@ -449,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.set_defaults(func=cmd_train_checker)
 
     ev = sub.add_parser("evaluate", help="tiny world: baseline vs EM vs EM without CRF vs true masks")
-    ev.add_argument("--model", default=str(Path(__file__).parent / "models" / "tiny_world"))
+    ev.add_argument("--model", default=str(SHIPPED_MODEL))
     ev.add_argument("--out", required=True)
     ev.add_argument("--scenes", type=int, default=30)
     ev.add_argument("--steps", type=int, default=200)

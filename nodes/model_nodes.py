@@ -6,15 +6,16 @@ from pathlib import Path
 
 import torch
 
-from em_core.model import load_bundle
-from em_core.single_file import bundle_from_comfy
+from em_core.model_io import load_bundle
+from em_core.model_io.single_file import bundle_from_comfy
+from em_core.tiny_world import SHIPPED_MODEL
 
 from . import host
 
 CATEGORY = "concept_em"
 MODEL = "CONCEPT_EM_MODEL"
 SHIPPED = "tiny_world (shipped)"
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "em_core" / "models" / "tiny_world"
+SHIPPED_DIR = SHIPPED_MODEL
 DIFFUSERS_FALLBACK = Path("models") / "diffusers"  # outside ComfyUI
 
 

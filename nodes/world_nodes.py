@@ -1,8 +1,8 @@
 """A tiny-world scene as an IMAGE, so the shipped tiny workflow needs no input file."""
 from __future__ import annotations
 
-from em_core.evaluate import concept_task
-from em_core.scenes import random_scene
+from em_core.tiny_world.evaluate import concept_task
+from em_core.tiny_world.scenes import random_scene
 
 from .convert import pil_to_images
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from em_core.model import load_bundle
-from em_core.scenes import make_scene
-from em_core.tiny_model import make_tiny_model
+from em_core.model_io import load_bundle
+from em_core.tiny_world.scenes import make_scene
+from em_core.tiny_world.tiny_model import make_tiny_model
 
 SHARED_SCENES = Path(__file__).resolve().parents[2] / "shared" / "data" / "scenes"
 

@@ -5,7 +5,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from em_core.attention import AttentionCapture, CaptureProcessor, concept_selector, select_layers
 from em_core.concepts import ConceptSet, encode_prompts, injected
-from em_core.tiny_model import SD15
+from em_core.tiny_world.tiny_model import SD15
 
 
 def _sd15_unet_meta():

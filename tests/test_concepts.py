@@ -71,7 +71,7 @@ def test_bad_concept_name(bundle):
 
 def test_concept_ids_are_the_same_in_a_fresh_model_and_prompts_refuse_uninjected_concepts(tiny_dir):
     """A fresh process must get the ids the run was trained with (issue 13)."""
-    from em_core.model import load_bundle
+    from em_core.model_io import load_bundle
 
     first = load_bundle(tiny_dir)
     cs = ConceptSet.create(first, ["[v1]", "[v2]"])

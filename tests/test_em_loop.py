@@ -219,7 +219,7 @@ def test_tokens_start_from_their_init_word_and_the_shared_model_never_changes(bu
 
 
 def test_a_non_square_image_runs_end_to_end(bundle, tmp_path):
-    from em_core.scenes import make_scene
+    from em_core.tiny_world.scenes import make_scene
 
     img = make_scene(seed=3).image.resize((120, 64))
     img.save(tmp_path / "wide.png")

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from em_core.concept_file import load_concepts, save_concepts
 from em_core.finetune import _adamw
-from em_core.single_file import load_single_file
+from em_core.model_io.single_file import load_single_file
 from em_core.state import load_state, save_state
 from nodes import host
 from test_hardening import _full_weights, _state
@@ -119,7 +119,7 @@ def _files(kind: str, bundle, tmp_path) -> tuple[Path, callable, str]:
         return tmp_path / f"{kind}.safetensors", lambda: load_state(tmp_path), "em_core.state"
     path = tmp_path / "model.safetensors"
     save_file({"cond_stage_model.transformer.x": torch.zeros(4)}, str(path))  # names an SD 1.x file
-    return path, lambda: load_single_file(path), "em_core.single_file"
+    return path, lambda: load_single_file(path), "em_core.model_io.single_file"
 
 
 KINDS = ["concepts", "state", "weights", "checkpoint"]

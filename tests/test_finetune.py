@@ -14,7 +14,7 @@ from em_core.em_loop import learn, start_state
 from em_core.export import check_export_name, export_concepts, kohya_name, lora_from_delta
 from em_core.finetune import FinetuneConfig, finetune
 from em_core.generate import generate
-from em_core.model import load_bundle
+from em_core.model_io import load_bundle
 from em_core.weights import TunedWeights, applied
 
 DATA = Path(__file__).parent / "data"
@@ -118,7 +118,7 @@ def test_bundle_file_checks_model_and_integrity(bundle, learned, tmp_path, tiny_
     assert torch.equal(same.concepts.vectors, tuned.concepts.vectors)
     assert np.array_equal(same.masks[0], tuned.masks[0])
     assert same.meta["history"]["finetune"][0]["phase"] == "finetune"
-    from em_core.tiny_model import build_model
+    from em_core.tiny_world.tiny_model import build_model
 
     other = build_model("tiny", seed=5)
     with pytest.raises(ValueError, match="learned on another base model"):
@@ -173,7 +173,7 @@ def test_exported_lora_names_are_ones_comfyui_loads_for_sd15_modules(kind, data)
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from em_core.tiny_model import SD15
+    from em_core.tiny_world.tiny_model import SD15
     from em_core.weights import LORA_TARGETS
 
     accepted = json.loads((DATA / data).read_text())
@@ -209,7 +209,7 @@ def test_exported_loras_of_a_family_shaped_model_carry_only_keys_comfyui_loads(f
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from em_core.export import lora_state_dict
-    from em_core.sd_configs import family_config
+    from em_core.model_io.sd_configs import family_config
     from em_core.weights import ADAPTER, lora_injected
 
     cfg = family_config(family, prediction)

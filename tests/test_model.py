@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from em_core.cli import main
-from em_core.model import load_bundle
+from em_core.model_io import load_bundle
 
 
 def test_make_tiny_model_cli_writes_a_diffusers_folder(tmp_path):

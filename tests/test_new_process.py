@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from em_core.cli import main
 from em_core.dataset import prepare_image
 from em_core.finetune import FinetuneConfig, finetune
-from em_core.model import load_bundle
+from em_core.model_io import load_bundle
 from em_core.state import load_state
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -167,7 +167,7 @@ def test_save_load_export_overlay(bundle, started, tmp_path, monkeypatch, tiny_d
     assert loaded.state.concepts.names == run.state.concepts.names and loaded.images == ()
     with pytest.raises(ValueError, match="without its images"):
         EMTokenStep().run(bundle, loaded, 1, 5e-4, 1e-2, 0, True, 4, True)
-    from em_core.tiny_model import build_model
+    from em_core.tiny_world.tiny_model import build_model
 
     with pytest.raises(ValueError, match="another base model"):
         LoadConceptBundle().run(build_model("tiny", seed=9), "trio_00001_.safetensors", False)
@@ -193,8 +193,8 @@ def test_bridge_from_comfyui_layout_state_dicts_of_an_sd15_shaped_model():
     clip_l.transformer.* Hugging Face names; VAE: LDM names)."""
     from types import SimpleNamespace
 
-    from em_core.ldm_layout import unet_to_ldm, vae_to_ldm
-    from em_core.tiny_model import build_model
+    from em_core.model_io.ldm_layout import unet_to_ldm, vae_to_ldm
+    from em_core.tiny_world.tiny_model import build_model
     from nodes.model_nodes import ConceptModelFromCheckpoint
 
     torch.set_num_threads(2)

@@ -153,11 +153,11 @@ def test_the_precision_the_user_loaded_is_kept(monkeypatch):
 def test_bridged_modules_are_built_in_the_loaded_dtype(monkeypatch):
     """The engine's modules hold the dtype they are given, with the weights' values (checked with the
     tiny model's sizes: an SD model's would take minutes here)."""
-    import em_core.single_file as sf
+    import em_core.model_io.single_file as sf
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from em_core.tiny_model import SD_SCHEDULER, TINY
+    from em_core.tiny_world.tiny_model import SD_SCHEDULER, TINY
 
     text_cfg = dict(TINY["text"], vocab_size=49408, max_position_embeddings=77)
     cfg = {"unet": TINY["unet"], "vae": TINY["vae"], "text": text_cfg, "scheduler": SD_SCHEDULER,

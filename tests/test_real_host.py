@@ -352,9 +352,9 @@ def _umask() -> int:
 def test_the_sd_workflows_run_on_a_random_sd15_checkpoint(server):
     from safetensors.torch import save_file
 
-    from em_core.ldm_layout import bundle_to_ldm
-    from em_core.scenes import make_scene
-    from em_core.tiny_model import build_model
+    from em_core.model_io.ldm_layout import bundle_to_ldm
+    from em_core.tiny_world.scenes import make_scene
+    from em_core.tiny_world.tiny_model import build_model
 
     ckpt = server.base / "models" / "checkpoints" / "concept_em_random_sd15.safetensors"
     ckpt.parent.mkdir(parents=True, exist_ok=True)

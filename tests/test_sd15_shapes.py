@@ -7,7 +7,7 @@ from conftest import real_scenes
 from em_core.config import LearnConfig
 from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
-from em_core.tiny_model import build_model
+from em_core.tiny_world.tiny_model import build_model
 
 SCENES = real_scenes()
 

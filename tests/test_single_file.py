@@ -3,11 +3,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from em_core.ldm_layout import bundle_to_ldm
-from em_core.model import load_bundle
-from em_core.sd_configs import FAMILIES, detect_family
-from em_core.single_file import clip_tokenizer, load_single_file, state_dict_to_bundle
-from em_core.tiny_model import build_model
+from em_core.model_io.ldm_layout import bundle_to_ldm
+from em_core.model_io import load_bundle
+from em_core.model_io.sd_configs import FAMILIES, detect_family
+from em_core.model_io.single_file import clip_tokenizer, load_single_file, state_dict_to_bundle
+from em_core.tiny_world.tiny_model import build_model
 
 
 @pytest.mark.slow
@@ -76,7 +76,7 @@ SD15_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.w
 
 
 def test_prediction_type_of_a_single_file():
-    from em_core.single_file import prediction_type_of
+    from em_core.model_io.single_file import prediction_type_of
 
     assert prediction_type_of("sd15", {SD15_KEY}) == "epsilon"  # SD 1.x: always epsilon unless told
     assert prediction_type_of("sd15", {SD15_KEY, "v_pred"}) == "epsilon"
@@ -91,7 +91,7 @@ def test_prediction_type_of_a_single_file():
 
 
 def test_family_config_sets_the_side_from_the_prediction_type():
-    from em_core.sd_configs import family_config
+    from em_core.model_io.sd_configs import family_config
 
     base, v = family_config("sd2", "epsilon"), family_config("sd2", "v_prediction")
     assert base["scheduler"]["prediction_type"] == "epsilon" and base["unet"]["sample_size"] * 8 == 512
@@ -104,7 +104,7 @@ def test_family_config_sets_the_side_from_the_prediction_type():
 
 
 def test_an_sd2_file_without_its_type_is_refused_before_its_weights_are_read(tmp_path, monkeypatch):
-    import em_core.single_file as sf
+    import em_core.model_io.single_file as sf
 
     path = tmp_path / "sd21.safetensors"
     save_file({SD2_KEY: torch.zeros(3, 1)}, str(path))
@@ -121,7 +121,7 @@ class _Built:
 
 
 def test_the_given_type_reaches_the_bundle(tmp_path, monkeypatch):
-    import em_core.single_file as sf
+    import em_core.model_io.single_file as sf
 
     seen = []
     monkeypatch.setattr(sf, "_assemble", lambda family, u, v, t, prediction, source, dtype=None:
@@ -138,7 +138,7 @@ def test_the_given_type_reaches_the_bundle(tmp_path, monkeypatch):
 
 
 def test_bridged_sd2_needs_comfyuis_type():
-    from em_core.single_file import bundle_from_comfy
+    from em_core.model_io.single_file import bundle_from_comfy
 
     with pytest.raises(ValueError, match="prediction_type"):
         bundle_from_comfy({}, {"clip_h.transformer.text_model.x": torch.zeros(1)}, {}, None)

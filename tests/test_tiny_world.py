@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from em_core.checker import Checker, judge, load_checker, save_checker
+from em_core.tiny_world.checker import Checker, judge, load_checker, save_checker
 from em_core.plot import line_chart
-from em_core.scenes import HELD_OUT_SHAPES, SHAPES, SceneObject, random_scene, render
+from em_core.tiny_world.scenes import HELD_OUT_SHAPES, SHAPES, SceneObject, random_scene, render
 
-SHIPPED = Path(__file__).resolve().parents[1] / "em_core" / "models" / "tiny_world"
+SHIPPED = Path(__file__).resolve().parents[1] / "em_core" / "tiny_world" / "model"
 
 
 def test_scenes_are_seeded_and_masks_are_exact_and_disjoint():
@@ -66,7 +66,7 @@ def test_line_chart_draws_every_series():
 
 
 def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
-    from em_core.evaluate import METHODS, concept_task, eval_set, evaluate
+    from em_core.tiny_world.evaluate import METHODS, concept_task, eval_set, evaluate
 
     scenes = eval_set(6)
     assert [len(s.objects) for s in scenes] == [1, 2, 3, 2, 2, 3]
@@ -95,9 +95,9 @@ def test_the_shipped_model_learns_and_generates(tmp_path):
     from em_core.config import LearnConfig
     from em_core.dataset import prepare_image
     from em_core.em_loop import learn, start_state
-    from em_core.evaluate import concept_task
+    from em_core.tiny_world.evaluate import concept_task
     from em_core.generate import generate
-    from em_core.model import load_bundle
+    from em_core.model_io import load_bundle
 
     size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
     assert size <= 30 * 1024 * 1024 and (SHIPPED / "README.md").is_file() and (SHIPPED / "samples.png").is_file()

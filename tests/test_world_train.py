@@ -2,8 +2,8 @@
 loss that prefers maps binding each word to its own object over maps that mark the other one."""
 import torch
 
-from em_core.scenes import SceneObject, render
-from em_core.world_train import BindingStore, word_targets
+from em_core.tiny_world.scenes import SceneObject, render
+from em_core.tiny_world.world_train import BindingStore, word_targets
 
 
 def _scene():

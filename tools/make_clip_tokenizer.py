@@ -1,4 +1,4 @@
-"""Writes CLIP's BPE tokenizer files (vocab.json, merges.txt) for em_core/configs/clip_tokenizer.
+"""Writes CLIP's BPE tokenizer files (vocab.json, merges.txt) for em_core/model_io/configs/clip_tokenizer.
 
 CLIP's vocabulary is fully determined by its merge list: the 256 byte symbols, the same with
 '</w>', one entry per merge, then the two special tokens (49408 in all). The merge list is the
@@ -14,9 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from em_core.tokenizer_build import _bytes_to_unicode
+from em_core.tiny_world.tokenizer_build import _bytes_to_unicode
 
-OUT = Path(__file__).resolve().parents[1] / "em_core" / "configs" / "clip_tokenizer"
+OUT = Path(__file__).resolve().parents[1] / "em_core" / "model_io" / "configs" / "clip_tokenizer"
 
 
 def main(bpe_path: str) -> None:

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .integrity import read_failure
-from .model import ModelBundle
+from ..integrity import read_failure
+from .bundle import ModelBundle
 from .sd_configs import CLIP_TOKENIZER, SD2_HELP, check_prediction_type, detect_family, family_config
 
 # ComfyUI's Checkpoint Save marks a v-prediction model with this (empty) tensor; A1111 and the

@@ -10,7 +10,7 @@ import diffusers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .model import ModelBundle
+from ..model_io import ModelBundle
 from .tokenizer_build import save_tokenizer
 
 # The noise schedule Stable Diffusion 1.x was trained with.
@@ -57,7 +57,7 @@ def build_model(kind: str = "tiny", seed: int = 0, tokenizer_dir: str | Path | N
     import tempfile
 
     if kind == "sd15":  # real shapes: the real CLIP vocabulary the project ships
-        from .single_file import clip_tokenizer
+        from ..model_io.single_file import clip_tokenizer
 
         tokenizer = clip_tokenizer()
         if tokenizer_dir:

@@ -2,7 +2,7 @@
 (AutoencoderKL, UNet2DConditionModel with cross-attention, CLIPTextModel + CLIPTokenizer with
 the world's vocabulary) on procedural scenes, on the CPU, within a time budget.
 
-    python -m em_core train-tiny-world --out em_core/models/tiny_world --minutes 45
+    python -m em_core train-tiny-world --out em_core/tiny_world/model --minutes 45
 
 Phase 1 trains the VAE (L1 reconstruction + a small KL term), then the latent scale is set
 from the encoded latents' spread; phase 2 trains the U-Net and the text encoder together with
@@ -21,8 +21,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .attention import selected_maps
-from .model import ModelBundle
+from ..attention import selected_maps
+from ..model_io import ModelBundle
 from .scenes import TRAIN_SHAPES, WORDS, random_scene
 from .tiny_model import SD_SCHEDULER, save_bundle
 from .tokenizer_build import save_tokenizer
@@ -178,7 +178,7 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
     """
     from diffusers.training_utils import EMAModel
 
-    from .attention import LAYERS_ALL, AttentionCapture
+    from ..attention import LAYERS_ALL, AttentionCapture
 
     unet, text, tok, sched, vae = bundle.unet, bundle.text_encoder, bundle.tokenizer, bundle.scheduler, bundle.vae
     unet.train().requires_grad_(True)
@@ -241,7 +241,7 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
 def _previous(init_from) -> tuple[ModelBundle | None, dict | None]:
     if init_from is None:
         return None, None
-    from .model import load_bundle
+    from ..model_io import load_bundle
 
     init_from = Path(init_from)
     record = json.loads((init_from / "training.json").read_text())
@@ -387,8 +387,8 @@ def write_model_card(model_dir: str | Path, n: int = 8, seed: int = 123, guidanc
     """samples.png (generated images with their captions) and README.md for a trained world model."""
     from PIL import Image, ImageDraw
 
-    from .generate import generate
-    from .model import load_bundle
+    from ..generate import generate
+    from ..model_io import load_bundle
 
     model_dir = Path(model_dir)
     bundle = load_bundle(model_dir)
@@ -417,12 +417,12 @@ def write_model_card(model_dir: str | Path, n: int = 8, seed: int = 123, guidanc
     extras = _card_extras(runs, model_dir)
     card = f"""# tiny_world: a small latent diffusion model of Stable Diffusion's classes
 
-Trained by `python -m em_core train-tiny-world --out em_core/models/tiny_world --minutes 45`, then
-`... --minutes 45 --vae-share 0.33 --init-from em_core/models/tiny_world`, on {info['threads']} CPU
+Trained by `python -m em_core train-tiny-world --out em_core/tiny_world/model --minutes 45`, then
+`... --minutes 45 --vae-share 0.33 --init-from em_core/tiny_world/model`, on {info['threads']} CPU
 threads, {info['seconds']} s in all: {how}; seed {info['seed']}. Loads with diffusers'
 `StableDiffusionPipeline.from_pretrained(this_folder)` offline.
 {extras}
-- Data: procedural 64 px scenes of `em_core/scenes.py` drawn on the fly: 1-4 objects (shapes
+- Data: procedural 64 px scenes of `em_core/tiny_world/scenes.py` drawn on the fly: 1-4 objects (shapes
   circle, square, triangle, diamond; 8 colours; plain, striped or dotted) on grass, sand, water,
   brick or snow, captioned like "a red striped circle and a blue square on grass". The shapes
   star and cross are held out: the model never saw them, so they serve as new concepts to learn.

@@ -9,7 +9,7 @@
 - readback: single-object captions generated and read back by the checker (colour, shape),
   `evaluate.caption_fidelity`.
 
-    python benchmarks/world_binding.py --model em_core/models/tiny_world
+    python benchmarks/world_binding.py --model em_core/tiny_world/model
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import LAYERS_ALL, AttentionCapture, selected_maps
+from ..attention import LAYERS_ALL, AttentionCapture, selected_maps
 from .scenes import TRAIN_SHAPES, random_scene
 
 GROUPS = ("down", "mid", "up", "all")

@@ -16,7 +16,7 @@ and the report gives the mask IoU against the truth per method and per refresh (
 plot) and the fidelity of images generated from each learned object concept, judged by the
 checker (colour and shape read back from the render).
 
-    python -m em_core evaluate --model em_core/models/tiny_world --out eval-out [--scenes 30 --steps 200]
+    python -m em_core evaluate --model em_core/tiny_world/model --out eval-out [--scenes 30 --steps 200]
 """
 from __future__ import annotations
 
@@ -26,16 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import inside, prepare_out, write_atomic, write_json
-from .attention import AttentionCapture
-from .config import LearnConfig
-from .dataset import prepare_image
-from .em_loop import learn, start_state
-from .generate import generate
-from .masks import estimate_masks, iou, normalise
-from .metrics import iou_curve
-from .plot import line_chart
-from .provenance import provenance
+from ..atomic import inside, prepare_out, write_atomic, write_json
+from ..attention import AttentionCapture
+from ..config import LearnConfig
+from ..dataset import prepare_image
+from ..em_loop import learn, start_state
+from ..generate import generate
+from ..masks import estimate_masks, iou, normalise
+from ..metrics import iou_curve
+from ..plot import line_chart
+from ..provenance import provenance
 from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
 
 METHODS = ("baseline", "em", "em_50_independent", "em_step_maps", "em_no_crf", "em_background", "true_masks",
@@ -151,7 +151,7 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
              gen_steps: int = 25, guidance: float = 4.0, checker_path: str | None = None, seed: int = 0,
              quality_images: int = 48, methods=METHODS, log=print) -> dict:
     from .checker import judge, load_checker
-    from .model import load_bundle
+    from ..model_io import load_bundle
 
     out = prepare_out(out)
     bundle = load_bundle(model)
