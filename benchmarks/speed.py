@@ -6,8 +6,8 @@ Prints a table and writes JSON. Each ratio is measured in one run, same machine 
 - em_run: whole `learn` runs (first mask estimate, refreshes with DenseCRF, all steps) / the same
   number of plain steps, one timed after each of the run's steps so that the machine's drift
   weighs on both, `--run-repeats` times (lower median); `--run-steps` steps, refresh
-  every `--refresh` steps, refreshes from `--mask-source` (fresh U-Net passes over
-  `--refresh-timesteps`, or the maps the steps computed); plus a refresh timed alone and the ratio
+  every `--refresh` steps, each refresh fresh U-Net passes over
+  `--refresh-timesteps`; plus a refresh timed alone and the ratio
   of a `--project` run (default 400 steps, refresh every 50) from the measured parts;
 - mask_init: 50 timesteps in batched calls (the runs' `mask_batch`) that stop after the last
   captured layer / the straightforward one-by-one loop over full U-Net calls (plus the two halves
@@ -154,7 +154,7 @@ def interleaved_run(bundle, img, cfg: LearnConfig, init_words: dict | None = Non
     return clock() - t0 - plain["spent"], plain["s"], done
 
 
-def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str = "fresh",
+def bench_run(bundle, img, steps: int, refresh: int, timesteps: int,
               refresh_timesteps: int = LearnConfig.refresh_timesteps, repeats: int = 3) -> dict:
     """Whole runs against as many plain steps interleaved with them, `repeats` times; median ratio.
 
@@ -164,7 +164,7 @@ def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str
     as shares of the plain steps' time, the three add up to ratio - 1.
     """
     cfg = LearnConfig(steps=steps, refresh_every=refresh, mask_timesteps=timesteps, save_every=10 ** 9,
-                      mask_source=source, refresh_timesteps=refresh_timesteps)
+                      refresh_timesteps=refresh_timesteps)
     runs, plains, done = [], [], []
     for _ in range(repeats):
         run_s, plain_s, state = interleaved_run(bundle, img, cfg)
@@ -190,7 +190,7 @@ def bench_run(bundle, img, steps: int, refresh: int, timesteps: int, source: str
             "split": split, "in_run_s": {"token_steps": steps_s, "first_estimate": init_s, "refreshes": refreshes_s},
             "first_estimate_s": t_init, "refresh_s": t_refresh, "steps": steps,
             "refresh_every": refresh, "refresh_timesteps": refresh_timesteps,
-            "refreshes": len(records) - 1, "mask_source": source}
+            "refreshes": len(records) - 1}
 
 
 def bench_mask_init(bundle, img, concepts, timesteps: int, repeats: int = 1, batches=()) -> dict:
@@ -311,7 +311,6 @@ def main() -> None:
     ap.add_argument("--refresh", type=int, default=50)
     ap.add_argument("--timesteps", type=int, default=50, help="of the first mask estimate, and of mask_init")
     ap.add_argument("--refresh-timesteps", type=int, default=LearnConfig.refresh_timesteps)
-    ap.add_argument("--mask-source", choices=["fresh", "training"], default="fresh")
     ap.add_argument("--project", type=int, nargs=2, default=(400, 50), metavar=("STEPS", "EVERY"),
                     help="also give the whole-run ratio of this many steps refreshed this often, from the measured "
                          "step, first estimate and refresh times")
@@ -335,11 +334,10 @@ def main() -> None:
     if "em_step" in only:
         rows["em_step"] = bench_steps(bundle, img, concepts, latent, args.rounds, args.per_round)
     if "em_run" in only:
-        rows["em_run"] = bench_run(bundle, img, args.run_steps, args.refresh, args.timesteps, args.mask_source,
+        rows["em_run"] = bench_run(bundle, img, args.run_steps, args.refresh, args.timesteps,
                                    args.refresh_timesteps, args.run_repeats)
-    # A longer run from its measured parts; `refresh_s` times a fresh refresh, so this does not
-    # apply to refreshes from the steps' own maps.
-    if "em_step" in rows and "em_run" in rows and args.mask_source == "fresh":
+    # A longer run from its measured parts.
+    if "em_step" in rows and "em_run" in rows:
         n, every = args.project
         step, plain, run = rows["em_step"]["em_step_s"], rows["em_step"]["plain_step_s"], rows["em_run"]
         refreshes = len(range(every, n, every))

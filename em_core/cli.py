@@ -109,7 +109,7 @@ def cmd_learn(args) -> int:
         config = LearnConfig(
             steps=args.steps, lr=args.lr, attn_weight=args.attn_weight, refresh_every=args.refresh_every,
             mask_timesteps=args.mask_timesteps, refresh_timesteps=args.refresh_timesteps,
-            timestep_sampling=args.timestep_sampling, mask_source=args.mask_source, crf_overlap=args.crf_overlap,
+            timestep_sampling=args.timestep_sampling,
             threshold=args.threshold, crf=CRFParams.preset(args.crf_preset),
             use_crf=not args.no_crf, warmup_steps=args.warmup_steps, flip=not args.no_flip,
             mask_layers=args.mask_layers or args.layers or d.mask_layers,
@@ -434,10 +434,6 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--refresh-timesteps", type=int, default=d.refresh_timesteps, help="timesteps of each later refresh")
     l.add_argument("--timestep-sampling", choices=["stratified", "uniform"], default=d.timestep_sampling,
                    help="one timestep per equal slice of the schedule, or independent draws")
-    l.add_argument("--mask-source", choices=["fresh", "training"], default=d.mask_source,
-                   help="refresh masks from new U-Net passes (fresh) or from the maps the steps computed (training)")
-    l.add_argument("--crf-overlap", type=int, default=d.crf_overlap,
-                   help="steps to go on with the old masks while DenseCRF runs in a worker process (0: in place)")
     l.add_argument("--threshold", type=float, default=d.threshold)
     l.add_argument("--no-crf", action="store_true")
     l.add_argument("--crf-preset", choices=sorted(PRESETS), default=d.crf.preset_name() or "cutler",

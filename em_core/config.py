@@ -14,25 +14,15 @@ class LearnConfig:
     attn_weight: float = 1e-2
     refresh_every: int = 50  # re-estimate masks every this many EM steps (0: never)
     mask_timesteps: int = 50  # timesteps of the first estimate (the paper's 50)
-    # Timesteps of each later refresh with mask_source 'fresh'. 30 stratified timesteps estimate the
+    # Timesteps of each later refresh. 30 stratified timesteps estimate the
     # averaged map as closely as the paper's 50 independent ones (benchmarks/mask_estimate_error.py)
     # at 60% of the U-Net passes.
     refresh_timesteps: int = 30
     # 'stratified': one random timestep in each of N equal slices of the schedule; 'uniform': N
     # independent draws (what the paper describes, and what runs saved before this setting used).
     timestep_sampling: str = "stratified"
-    # Where refreshes get their maps: 'fresh' (the paper's E-step) runs new U-Net calls over
-    # `refresh_timesteps` random timesteps with the full prompt; 'training' averages the maps the token
-    # steps since the last refresh already computed for the attention loss, from steps whose prompt
-    # named all of the image's concepts: no extra U-Net calls, but fewer and noisier maps, and
-    # measurably worse masks on the tiny world (before issue 15: docs/history/tiny_world_eval/report.md).
-    mask_source: str = "fresh"
     mask_batch: int = 10  # timesteps per U-Net call when estimating masks
     threshold: float = 0.5
-    # Steps the token loop goes on with the old masks while a refresh's DenseCRF runs in a worker
-    # process (it holds the GIL, so a thread cannot overlap it); 0: refine in place. Helps where
-    # the U-Net leaves a CPU core idle, as on a GPU.
-    crf_overlap: int = 0
     use_crf: bool = True
     crf: CRFParams = field(default_factory=CRFParams)
     warmup_steps: int = 0  # plain textual inversion without masks, before the first mask estimate
@@ -70,7 +60,6 @@ class LearnConfig:
             "mask_batch": self.mask_batch >= 1, "threshold": 0.0 <= self.threshold < 1.0,
             "warmup_steps": self.warmup_steps >= 0, "save_every": self.save_every >= 1,
             "resolution": self.resolution is None or self.resolution >= 8,
-            "mask_source": self.mask_source in ("training", "fresh"), "crf_overlap": self.crf_overlap >= 0,
             "mask_layers": self.mask_layers in ("coarse", "all"), "loss_layers": self.loss_layers in ("coarse", "all"),
             "mask_t_range": self.mask_t_range is None or (len(self.mask_t_range) == 2
                                                           and 0 <= self.mask_t_range[0] < self.mask_t_range[1]),
@@ -87,6 +76,8 @@ class LearnConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LearnConfig":
+        """The settings saved in a state or concept file. Settings since removed are dropped
+        (`removed_settings` tells whether a saved run used one)."""
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         # A run saved before these settings existed goes on as it began.
@@ -96,3 +87,13 @@ class LearnConfig:
             kw.setdefault("mask_layers", d["layers"])
             kw.setdefault("loss_layers", d["layers"])
         return cls(**kw)
+
+
+# Settings removed in issue 18, and the value that meant "off" (what every run has now).
+REMOVED = {"mask_source": "fresh", "crf_overlap": 0}
+
+
+def removed_settings(d: dict) -> list[str]:
+    """The removed settings a saved config used with another value than the one every run has now:
+    such a run cannot go on as it began."""
+    return [f"{k}={d[k]!r}" for k, off in REMOVED.items() if k in d and d[k] != off]

@@ -283,21 +283,11 @@ def _check_state(check: Checker, meta: dict, tensors: dict) -> None:
     images = check.images(meta["images"], names)
     n = len(images)
     check.masks(tensors, "masks", images)
-    check.masks(tensors, "pending_refresh", images)
-    check.masks(tensors, "map_sums", images, dtypes=FLOATS, exact_size=False)
-    for i in range(n):
-        key = f"map_counts.{i}"
-        if (key in tensors) != (f"map_sums.{i}" in tensors):
-            check.fail(f"tensor {key!r}", "map sums and counts come in pairs")
-        if key in tensors:
-            t = check.tensor(tensors, key, ndim=1, shape=(len(images[i]["names"]),))
-            if t.numel() and float(t.min()) < 0:
-                check.fail(f"tensor {key!r}", "negative counts")
     steps = meta["mask_history_steps"]
     if not isinstance(steps, list):
         check.fail("header 'mask_history_steps'", "not a list")
     expected = {"concepts.vectors", "optimizer.exp_avg", "optimizer.exp_avg_sq"}
-    expected |= {f"{p}.{i}" for p in ("masks", "pending_refresh", "map_sums", "map_counts") for i in range(n)}
+    expected |= {f"{p}.{i}" for p in ("masks",) for i in range(n)}
     for r in range(len(steps)):  # the history keeps each refresh's maps at their own grid
         for i in range(n):
             key = f"mask_history.{r}.{i}"

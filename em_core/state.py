@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import inside, prepare_out, write_atomic, write_json
 from .concepts import ConceptSet
-from .config import LearnConfig
+from .config import LearnConfig, removed_settings
 from .images import mask_to_image
 from .integrity import (DIGEST_KEY, MOMENTS_AGAIN, BadFile, check_moments_file, check_state, check_weights_file,
                         hash_tensor, read_failure, with_digest)
@@ -51,13 +51,6 @@ class LearnState:
     # The fine-tune's AdamW state: {"step": fine-tune step, "state": {name: {step, exp_avg, exp_avg_sq}}};
     # shared between copies, never changed in place (the fine-tune restores copies of it).
     finetune_optimizer: dict | None = None
-    # Per image: sums of the (K_i, h, w) maps the token steps captured since the last refresh,
-    # and how many maps each concept got (K_i,); what a 'training'-sourced refresh averages.
-    map_sums: list = field(default_factory=list)
-    map_counts: list = field(default_factory=list)
-    # A refresh whose DenseCRF runs beside the token steps (config.crf_overlap): step, apply_at,
-    # kind, source, and "masks", the per-image masks before the CRF (None: image unchanged).
-    pending_refresh: dict | None = None
 
     def copy(self) -> "LearnState":
         return LearnState(
@@ -73,10 +66,6 @@ class LearnState:
                 self.weights.kind, {k: v.clone() for k, v in self.weights.tensors.items()}, self.weights.rank,
                 self.weights.alpha),
             finetune=json.loads(json.dumps(self.finetune)), finetune_optimizer=self.finetune_optimizer,
-            map_sums=[None if m is None else m.clone() for m in self.map_sums],
-            map_counts=[None if c is None else c.clone() for c in self.map_counts],
-            pending_refresh=None if self.pending_refresh is None else {
-                **self.pending_refresh, "masks": [None if m is None else m.copy() for m in self.pending_refresh["masks"]]},
         )
 
     def concept_mask(self, image_index: int, name: str) -> np.ndarray:
@@ -94,8 +83,6 @@ class LearnState:
             "mask_history_steps": [h["step"] for h in self.mask_history],
             "finetune": self.finetune, "weights": None if self.weights is None else self.weights.meta(),
             "finetune_optimizer_step": None if self.finetune_optimizer is None else self.finetune_optimizer["step"],
-            "pending_refresh": None if self.pending_refresh is None else {
-                k: v for k, v in self.pending_refresh.items() if k != "masks"},
         }
 
 
@@ -211,14 +198,6 @@ def save_state(state: LearnState, out: str | Path) -> Path:
     for i, m in enumerate(state.masks):
         if m is not None:
             tensors[f"masks.{i}"] = torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8))
-    for i, (m, c) in enumerate(zip(state.map_sums, state.map_counts)):
-        if m is not None:
-            tensors[f"map_sums.{i}"] = m.detach().float().cpu().contiguous()
-            tensors[f"map_counts.{i}"] = c.detach().float().cpu().contiguous()
-    if state.pending_refresh is not None:
-        for i, m in enumerate(state.pending_refresh["masks"]):
-            if m is not None:
-                tensors[f"pending_refresh.{i}"] = torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8))
     for r, h in enumerate(state.mask_history):
         for i, m in enumerate(h["masks"]):
             tensors[f"mask_history.{r}.{i}"] = m.detach().to(torch.float16).cpu().contiguous()
@@ -276,6 +255,11 @@ def load_state(out: str | Path) -> LearnState:
         raise read_failure("state", path, exc, "rerun `learn` into a fresh folder") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"state: {path} is not an em_core state file (format {FORMAT})")
+    removed = removed_settings(meta.get("config") or {})
+    if removed:
+        raise ValueError(f"state: {path} is a run with {', '.join(removed)}, settings this version no longer has "
+                         "(removed in issue 18: neither measured better than the default); it cannot go on as it "
+                         "began. Its concepts.safetensors still loads; learn afresh into a new folder to go on")
     check_state(path, header, meta, tensors)
     concepts = ConceptSet(meta["concepts"], meta["init_words"], tensors["concepts.vectors"])
     masks = []
@@ -287,13 +271,6 @@ def load_state(out: str | Path) -> LearnState:
                               if f"mask_history.{r}.{i}" in tensors]}
         for r, s in enumerate(meta["mask_history_steps"])
     ]
-    n = len(meta["images"])
-    map_sums = [tensors.get(f"map_sums.{i}") for i in range(n)]
-    map_counts = [tensors.get(f"map_counts.{i}") for i in range(n)]
-    pending = meta.get("pending_refresh")
-    if pending is not None:
-        pending = {**pending, "masks": [None if f"pending_refresh.{i}" not in tensors
-                                        else tensors[f"pending_refresh.{i}"].numpy().astype(bool) for i in range(n)]}
     optimizer = None
     if "optimizer.exp_avg" in tensors:
         optimizer = {"exp_avg": tensors["optimizer.exp_avg"], "exp_avg_sq": tensors["optimizer.exp_avg_sq"],
@@ -319,6 +296,4 @@ def load_state(out: str | Path) -> LearnState:
         concepts=concepts, images=meta["images"], config=LearnConfig.from_dict(meta["config"]), masks=masks,
         fixed=meta["fixed"], step=meta["step"], history=history, mask_history=mask_history, optimizer=optimizer,
         status=meta["status"], message=meta["message"], model=meta["model"],
-        map_sums=map_sums if any(m is not None for m in map_sums) else [],
-        map_counts=map_counts if any(c is not None for c in map_counts) else [], pending_refresh=pending,
     )

@@ -33,13 +33,11 @@ def diffusion_target(scheduler, latents, noise, t):
 
 def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tensor, latent_masks: list, token_id: dict,
                       step: int, seed: int, flip: bool, attn_weight: float, capture: AttentionCapture,
-                      warmup: bool = False, on_maps=None) -> tuple[torch.Tensor, dict]:
+                      warmup: bool = False) -> tuple[torch.Tensor, dict]:
     """The loss of step `step` and a record of what it drew.
 
     `warmup` is plain textual inversion: the image's own prompt, no masks, no attention loss.
     `capture` None: the masked diffusion loss alone, with the U-Net's own (fused) attention.
-    `on_maps(image index, concept indices, maps)` receives the step's detached (K, h, w) maps,
-    flipped back if the step flipped the image.
     """
     b = bundle
     gen, rnd = step_rng(seed, step)
@@ -80,9 +78,6 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
     if bool((select.sum(1) == 0).any()):
         raise ValueError(f"prompt {prompt!r} lost a concept token to truncation")
     pred, maps = capture.run(select, img.latent_hw, unet)
-    if on_maps is not None:
-        seen = maps[0].detach()
-        on_maps(i, idx, seen.flip(-1) if flip else seen)
     lm = masked_diffusion_loss(pred, target, union)
     la = attention_loss(maps, m[None], torch.ones(1, len(idx), dtype=torch.bool, device=maps.device))
     loss = lm + attn_weight * la

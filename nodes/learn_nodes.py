@@ -271,10 +271,6 @@ class EMTokenStep:
                                           "timesteps (stratified) of each refresh; 30 match the accuracy of 50 "
                                           "independent ones"}),
             "flip": ("BOOLEAN", {"default": True, "tooltip": "train on mirrored images half of the time"}),
-            "mask_source": (["fresh", "training"], {
-                "default": "fresh",
-                "tooltip": "fresh: new U-Net passes over refresh_timesteps timesteps at each refresh (the paper); "
-                           "training: from the maps the steps already computed (almost free, noisier masks)"}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = (STATE, "MASK", "IMAGE")
@@ -288,16 +284,16 @@ class EMTokenStep:
     @host.trains
     @host.owns_device
     def run(self, em_model, concepts, steps, learning_rate, attention_loss_weight, refresh_every, use_crf,
-            refresh_timesteps, flip, mask_source="fresh", unique_id=None):
+            refresh_timesteps, flip, unique_id=None):
         concepts.require_images("EM Token Step")
         state = concepts.state.copy()
         done = state.step - state.config.warmup_steps
         cfg = state.config
         cfg.steps, cfg.lr, cfg.attn_weight, cfg.refresh_every = done + steps, learning_rate, attention_loss_weight, \
             refresh_every
-        cfg.use_crf, cfg.refresh_timesteps, cfg.flip, cfg.mask_source = use_crf, refresh_timesteps, flip, mask_source
+        cfg.use_crf, cfg.refresh_timesteps, cfg.flip = use_crf, refresh_timesteps, flip
         settings = dict(steps=steps, lr=learning_rate, attn=attention_loss_weight, refresh=refresh_every,
-                        crf=use_crf, refresh_timesteps=refresh_timesteps, flip=flip, source=mask_source)
+                        crf=use_crf, refresh_timesteps=refresh_timesteps, flip=flip)
         folder = resume.checkpoint_dir("em", resume.run_key("em", em_model, concepts, settings))
         state, since = resume.resumed(folder, state, lambda s: s.step)
         feed = LiveFeed(unique_id, steps, concepts.images, resumed_at=None if since is None else since - done)
