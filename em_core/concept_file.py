@@ -176,6 +176,20 @@ def _check_bundle(check: Checker, meta: dict, tensors: dict, bundle) -> None:
         check.fail("header 'weights'", "null, but the file holds weights")
 
 
+def state_from_concepts(cb: ConceptBundle):
+    """A LearnState holding a loaded concept file's concepts, masks, weights and history (status
+    'loaded'), for generating or exporting; learning further needs the images, which it lacks."""
+    from .config import LearnConfig
+    from .state import LearnState
+
+    meta = cb.meta
+    return LearnState(concepts=cb.concepts, images=meta.get("images") or [],
+                      config=LearnConfig.from_dict(meta.get("learn_config") or {}), masks=list(cb.masks),
+                      fixed=[[] for _ in cb.masks], history=meta.get("history") or {"steps": [], "refreshes": []},
+                      weights=cb.weights, finetune=meta.get("finetune"), status="loaded",
+                      model=meta["base_model"]["source"])
+
+
 def save_run(state, bundle, out: str | Path) -> None:
     """A run's files: the resumable state and, beside it, OUT/concepts.safetensors; under the run
     folder's lock (refused while another process holds it)."""

@@ -9,6 +9,7 @@ threshold, DenseCRF.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -21,9 +22,10 @@ from .attention import AttentionCapture
 from .concept_file import save_run
 from .concepts import ConceptSet
 from .config import LearnConfig
+from .crf import CRFParams
 from .dataset import TrainImage
 from .eval_loss import fixed_noise_loss
-from .masks import estimate_masks, iou, latent_masks
+from .masks import estimate_masks, iou, latent_masks, refine_keeping
 from .state import LearnState
 from .training import concept_step_loss, saved_on_exit, step_rng
 
@@ -207,6 +209,11 @@ def _check_images(images: list[TrainImage], state: LearnState) -> None:
     for img, rec in zip(images, state.images):
         if img.names != rec["names"]:
             raise ValueError(f"image {rec['path']!r}: its concepts {img.names} differ from the state's {rec['names']}")
+
+
+def _trainable(images: list[TrainImage]) -> None:
+    """Latents made under inference mode (as ComfyUI runs nodes) cannot take part in autograd; copies can."""
+    for img in images:
         if img.latent_mean.is_inference():
             img.latent_mean, img.latent_std = img.latent_mean.clone(), img.latent_std.clone()
 
@@ -230,6 +237,7 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
     if out is not None:
         prepare_out(out)
     _check_images(images, state)
+    _trainable(images)
     _trim_history(state)
     cfg = state.config
     total = cfg.warmup_steps + cfg.steps
@@ -270,4 +278,35 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
                     on_step(state, info)
                 if out is not None and state.step % cfg.save_every == 0:
                     save_run(state, bundle, out)
+    return state
+
+
+# --- what the ComfyUI nodes (and any caller working step by step) need ------------------------------
+def continued(state: LearnState, steps: int, **settings) -> LearnState:
+    """A copy of `state` set to run `steps` more EM steps (beyond those it has done) with the given
+    LearnConfig fields changed, e.g. lr, refresh_every. `learn` then runs them."""
+    state = state.copy()
+    done = state.step - state.config.warmup_steps
+    state.config = dataclasses.replace(state.config, steps=done + steps, **settings)
+    return state
+
+
+def learn_more(bundle, images: list[TrainImage], state: LearnState, steps: int, *, out=None, should_stop=None,
+               on_step=None, progress: bool = True, **settings) -> LearnState:
+    """`steps` more EM steps on `state` (settings changed as in `continued`); `learn` with the count
+    relative to where the state stands rather than the run's total."""
+    return learn(bundle, images, continued(state, steps, **settings), out=out, should_stop=should_stop,
+                 on_step=on_step, progress=progress)
+
+
+def refine_state_masks(state: LearnState, images: list[TrainImage], params: CRFParams) -> LearnState:
+    """DenseCRF on every image's masks (user-fixed masks kept as given); a new state whose mask
+    history and refresh records show it as a 'crf' step."""
+    _check_images(images, state)
+    state = state.copy()
+    for i, img in enumerate(images):
+        state.masks[i] = refine_keeping(img, state.masks[i], params, set(state.fixed[i]))
+    state.mask_history.append({"step": state.step, "masks": [latent_masks(m, img.latent_hw)
+                                                             for m, img in zip(state.masks, images)]})
+    state.history["refreshes"].append({"step": state.step, "kind": "crf", "change": {}})
     return state

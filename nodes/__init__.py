@@ -8,36 +8,22 @@ from .output_nodes import (ApplyConceptsToModel, ConceptGenerate, ConceptTextEnc
                            LoadConceptBundle, MaskOverlayPreview, SaveConceptBundle)
 from .world_nodes import TinyWorldScene
 
-NODE_CLASS_MAPPINGS = {
-    "ConceptEM_ModelFromCheckpoint": ConceptModelFromCheckpoint,
-    "ConceptEM_ModelLoader": ConceptModelLoader,
-    "ConceptEM_AttentionMaskInit": AttentionMaskInit,
-    "ConceptEM_DenseCRFRefine": DenseCRFRefine,
-    "ConceptEM_EMTokenStep": EMTokenStep,
-    "ConceptEM_JointFinetune": JointFinetune,
-    "ConceptEM_Generate": ConceptGenerate,
-    "ConceptEM_SaveBundle": SaveConceptBundle,
-    "ConceptEM_LoadBundle": LoadConceptBundle,
-    "ConceptEM_Export": ExportConceptsForComfy,
-    "ConceptEM_MaskOverlay": MaskOverlayPreview,
-    "ConceptEM_ApplyToModel": ApplyConceptsToModel,
-    "ConceptEM_TextEncode": ConceptTextEncode,
-    "ConceptEM_TinyWorldScene": TinyWorldScene,
-}
-
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ConceptEM_ModelFromCheckpoint": "Concept EM Model (from checkpoint)",
-    "ConceptEM_ModelLoader": "Concept EM Model Loader",
-    "ConceptEM_AttentionMaskInit": "Attention Mask Init",
-    "ConceptEM_DenseCRFRefine": "DenseCRF Refine",
-    "ConceptEM_EMTokenStep": "EM Token Step",
-    "ConceptEM_JointFinetune": "Joint Finetune",
-    "ConceptEM_Generate": "Concept Generate",
-    "ConceptEM_SaveBundle": "Save Concept Bundle",
-    "ConceptEM_LoadBundle": "Load Concept Bundle",
-    "ConceptEM_Export": "Export Concepts (embeddings + LoRA)",
-    "ConceptEM_MaskOverlay": "Mask Overlay Preview",
-    "ConceptEM_ApplyToModel": "Apply Concepts To Model",
-    "ConceptEM_TextEncode": "Concept Text Encode",
-    "ConceptEM_TinyWorldScene": "Tiny World Scene",
-}
+# Each node once: its type name (what saved workflows refer to, never to change), class and title.
+NODES = [
+    ("ConceptEM_ModelFromCheckpoint", ConceptModelFromCheckpoint, "Concept EM Model (from checkpoint)"),
+    ("ConceptEM_ModelLoader", ConceptModelLoader, "Concept EM Model Loader"),
+    ("ConceptEM_AttentionMaskInit", AttentionMaskInit, "Attention Mask Init"),
+    ("ConceptEM_DenseCRFRefine", DenseCRFRefine, "DenseCRF Refine"),
+    ("ConceptEM_EMTokenStep", EMTokenStep, "EM Token Step"),
+    ("ConceptEM_JointFinetune", JointFinetune, "Joint Finetune"),
+    ("ConceptEM_Generate", ConceptGenerate, "Concept Generate"),
+    ("ConceptEM_SaveBundle", SaveConceptBundle, "Save Concept Bundle"),
+    ("ConceptEM_LoadBundle", LoadConceptBundle, "Load Concept Bundle"),
+    ("ConceptEM_Export", ExportConceptsForComfy, "Export Concepts (embeddings + LoRA)"),
+    ("ConceptEM_MaskOverlay", MaskOverlayPreview, "Mask Overlay Preview"),
+    ("ConceptEM_ApplyToModel", ApplyConceptsToModel, "Apply Concepts To Model"),
+    ("ConceptEM_TextEncode", ConceptTextEncode, "Concept Text Encode"),
+    ("ConceptEM_TinyWorldScene", TinyWorldScene, "Tiny World Scene"),
+]
+NODE_CLASS_MAPPINGS = {name: cls for name, cls, _ in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {name: title for name, _, title in NODES}

@@ -1,81 +1,28 @@
 """Nodes for learning concepts: mask init, DenseCRF, EM token steps, joint fine-tune."""
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
 from em_core.config import LearnConfig
 from em_core.crf import CRFParams, refine_masks
 from em_core.dataset import check_prompts, prepare_image
-from em_core.em_loop import learn, start_state
+from em_core.em_loop import continued, learn, refine_state_masks, start_state
 from em_core.finetune import FinetuneConfig, finetune
-from em_core.masks import latent_masks, refine_keeping
 from em_core.plot import line_chart
+from em_core.precision import PRECISIONS, float32_for_lora, mixed_precision_for
 
 from . import host, resume
+from .constants import CATEGORY, MODEL, STATE
 from .convert import images_to_pil, masks_to_tensor, pil_to_images
 from .live import LiveFeed, forward_warnings
 from .run_value import ConceptRun
 
-CATEGORY = "concept_em"
-STATE = "CONCEPT_EM_STATE"
-MODEL = "CONCEPT_EM_MODEL"
 CUTLER = CRFParams()  # the engine's defaults: CutLER's settings
 CUSTOM = "used when preset is custom (defaults: CutLER's)"
-PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
 LR_AUTO = "0 = auto: 2e-6 for full weights (Break-A-Scene), 1e-4 for LoRA (diffusers' LoRA examples)"
 EM_MODEL_TIP = "the model from Concept EM Model Loader or Concept EM Model (from checkpoint)"
 CONCEPTS_TIP = "the concept state from Attention Mask Init, DenseCRF Refine or another EM Token Step"
-
-
-def mixed_precision_for(choice: str, device) -> str:
-    """The fine-tune's mixed precision (the engine's no / fp16 / bf16) for the node's choice on the
-    model's device, refused with the input's name where the device cannot run it. auto: bf16 on a
-    CUDA GPU that has it, fp16 on one that has not, float32 elsewhere."""
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    if choice == "auto":
-        return "bf16" if bf16 else "fp16" if cuda else "no"
-    if choice == "fp32":
-        return "no"
-    if choice == "fp16":
-        if not cuda:
-            raise ValueError(f"mixed_precision: fp16 runs on CUDA GPUs only and the model is on {dev.type}; "
-                             "choose fp32 (or auto)")
-        return "fp16"
-    if choice == "bf16":
-        if cuda and not bf16:
-            raise ValueError(f"mixed_precision: this GPU ({torch.cuda.get_device_name(dev)}) does not support bf16; "
-                             "choose fp16, fp32 or auto")
-        if not cuda and dev.type != "cpu":
-            raise ValueError(f"mixed_precision: bf16 runs on CUDA GPUs that support it and on the CPU, not on "
-                             f"{dev.type}; choose fp32 (or auto)")
-        return "bf16"
-    raise ValueError(f"mixed_precision: {choice!r} is not one of {', '.join(PRECISIONS)}")
-
-
-@contextlib.contextmanager
-def float32_for_lora(bundle, mode: str):
-    """A LoRA fine-tune of a half-precision model runs on a float32 U-Net and text encoder: peft makes
-    each adapter in its layer's dtype, and AdamW steps on fp16 / bf16 adapters round away (fp16 ones
-    also fail the loss scaler). Afterwards they go back to the precision they had, exactly (half ->
-    float32 -> half changes no value). Full fine-tunes train float32 copies anyway, so their model
-    stays as loaded."""
-    modules = (bundle.unet, bundle.text_encoder)
-    was = [next(m.parameters()).dtype for m in modules]
-    lift = mode == "lora" and any(d != torch.float32 for d in was)
-    if lift:
-        for m in modules:
-            m.to(torch.float32)
-    try:
-        yield
-    finally:
-        if lift:
-            for m, d in zip(modules, was):
-                m.to(d)
 
 
 def parse_prompts(text: str, n_images: int) -> list[str]:
@@ -217,13 +164,7 @@ class DenseCRFRefine:
             params = CRFParams.preset(preset, max_side=working_side or None)
         if concepts is not None:
             concepts.require_images("DenseCRF Refine")
-            state = concepts.state.copy()
-            for i, img in enumerate(concepts.images):
-                state.masks[i] = refine_keeping(img, state.masks[i], params, set(state.fixed[i]))
-            state.mask_history.append({"step": state.step, "masks": [latent_masks(m, img.latent_hw)
-                                                                      for m, img in zip(state.masks, concepts.images)]})
-            state.history["refreshes"].append({"step": state.step, "kind": "crf", "change": {}})
-            run = concepts.with_state(state)
+            run = concepts.with_state(refine_state_masks(concepts.state, list(concepts.images), params))
             return run, state_masks(run)
         if image is None or mask is None:
             raise ValueError("DenseCRF Refine: connect either concepts, or an image and a mask")
@@ -286,12 +227,9 @@ class EMTokenStep:
     def run(self, em_model, concepts, steps, learning_rate, attention_loss_weight, refresh_every, use_crf,
             refresh_timesteps, flip, unique_id=None):
         concepts.require_images("EM Token Step")
-        state = concepts.state.copy()
-        done = state.step - state.config.warmup_steps
-        cfg = state.config
-        cfg.steps, cfg.lr, cfg.attn_weight, cfg.refresh_every = done + steps, learning_rate, attention_loss_weight, \
-            refresh_every
-        cfg.use_crf, cfg.refresh_timesteps, cfg.flip = use_crf, refresh_timesteps, flip
+        done = concepts.state.step - concepts.state.config.warmup_steps
+        state = continued(concepts.state, steps, lr=learning_rate, attn_weight=attention_loss_weight,
+                          refresh_every=refresh_every, use_crf=use_crf, refresh_timesteps=refresh_timesteps, flip=flip)
         settings = dict(steps=steps, lr=learning_rate, attn=attention_loss_weight, refresh=refresh_every,
                         crf=use_crf, refresh_timesteps=refresh_timesteps, flip=flip)
         folder = resume.checkpoint_dir("em", resume.run_key("em", em_model, concepts, settings))

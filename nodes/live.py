@@ -13,8 +13,9 @@ import numpy as np
 from PIL import Image
 
 from . import host
+from .constants import LOGGER
 
-LOG = logging.getLogger("concept_em")  # ComfyUI's log (its console and log file), line by line
+LOG = logging.getLogger(LOGGER)
 
 EVENT = "concept_em.progress"
 WARNING_EVENT = "concept_em.warning"

@@ -8,12 +8,12 @@ import torch
 
 from em_core.model_io import load_bundle
 from em_core.model_io.single_file import bundle_from_comfy
+from em_core.precision import compute_dtype
 from em_core.tiny_world import SHIPPED_MODEL
 
 from . import host
+from .constants import CATEGORY, MODEL
 
-CATEGORY = "concept_em"
-MODEL = "CONCEPT_EM_MODEL"
 SHIPPED = "tiny_world (shipped)"
 SHIPPED_DIR = SHIPPED_MODEL
 DIFFUSERS_FALLBACK = Path("models") / "diffusers"  # outside ComfyUI
@@ -21,7 +21,6 @@ DIFFUSERS_FALLBACK = Path("models") / "diffusers"  # outside ComfyUI
 
 FROM_MODEL = "from model"
 PREDICTIONS = [FROM_MODEL, "epsilon", "v_prediction"]
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def comfy_state_dicts(model, clip, vae) -> tuple[dict, dict, dict, str | None]:
@@ -51,11 +50,7 @@ def loaded_dtype(model, unet_state: dict, device) -> torch.dtype:
     if dtype is None:
         kinds = Counter(v.dtype for v in unet_state.values() if torch.is_tensor(v) and v.is_floating_point())
         dtype = kinds.most_common(1)[0][0] if kinds else torch.float32
-    if dtype not in COMPUTE_DTYPES:
-        return torch.float32
-    if dtype == torch.bfloat16 and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return dtype
+    return compute_dtype(dtype, device)
 
 
 def _bytes(states, dtype: torch.dtype) -> int:

@@ -9,20 +9,17 @@ from pathlib import Path
 import numpy as np
 
 from em_core.atomic import inside
-from em_core.concept_file import load_concepts, save_concepts
-from em_core.config import LearnConfig
+from em_core.concept_file import load_concepts, save_concepts, state_from_concepts
+from em_core.concepts import CONCEPT_RE
 from em_core.export import check_export_name, embedding_name, export_embeddings, export_lora, lora_state_dict
 from em_core.generate import SCHEDULERS, check_prompt_concepts, generate
-from em_core.state import LearnState
 
 from . import host
+from .constants import CATEGORY, MODEL, STATE
 from .convert import images_to_pil, pil_to_images
 from .live import overlay
 from .run_value import ConceptRun
 
-CATEGORY = "concept_em"
-STATE = "CONCEPT_EM_STATE"
-MODEL = "CONCEPT_EM_MODEL"
 FALLBACK_ROOT = Path("models")
 EM_MODEL_TIP = "the model the concepts were learned on (Concept EM Model Loader / from checkpoint)"
 CONCEPTS_TIP = "learned concepts: from EM Token Step, Joint Finetune or Load Concept Bundle"
@@ -106,15 +103,6 @@ class SaveConceptBundle:
         return {"ui": {"text": [str(path)]}}
 
 
-def state_from_bundle(cb) -> LearnState:
-    meta = cb.meta
-    return LearnState(concepts=cb.concepts, images=meta.get("images") or [],
-                      config=LearnConfig.from_dict(meta.get("learn_config") or {}), masks=list(cb.masks),
-                      fixed=[[] for _ in cb.masks], history=meta.get("history") or {"steps": [], "refreshes": []},
-                      weights=cb.weights, finetune=meta.get("finetune"), status="loaded",
-                      model=meta["base_model"]["source"])
-
-
 class LoadConceptBundle:
     DESCRIPTION = ("Loads concepts saved by Save Concept Bundle (models/concepts), for Concept Generate, Apply "
                    "Concepts To Model or Export. Learning further needs the images: start again from Attention "
@@ -141,7 +129,7 @@ class LoadConceptBundle:
         check_export_name(Path(bundle).stem)
         folder = host.folder(host.CONCEPTS_FOLDER, FALLBACK_ROOT / host.CONCEPTS_FOLDER)
         cb = load_concepts(inside(folder, bundle), em_model, allow_other_model=allow_other_model)
-        return (ConceptRun(state_from_bundle(cb), (), Path(bundle).stem),)
+        return (ConceptRun(state_from_concepts(cb), (), Path(bundle).stem),)
 
 
 class ExportConceptsForComfy:
@@ -207,9 +195,6 @@ class MaskOverlayPreview:
         out = [overlay(np.asarray(p), m[i * per:(i + 1) * per] if per != m.shape[0] else m, opacity)
                for i, p in enumerate(pils)]
         return (pil_to_images(out),)
-
-
-CONCEPT_RE = re.compile(r"\[v(\d+)\]")
 
 
 def to_embedding_prompt(text: str, name: str, known: list[str]) -> str:

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from . import host
+from .constants import LOGGER
 
-LOG = logging.getLogger("concept_em")  # ComfyUI's log (its console and log file), line by line
+LOG = logging.getLogger(LOGGER)
 
 
 def _digest_tensor(h, t) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 from em_core.tiny_world.evaluate import concept_task
 from em_core.tiny_world.scenes import random_scene
 
+from .constants import CATEGORY
 from .convert import pil_to_images
-
-CATEGORY = "concept_em"
 
 
 class TinyWorldScene:

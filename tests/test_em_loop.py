@@ -288,3 +288,35 @@ def test_a_run_with_a_removed_setting_is_refused_on_resume_and_its_config_still_
     with pytest.raises(ValueError, match="mask_source='training'.*removed in issue 18"):
         load_state(tmp_path / "r")
 
+
+
+def test_learn_more_counts_from_where_the_state_stands(bundle, scene_files):
+    """The nodes' "steps" (this many more) through the engine's API, and `learn`'s (the run's total)."""
+    from em_core.em_loop import continued, learn_more
+
+    images = _images(bundle, scene_files)
+    first = learn(bundle, images, start_state(bundle, images, _cfg(steps=2, refresh_every=0)), progress=False)
+    assert first.step == 2
+    more = learn_more(bundle, images, first, 3, lr=1e-3, refresh_every=0, progress=False)
+    assert more.step == 5 and more.config.steps == 5 and more.config.lr == 1e-3 and first.config.lr != 1e-3
+    assert more.status == "done"
+    with pytest.raises(ValueError, match="refresh_every"):
+        continued(first, 3, refresh_every=-1)  # settings are checked as LearnConfig checks them
+    with pytest.raises(TypeError):
+        continued(first, 3, no_such_setting=1)
+
+
+def test_refine_state_masks_keeps_user_masks_and_records_a_crf_step(bundle, scene_files):
+    from em_core.crf import CRFParams
+    from em_core.em_loop import refine_state_masks
+
+    images = _images(bundle, scene_files)
+    user = np.zeros(images[0].size[::-1], dtype=bool)
+    user[4:20, 4:20] = True
+    state = learn(bundle, images, start_state(bundle, images, _cfg(steps=0, use_crf=False),
+                                              fixed_masks={(0, images[0].names[0]): user}), progress=False)
+    out = refine_state_masks(state, images, CRFParams())
+    assert np.array_equal(out.masks[0][0], user)
+    assert out.history["refreshes"][-1] == {"step": state.step, "kind": "crf", "change": {}}
+    assert len(out.mask_history) == len(state.mask_history) + 1
+    assert len(state.history["refreshes"]) == len(out.history["refreshes"]) - 1  # the input is not changed

@@ -71,3 +71,17 @@ def test_the_model_io_modules_import_each_other_without_a_cycle():
 
     for m in graph:
         visit(m)
+
+
+def test_each_shared_constant_has_one_home():
+    """The nodes' category and value types live in nodes/constants.py, the node type names in
+    nodes/__init__.py's table, the [vN] pattern in em_core/concepts.py."""
+    root = ENGINE.parent
+    nodes = {p.name: p.read_text(encoding="utf-8") for p in (root / "nodes").glob("*.py")}
+    for literal in ('"concept_em"', '"CONCEPT_EM_STATE"', '"CONCEPT_EM_MODEL"'):
+        assert [n for n, text in nodes.items() if literal in text] == ["constants.py"], literal
+    type_names = [n for n, text in nodes.items() if '"ConceptEM_' in text]
+    assert type_names == ["__init__.py"]
+    python = [p for p in root.glob("**/*.py") if not {"research", "tests", ".git"} & set(p.parts)]
+    pattern = r"\[v(\d+)\]"
+    assert [p.name for p in python if pattern in p.read_text(encoding="utf-8")] == ["concepts.py"]

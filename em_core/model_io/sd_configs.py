@@ -13,7 +13,8 @@ _VAE = dict(
     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
     layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
 )
-_SCHEDULER = dict(
+# The noise schedule Stable Diffusion 1.x / 2.x-base were trained with.
+SD_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, steps_offset=1, prediction_type="epsilon",
 )
@@ -26,7 +27,7 @@ FAMILIES = {
         text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
                   bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        scheduler=_SCHEDULER, pad_token="<|endoftext|>",
+        scheduler=SD_SCHEDULER, pad_token="<|endoftext|>",
     ),
     # Stable Diffusion 2.x: OpenCLIP ViT-H/14 (penultimate layer, so 23 layers). Two kinds share these
     # weights' shapes: SD 2.x-base, 512 px epsilon, and SD 2.x (768-v), 768 px v-prediction; a single
@@ -39,7 +40,7 @@ FAMILIES = {
         text=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                   num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
                   bos_token_id=49406, eos_token_id=49407, pad_token_id=0),
-        scheduler=dict(_SCHEDULER, prediction_type="v_prediction"),
+        scheduler=dict(SD_SCHEDULER, prediction_type="v_prediction"),
         pad_token="!",
     ),
 }

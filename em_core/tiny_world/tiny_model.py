@@ -11,13 +11,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..model_io import ModelBundle
+from ..model_io.sd_configs import FAMILIES, SD_SCHEDULER
 from .tokenizer_build import save_tokenizer
-
-# The noise schedule Stable Diffusion 1.x was trained with.
-SD_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, steps_offset=1, prediction_type="epsilon",
-)
 
 TINY = dict(
     unet=dict(
@@ -34,16 +29,12 @@ TINY = dict(
     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
 )
 
-# Stable Diffusion 1.5's shapes and layer names, random weights.
+# Stable Diffusion 1.5's shapes and layer names (the single-file loader's config), random weights.
+# build_model gives the text encoder its vocabulary size and special tokens from the tokenizer.
+_TOKENIZER_SET = ("vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 SD15 = dict(
-    unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
-    vae=dict(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, sample_size=512,
-    ),
-    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
-              hidden_act="quick_gelu"),
+    unet=FAMILIES["sd15"]["unet"], vae=FAMILIES["sd15"]["vae"],
+    text={k: v for k, v in FAMILIES["sd15"]["text"].items() if k not in _TOKENIZER_SET},
 )
 
 CONFIGS = {"tiny": TINY, "sd15": SD15}
