@@ -65,6 +65,10 @@ def embedding_key(dim: int) -> str:
     return "clip_h" if dim == 1024 else "clip_l"
 
 
+# Not diffusers' convert_state_dict_to_kohya (diffusers.utils): it names the text encoder's layers
+# lora_te1_... (SDXL's first encoder), which ComfyUI's key map for SD 1.x / 2.x (recorded in
+# tests/data/comfyui_lora_keys_sd*.json) does not list, and writes alpha as the rank, not the
+# adapter's own alpha (issue 18). Its U-Net names are the same as these.
 def kohya_name(component: str, module: str) -> str:
     if component == "unet":
         return "lora_unet_" + module.replace(".", "_")

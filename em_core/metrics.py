@@ -71,6 +71,17 @@ def _pixels(images, size: int, mean, std):
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
+def clip_processor(size: int):
+    """CLIP's own image preprocessing (transformers' CLIPImageProcessor with its defaults: shorter
+    side to `size` bicubic, centre crop, CLIP's mean and std), built in code so nothing is read or
+    downloaded. The PIL backend where transformers has several, so results need no torchvision."""
+    try:
+        from transformers import CLIPImageProcessorPil as Processor  # transformers 5
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor  # PIL-based before 5
+    return Processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def clip_image_similarity(generated, references, clip_dir) -> float:
     """Mean cosine similarity of CLIP image embeddings, each generated image against each reference."""
     import torch
@@ -78,11 +89,11 @@ def clip_image_similarity(generated, references, clip_dir) -> float:
 
     path = _require(clip_dir, "CLIP image similarity", "clip_dir", "CLIPModel")
     model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
-    size = model.config.vision_config.image_size
-    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's own
+    processor = clip_processor(model.config.vision_config.image_size)
     with torch.no_grad():
         def embed(imgs):
-            out = model.get_image_features(pixel_values=_pixels(imgs, size, mean, std))
+            pixels = processor(images=list(imgs), return_tensors="pt").pixel_values
+            out = model.get_image_features(pixel_values=pixels)
             feats = out if torch.is_tensor(out) else out.pooler_output
             return torch.nn.functional.normalize(feats, dim=-1)
 

@@ -84,3 +84,21 @@ def test_iou_curve_on_the_latent_grid_by_hand():
     assert curve == [{"step": 5, "iou": {"img1": {"[v1]": 0.5, "[v2]": 0.75}}}]
     with pytest.raises(KeyError, match=r"\[v3\] is not a concept of image 1"):
         iou_curve(state, {(0, "[v3]"): top})
+
+
+def test_clip_preprocessing_is_clips_own_and_matches_the_old_resize_on_square_images():
+    """transformers' CLIPImageProcessor (built in code, nothing downloaded) replaced a hand-made
+    squash-resize with CLIP's statistics: the same pixels on square images; a non-square one is
+    centre-cropped, as CLIP itself was trained."""
+    import numpy as np
+    from PIL import Image
+
+    from em_core.metrics import _pixels, clip_processor
+
+    rng = np.random.default_rng(0)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    square = [Image.fromarray(rng.integers(0, 255, (s, s, 3), dtype=np.uint8)) for s in (24, 64)]
+    got = clip_processor(32)(images=square, return_tensors="pt").pixel_values
+    assert torch.equal(got, _pixels(square, 32, mean, std))
+    wide = Image.fromarray(rng.integers(0, 255, (20, 40, 3), dtype=np.uint8))
+    assert tuple(clip_processor(32)(images=[wide], return_tensors="pt").pixel_values.shape) == (1, 3, 32, 32)
