@@ -1,4 +1,5 @@
-"""The concept bundle: one .safetensors file with everything a learned concept set needs.
+"""The concept file: one .safetensors file with everything a learned concept set needs (what the
+nodes call a concept bundle; in the engine, "bundle" is the base model, model_io.ModelBundle).
 
 Tensors: concept vectors, masks, the fine-tuned weights (delta or LoRA). JSON metadata:
 names, init words, the base model's fingerprint, settings and history. Reading never
@@ -64,7 +65,7 @@ def model_fingerprint(bundle) -> str:
 
 
 @dataclass
-class ConceptBundle:
+class ConceptFile:
     concepts: ConceptSet
     masks: list  # per image: (K_i, H, W) bool
     weights: TunedWeights | None
@@ -102,7 +103,7 @@ def save_concepts(state, bundle, path: str | Path) -> Path:
     return path
 
 
-def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False) -> ConceptBundle:
+def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False) -> ConceptFile:
     """Reads a concept bundle and checks every tensor against its header (and the digest, where the
     file has one); with `bundle`, checks it was learned on that base model, and whatever
     `allow_other_model` says, that its vectors and weights fit that model's shapes."""
@@ -140,7 +141,7 @@ def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False
         w = meta["weights"]
         wt = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
         weights = TunedWeights(w["kind"], wt, w.get("rank"), w.get("alpha"))
-    return ConceptBundle(concepts, masks, weights, meta)
+    return ConceptFile(concepts, masks, weights, meta)
 
 
 def _check_bundle(check: Checker, meta: dict, tensors: dict, bundle) -> None:
@@ -176,7 +177,7 @@ def _check_bundle(check: Checker, meta: dict, tensors: dict, bundle) -> None:
         check.fail("header 'weights'", "null, but the file holds weights")
 
 
-def state_from_concepts(cb: ConceptBundle):
+def state_from_concepts(cb: ConceptFile):
     """A LearnState holding a loaded concept file's concepts, masks, weights and history (status
     'loaded'), for generating or exporting; learning further needs the images, which it lacks."""
     from .config import LearnConfig
