@@ -1,4 +1,4 @@
-"""The names the pack's nodes share: their menu category and the types that flow between them."""
+"""The names the pack's nodes share: their menu category, the types that flow between them, their logger."""
 CATEGORY = "concept_em"
 STATE = "CONCEPT_EM_STATE"  # a ConceptRun (nodes/run_value.py)
 MODEL = "CONCEPT_EM_MODEL"  # the engine's ModelBundle
