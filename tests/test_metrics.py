@@ -84,3 +84,26 @@ def test_iou_curve_on_the_latent_grid_by_hand():
     assert curve == [{"step": 5, "iou": {"img1": {"[v1]": 0.5, "[v2]": 0.75}}}]
     with pytest.raises(KeyError, match=r"\[v3\] is not a concept of image 1"):
         iou_curve(state, {(0, "[v3]"): top})
+
+
+def test_matched_scores_interchangeable_concepts_under_their_best_assignment():
+    from em_core.metrics import matched
+
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = ~a
+    est = {"[v1]": b, "[v2]": a, "[v3]": a}  # v1 and v2 landed on each other's objects
+    ref = {"[v1]": a, "[v2]": b, "[v3]": a}
+    assert matched(est, ref, []) == {"[v1]": 0.0, "[v2]": 0.0, "[v3]": 1.0}  # identity: both wrong
+    assert matched(est, ref, [["[v1]", "[v2]"]]) == {"[v1]": 1.0, "[v2]": 1.0, "[v3]": 1.0}
+    # A group whose masks match no better swapped keeps the identity's scores.
+    assert matched(ref, ref, [["[v1]", "[v2]"]]) == {"[v1]": 1.0, "[v2]": 1.0, "[v3]": 1.0}
+
+
+def test_interchangeable_groups_follow_the_init_words():
+    from em_core.evaluate import interchangeable
+
+    init = {"[v1]": "triangle", "[v2]": "triangle", "[v3]": "circle", "[v4]": "sand"}
+    assert interchangeable(init, ["[v1]", "[v2]", "[v3]"], False) == [["[v1]", "[v2]"]]
+    assert interchangeable(init, ["[v1]", "[v2]", "[v3]"], True) == [["[v1]", "[v2]", "[v3]"]]
+    assert interchangeable({"[v1]": "circle", "[v2]": "square"}, ["[v1]", "[v2]"], False) == []
