@@ -285,3 +285,65 @@ def test_exported_sdxl_loras_carry_only_keys_comfyui_loads():
     assert sum(n.startswith("lora_unet_") for n in want) == sum(
         isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in modules["unet"].modules())
     assert sum(n.startswith("lora_te1_") for n in want) == 72 and sum(n.startswith("lora_te2_") for n in want) == 193
+
+
+def _tiny_family(bundle) -> dict:
+    """The 'sdxl' family's configs at the tiny model's widths (single files carry no config)."""
+    from em_core.sd_configs import FAMILIES
+
+    ids = lambda tok: dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id,  # noqa: E731
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return dict(FAMILIES["sdxl"], unet=TINY_XL["unet"], vae=TINY_XL["vae"],
+                text=dict(TINY_XL["text"], **ids(bundle.tokenizers[0])),
+                text_2=dict(TINY_XL["text_2"], **ids(bundle.tokenizers[1])))
+
+
+def test_sdxl_single_file_and_comfyui_state_dicts_load(xl, tmp_path, monkeypatch):
+    """An SDXL checkpoint in the LDM layout (conditioner.embedders.0 CLIP-L, .1 OpenCLIP bigG with
+    in_proj and a (width, projection) text_projection, label_emb) converts by diffusers' own code to
+    the same weights, through a .safetensors file and from ComfyUI's MODEL / CLIP / VAE state dicts."""
+    from safetensors.torch import save_file
+
+    import em_core.single_file as sf
+    from em_core.ldm_layout import UNET_PREFIX, VAE_PREFIX, bundle_to_ldm
+    from em_core.sd_configs import detect_family
+
+    ldm = bundle_to_ldm(xl)
+    assert detect_family(ldm) == "sdxl"
+    assert "model.diffusion_model.label_emb.0.0.weight" in ldm
+    assert ldm["conditioner.embedders.1.model.text_projection"].shape == (48, 40)
+    monkeypatch.setattr(sf, "family_config", lambda family, prediction=None: _tiny_family(xl))
+    path = tmp_path / "xl.safetensors"
+    save_file(ldm, str(path))
+    from_file = load_bundle(path)
+    clip = {f"clip_l.transformer.{k}": v for k, v in xl.text_encoders[0].state_dict().items()}
+    clip.update({f"clip_g.transformer.{k}": v for k, v in xl.text_encoders[1].state_dict().items()})
+    bridged = sf.bundle_from_comfy({k[len(UNET_PREFIX):]: v for k, v in ldm.items() if k.startswith(UNET_PREFIX)},
+                                   clip, {k[len(VAE_PREFIX):]: v for k, v in ldm.items() if k.startswith(VAE_PREFIX)})
+    for got in (from_file, bridged):
+        assert got.family == "sdxl" and got.tokenizers[1].pad_token == "!"
+        for ours, theirs in ((xl.unet, got.unet), (xl.vae, got.vae), *zip(xl.text_encoders, got.text_encoders)):
+            a, b = ours.state_dict(), theirs.state_dict()
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    again = bundle_to_ldm(from_file)
+    assert set(again) == set(ldm) and all(torch.equal(again[k], ldm[k]) for k in ldm)
+    with pytest.raises(ValueError, match="clip_g"):
+        sf.bundle_from_comfy({}, {k: v for k, v in clip.items() if k.startswith("clip_g")}, {})
+
+
+def test_the_nodes_run_on_an_sdxl_model(xl, images, tmp_path, monkeypatch):
+    """Attention Mask Init -> EM Token Step -> Joint Finetune -> Concept Generate on the tiny SDXL."""
+    from nodes import host
+    from nodes.learn_nodes import AttentionMaskInit, EMTokenStep, JointFinetune
+    from nodes.output_nodes import ConceptGenerate
+
+    monkeypatch.setattr(host, "resume_root", lambda: tmp_path / "resume")
+
+    run, masks = AttentionMaskInit().run(xl, images[:1], PROMPT, "[v1]=red", 4, 0.5, 0, 0, 0)
+    assert masks.shape == (3, 64, 64) and run.state.concepts.vectors.shape == (3, 80)
+    run = EMTokenStep().run(xl, run, 1, 5e-4, 1e-2, 0, True, 4, True)[0]
+    assert run.state.step == 1
+    run = JointFinetune().run(xl, run, 1, 1e-3, "lora", 2, True, False, "fp32")[0]
+    assert run.state.weights.components() == ["text_encoder", "text_encoder_2", "unet"]
+    out, = ConceptGenerate().run(xl, run, "[v1] on [v3]", "", 0, 2, 5.0, 64, 64, 1, "euler")
+    assert out.shape == (1, 64, 64, 3)
