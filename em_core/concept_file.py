@@ -168,13 +168,13 @@ def _check_bundle(check: Checker, meta: dict, tensors: dict, bundle) -> None:
     if vec.shape[0] != len(names):
         check.fail("tensor 'concepts.vectors'", f"{vec.shape[0]} vectors for {len(names)} names "
                                                 f"({', '.join(names)}); there must be one name per vector")
+    if dim is not None and vec.shape[1] != dim:
+        check.fail("tensor 'concepts.vectors'", f"{vec.shape[1]} wide, but the header's text_dim is {dim}")
     dims = meta["base_model"].get("text_dims")
     if dims is not None and not (isinstance(dims, list) and len(dims) == (2 if family == "sdxl" else 1)
                                  and all(isinstance(d, int) and d > 0 for d in dims) and sum(dims) == vec.shape[1]):
         check.fail("header 'base_model'.text_dims", f"{dims!r} is not the widths of the {family} model's "
                                                     f"text encoder(s), adding up to the vectors' {vec.shape[1]}")
-    if dim is not None and vec.shape[1] != dim:
-        check.fail("tensor 'concepts.vectors'", f"{vec.shape[1]} wide, but the header's text_dim is {dim}")
     if bundle is not None and vec.shape[1] != embedding_width(bundle):
         check.fail("tensor 'concepts.vectors'",
                    f"{vec.shape[1]} wide, but this model ({bundle.source}) embeds tokens in {embedding_width(bundle)} "
