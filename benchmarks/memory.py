@@ -20,6 +20,8 @@ GPU's, so the count stands in for a GPU's figure; it is not a measurement of one
     python benchmarks/memory.py --model DIR --size 512 --dtype fp16 --mixed-precision fp16   # on a GPU
     python benchmarks/memory.py --model sd15 --size 512 --steps 2 --dtype bf16 --mixed-precision bf16 \
         --tensor-peak        # the GPU's quantity, counted on the CPU (2 steps: the first has no moments yet)
+    python benchmarks/memory.py --model sdxl --size 1024 --steps 2 --dtype bf16 --mixed-precision bf16 \
+        --tensor-peak --only lora lora+ckpt    # SDXL-shaped (not run yet: about 14 GB to build, slow on a CPU)
 """
 from __future__ import annotations
 
@@ -114,7 +116,7 @@ def child(args) -> dict:
                          mixed_precision=args.mixed_precision, save_every=10 ** 9)
     tracker = None
     if args.tensor_peak and dev == "cpu":
-        held = [t for m in (bundle.unet, bundle.text_encoder, bundle.vae) for t in (*m.parameters(), *m.buffers())]
+        held = [t for m in (bundle.unet, *bundle.text_encoders, bundle.vae) for t in (*m.parameters(), *m.buffers())]
         tracker = LiveTensorBytes(held + [img.latent_mean, img.latent_std])
     steps_peak = [0]  # the count's peak up to the end of the last step, before the result is built
 
@@ -147,7 +149,8 @@ def _secs(s) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"),
-                    help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model with random weights")
+                    help="a diffusers folder, or 'sd15' / 'sdxl' for an SD-1.5- / SDXL-shaped model with random "
+                         "weights ('tiny_xl': the tests' tiny SDXL)")
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")

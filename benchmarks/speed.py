@@ -58,10 +58,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _bundle(name: str, device: str = "cpu", dtype: str = "fp32"):
-    if name == "sd15":
+    if name in ("sd15", "sdxl", "tiny_xl"):  # random weights of those shapes
         from em_core.tiny_world.tiny_model import build_model
 
-        return build_model("sd15", seed=0).to(device, DTYPES[dtype])
+        return build_model(name, seed=0).to(device, DTYPES[dtype])
     return load_bundle(name, device=device, dtype=DTYPES[dtype])
 
 
@@ -299,7 +299,8 @@ def bench_text_side(bundle, concepts, repeats: int = 50) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"),
-                    help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model with random weights")
+                    help="a diffusers folder, or 'sd15' / 'sdxl' for an SD-1.5- / SDXL-shaped model with random "
+                         "weights ('tiny_xl': the tests' tiny SDXL)")
     ap.add_argument("--size", type=int, default=None, help="working side in pixels (default: the model's)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--run-repeats", type=_positive, default=3, help="whole runs (each against its plain steps)")

@@ -81,6 +81,10 @@ class MapStore:
         """probs: (B, heads, N, L) softmax attention of one layer."""
         factor = self.layers[name]
         h, w = self.latent_hw[0] // factor, self.latent_hw[1] // factor
+        if h * w != probs.shape[2]:  # the layer's map is not the size its place in the U-Net gives
+            raise ValueError(f"attention layer {name}: {probs.shape[2]} positions, but a {self.latent_hw[0]}x"
+                             f"{self.latent_hw[1]} latent downsampled {factor}x gives {h}x{w}; the latent sides "
+                             "must divide by the U-Net's downsampling")
         maps = selected_maps(probs, self.select, (h, w))
         if (h, w) != self.out_hw:
             maps = F.interpolate(maps, size=self.out_hw, mode="bilinear", align_corners=False)

@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-tiny-model", help="write a small random SD-class model in diffusers format")
     m.add_argument("dir")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--kind", choices=["tiny", "sd15"], default="tiny")
+    m.add_argument("--kind", choices=["tiny", "sd15", "tiny_xl", "sdxl"], default="tiny",
+                   help="tiny_xl: an SDXL-shaped tiny model; sd15 / sdxl: the real shapes (large)")
     m.set_defaults(func=cmd_make_tiny_model)
 
     r = sub.add_parser("refine-masks", help="DenseCRF-refine binary masks against an image")

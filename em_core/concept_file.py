@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import write_atomic
 from .concepts import ConceptSet
+from .model_io.bundle import FAMILY_NAMES
 from .integrity import BadFile, Checker, check_digest, embedding_width, read_failure, with_digest
 from .weights import TunedWeights
 
@@ -29,7 +30,7 @@ PROBE_TENSORS, PROBE_VALUES = 48, 8
 def _base_tensors(bundle):
     """(name, tensor) of the base weights; rows added to the token table for concepts left out."""
     base_rows = bundle.tokenizer.vocab_size
-    for prefix, module in (("unet", bundle.unet), ("text_encoder", bundle.text_encoder), ("vae", bundle.vae)):
+    for prefix, module in (("unet", bundle.unet), *bundle.text_modules().items(), ("vae", bundle.vae)):
         for name, p in sorted(module.state_dict().items()):
             yield f"{prefix}.{name}", (p[:base_rows] if name.endswith("token_embedding.weight") else p)
 
@@ -92,7 +93,8 @@ def save_concepts(state, bundle, path: str | Path) -> Path:
         "format": FORMAT, "names": state.concepts.names, "init_words": state.concepts.init_words,
         "base_model": {"fingerprint": model_fingerprint(bundle), "identity": model_identity(bundle),
                        "source": bundle.source,
-                       "text_dim": int(bundle.text_encoder.config.hidden_size)},
+                       "text_dim": embedding_width(bundle), "family": bundle.family,
+                       "text_dims": [int(te.get_input_embeddings().weight.shape[1]) for te in bundle.text_encoders]},
         "weights": None if state.weights is None else state.weights.meta(),
         "learn_config": state.config.to_dict(), "finetune": state.finetune, "images": state.images,
         "history": state.history,
@@ -151,6 +153,15 @@ def _check_bundle(check: Checker, meta: dict, tensors: dict, bundle) -> None:
     init = meta.get("init_words")
     if not isinstance(init, dict) or not all(isinstance(v, (str, type(None))) for v in init.values()):
         check.fail("header 'init_words'", "not a {name: word or null} record")
+    family = meta["base_model"].get("family", "sd")  # bundles from before SDXL: SD 1.x / 2.x
+    if family not in FAMILY_NAMES:
+        check.fail("header 'base_model'.family", f"{family!r}, expected one of {', '.join(FAMILY_NAMES)}")
+    if bundle is not None and family != bundle.family:
+        raise BadFile(f"concepts: {Path(check.path).name} was learned on a "
+                      f"{FAMILY_NAMES[family]} model, and this model ({bundle.source}) is {FAMILY_NAMES[bundle.family]}"
+                      f": concepts work only on the family they were learned on (their tokens live in its text "
+                      f"encoders), even with --allow-other-model / allow_other_model. Load a "
+                      f"{'SDXL' if family == 'sdxl' else 'SD 1.x / 2.x'} model")
     dim = meta["base_model"].get("text_dim")
     if dim is not None and not (isinstance(dim, int) and dim > 0):
         check.fail("header 'base_model'.text_dim", f"{dim!r} is not a width")
@@ -160,6 +171,11 @@ def _check_bundle(check: Checker, meta: dict, tensors: dict, bundle) -> None:
                                                 f"({', '.join(names)}); there must be one name per vector")
     if dim is not None and vec.shape[1] != dim:
         check.fail("tensor 'concepts.vectors'", f"{vec.shape[1]} wide, but the header's text_dim is {dim}")
+    dims = meta["base_model"].get("text_dims")
+    if dims is not None and not (isinstance(dims, list) and len(dims) == (2 if family == "sdxl" else 1)
+                                 and all(isinstance(d, int) and d > 0 for d in dims) and sum(dims) == vec.shape[1]):
+        check.fail("header 'base_model'.text_dims", f"{dims!r} is not the widths of the {family} model's "
+                                                    f"text encoder(s), adding up to the vectors' {vec.shape[1]}")
     if bundle is not None and vec.shape[1] != embedding_width(bundle):
         check.fail("tensor 'concepts.vectors'",
                    f"{vec.shape[1]} wide, but this model ({bundle.source}) embeds tokens in {embedding_width(bundle)} "

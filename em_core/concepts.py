@@ -2,7 +2,8 @@
 
 The learned vectors live outside the text encoder and are injected into the embedding
 layer's output inside a context, so one loaded model can serve several concept sets and
-no existing embedding row ever changes.
+no existing embedding row ever changes. On SDXL each concept is a token in both text encoders:
+its vector is the two encoders' rows end to end (768 + 1280 wide on SDXL base), split on injection.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import re
 import weakref
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -84,7 +86,8 @@ class ConceptSet:
         gen = torch.Generator().manual_seed(seed)
         for n in names:
             check_name(n)
-        vecs = torch.stack([init_vector(bundle.text_encoder, bundle.tokenizer, init_words.get(n), gen) for n in names])
+        vecs = torch.stack([torch.cat([init_vector(te, tok, init_words.get(n), gen)
+                                       for te, tok in zip(bundle.text_encoders, bundle.tokenizers)]) for n in names])
         return cls(list(names), {n: init_words.get(n) for n in names}, vecs)
 
     def copy(self) -> "ConceptSet":
@@ -105,6 +108,11 @@ class ConceptSet:
 _ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # embedding module -> concept ids injected
 
 
+def embedding_widths(bundle) -> list[int]:
+    """Each text encoder's token width; a concept vector is these end to end."""
+    return [int(te.get_input_embeddings().weight.shape[1]) for te in bundle.text_encoders]
+
+
 @contextlib.contextmanager
 def injected(bundle, concepts: ConceptSet, vectors: torch.Tensor | None = None):
     """Inside the block, the concepts' ids embed to `vectors` (default: the set's own).
@@ -112,12 +120,28 @@ def injected(bundle, concepts: ConceptSet, vectors: torch.Tensor | None = None):
     The ids lie past the embedding table: a pre-hook swaps them for the pad id before the
     lookup and a hook puts the vectors in their place, so the shared table never grows or
     changes. Pass a tensor that requires grad to optimise it through the text encoder.
+    With two text encoders (SDXL) each gets its own slice of the vectors.
     """
-    ids = concepts.token_ids(bundle)
     vectors = concepts.vectors if vectors is None else vectors
-    emb = bundle.text_encoder.get_input_embeddings()
+    widths = embedding_widths(bundle)
+    if vectors.shape[-1] != sum(widths):
+        raise ValueError(f"concept vectors are {vectors.shape[-1]} wide, but this model's text encoder(s) embed "
+                         f"tokens in {' + '.join(map(str, widths))}; they were learned on another kind of model")
+    with contextlib.ExitStack() as stack:
+        ids, start = None, 0
+        for te, tok, width in zip(bundle.text_encoders, bundle.tokenizers, widths):
+            own = stack.enter_context(_injected_one(te, tok, concepts, vectors[..., start:start + width]))
+            ids = own if ids is None else ids
+            start += width
+        yield ids
+
+
+@contextlib.contextmanager
+def _injected_one(text_encoder, tokenizer, concepts: ConceptSet, vectors: torch.Tensor):
+    ids = [concept_id(tokenizer, n) for n in concepts.names]
+    emb = text_encoder.get_input_embeddings()
     id_tensor = torch.tensor(ids, device=emb.weight.device)
-    pad = bundle.tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     pending: list = []
 
     def pre_hook(module, args):
@@ -147,17 +171,87 @@ def injected(bundle, concepts: ConceptSet, vectors: torch.Tensor | None = None):
         _ACTIVE[emb] = before
 
 
-def encode_prompts(bundle, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, L) and text-encoder hidden states (B, L, D) for prompts written with `[vN]`.
+@dataclass
+class TextCond:
+    """A batch of encoded prompts: token ids (B, L) of the first tokenizer (where concept positions
+    are read), the U-Net's cross-attention input (B, L, D) and, on SDXL, the pooled text (B, P)."""
+
+    ids: torch.Tensor
+    hidden: torch.Tensor
+    pooled: Optional[torch.Tensor] = None
+
+
+def _check_injected(bundle, prompts: list[str]) -> None:
+    names = sorted({n for p in prompts for n in concept_names(p)})
+    for te, tok in zip(bundle.text_encoders, bundle.tokenizers):
+        active = _ACTIVE.get(te.get_input_embeddings(), frozenset())
+        missing = [n for n in names if concept_id(tok, n) not in active]
+        if missing:
+            raise RuntimeError(f"concepts {missing} are not injected; encode inside `injected(bundle, concepts)`")
+
+
+def encode_text(bundle, prompts: list[str]) -> TextCond:
+    """Encodes prompts written with `[vN]` as the model's U-Net reads them. SD 1.x / 2.x: the text
+    encoder's last hidden states. SDXL: both encoders' penultimate hidden states end to end, and the
+    second encoder's projected hidden state at the end token as the pooled text (found from the ids,
+    not by the encoder's own argmax, which would land on a concept id past the vocabulary).
 
     A prompt naming a concept must be encoded inside `injected` for it: its id has no row.
     """
-    tok = bundle.tokenizer
-    emb = bundle.text_encoder.get_input_embeddings()
-    active = _ACTIVE.get(emb, frozenset())
-    missing = sorted({n for p in prompts for n in concept_names(p) if concept_id(tok, n) not in active})
-    if missing:
-        raise RuntimeError(f"concepts {missing} are not injected; encode inside `injected(bundle, concepts)`")
-    ids = tokenize(tok, prompts).to(bundle.device)
-    hidden = bundle.text_encoder(ids)[0]
-    return ids, hidden
+    _check_injected(bundle, prompts)
+    if not bundle.is_xl:
+        ids = tokenize(bundle.tokenizer, prompts).to(bundle.device)
+        return TextCond(ids, bundle.text_encoder(ids)[0])
+    hidden, first, pooled = [], None, None
+    for j, (te, tok) in enumerate(zip(bundle.text_encoders, bundle.tokenizers)):
+        ids = tokenize(tok, prompts).to(bundle.device)
+        out = te(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        if j == 0:
+            first = ids
+        else:
+            end = (ids == tok.eos_token_id).int().argmax(-1)
+            last = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), end]
+            pooled = te.text_projection(last)
+    return TextCond(first, torch.cat(hidden, dim=-1), pooled)
+
+
+def encode_prompts(bundle, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, L) and the U-Net's cross-attention input (B, L, D) for prompts written with
+    `[vN]` (encode_text without SDXL's pooled text)."""
+    cond = encode_text(bundle, prompts)
+    return cond.ids, cond.hidden
+
+
+def time_ids(original_hw, target_hw, crop=(0, 0)) -> torch.Tensor:
+    """SDXL's six size conditions: original (h, w), crop top-left (y, x), target (h, w), in pixels."""
+    return torch.tensor([[*original_hw, *crop, *target_hw]], dtype=torch.float32)
+
+
+def unet_inputs(bundle, cond: TextCond, batch: int, target_hw=None, original_hw=None,
+                dtype: torch.dtype | None = None) -> dict:
+    """The U-Net's keyword arguments for `batch` noisy latents conditioned on `cond` (one prompt, or
+    `batch` prompts): encoder_hidden_states, and on SDXL added_cond_kwargs (the pooled text and the
+    time ids from the image's original size in pixels, crop (0, 0) and the target size)."""
+    dtype = dtype or bundle.dtype
+    hidden = cond.hidden.to(dtype)
+    if hidden.shape[0] != batch:
+        hidden = hidden.expand(batch, -1, -1)
+    kw = {"encoder_hidden_states": hidden}
+    if bundle.is_xl:
+        if target_hw is None:
+            raise ValueError("an SDXL U-Net call needs the target size for its time ids")
+        pooled = cond.pooled.to(dtype)
+        if pooled.shape[0] != batch:
+            pooled = pooled.expand(batch, -1)
+        ids = time_ids(tuple(original_hw or target_hw), tuple(target_hw)).to(cond.hidden.device, dtype)
+        kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.expand(batch, -1)}
+    return kw
+
+
+def image_sizes(bundle, image) -> dict:
+    """A training image's target (h, w) (its working size) and original (h, w) (its file's), in pixels."""
+    h, w = image.latent_hw
+    f = bundle.vae_scale_factor
+    ow, oh = image.original_size
+    return {"target_hw": (h * f, w * f), "original_hw": (oh, ow)}

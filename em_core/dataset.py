@@ -57,7 +57,7 @@ def check_prompts(images: list, prompts: list[str]) -> None:
                 raise ValueError(f"prompt {i + 1}: {exc}") from None
 
 
-def check_prompt_length(tokenizer, prompt: str, what: str = "prompt") -> None:
+def check_prompt_length(tokenizer, prompt: str, what: str = "prompt", encoder: str = "the text encoder") -> None:
     """Refuses a prompt longer than the text encoder reads (the tokenizer's model_max_length, with
     its start and end tokens): the tail would be cut off silently, and with it any concept there."""
     limit = tokenizer.model_max_length - 2
@@ -73,15 +73,25 @@ def check_prompt_length(tokenizer, prompt: str, what: str = "prompt") -> None:
     if count > limit:
         fell = (f"{', '.join(dict.fromkeys(lost))} would fall off its end" if lost
                 else "its end would be cut off")
-        raise ValueError(f"{what} ({short(prompt)}) is {count:,} tokens long, but the text encoder reads "
+        raise ValueError(f"{what} ({short(prompt)}) is {count:,} tokens long, but {encoder} reads "
                          f"{limit}; {fell}. Shorten it")
+
+
+ENCODER_NAMES = ("text encoder 1 (CLIP ViT-L)", "text encoder 2 (OpenCLIP ViT-bigG)")
+
+
+def check_bundle_prompt(bundle, prompt: str, what: str = "prompt") -> None:
+    """check_prompt_length for each of the model's tokenizers (SDXL has two; either may cut a concept off)."""
+    tokenizers = bundle.tokenizers
+    for j, tok in enumerate(tokenizers):
+        check_prompt_length(tok, prompt, what, ENCODER_NAMES[j] if len(tokenizers) > 1 else "the text encoder")
 
 
 @torch.no_grad()
 def prepare_image(bundle, path: str | Path | None, prompt: str, resolution: int | None = None, flip: bool = True,
                   pil=None) -> TrainImage:
     """Reads `path` (or takes a PIL image `pil`) and encodes it; `resolution` defaults to the model's."""
-    check_prompt_length(bundle.tokenizer, prompt, f"prompt of {Path(path).name if path is not None else 'the image'}")
+    check_bundle_prompt(bundle, prompt, f"prompt of {Path(path).name if path is not None else 'the image'}")
     img = pil.convert("RGB") if pil is not None else open_image(path, "image")
     resolution = resolution or bundle.default_resolution
     size = working_size(*img.size, resolution, bundle.pixel_granularity)

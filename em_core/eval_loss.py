@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .concepts import ConceptSet, encode_prompts, injected
+from .concepts import ConceptSet, encode_text, image_sizes, injected, unet_inputs
 from .masks import draw_timesteps
 from .training import diffusion_target
 
@@ -22,8 +22,8 @@ def fixed_noise_loss(bundle, images, concepts: ConceptSet, n_timesteps: int = 8,
         z0 = img.latent_mean[0:1].to(b.device, torch.float32).expand(n_timesteps, -1, -1, -1)
         noise = torch.randn(z0.shape, generator=gen).to(b.device)
         with injected(b, concepts):
-            _, hidden = encode_prompts(b, [img.prompt])
+            cond = encode_text(b, [img.prompt])
         noisy = b.scheduler.add_noise(z0, noise, t).to(b.dtype)
-        pred = b.unet(noisy, t, encoder_hidden_states=hidden.to(b.dtype).expand(n_timesteps, -1, -1)).sample
+        pred = b.unet(noisy, t, **unet_inputs(b, cond, n_timesteps, **image_sizes(b, img))).sample
         total += float(F.mse_loss(pred.float(), diffusion_target(b.scheduler, z0, noise, t).float()))
     return total / len(images)

@@ -122,8 +122,8 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
     Components an earlier fine-tune tuned but this one does not train (e.g. the text encoder
     when train_text_encoder is off) keep their tuned weights, frozen, and stay in the result.
     """
-    modules = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
-    train = ["unet"] + (["text_encoder"] if cfg.train_text_encoder else [])
+    modules = {"unet": bundle.unet, **bundle.text_modules()}
+    train = ["unet"] + (list(bundle.text_modules()) if cfg.train_text_encoder else [])
     kept = [c for c in (previous.components() if previous else []) if c not in train]
     if previous is not None and previous.kind != cfg.mode:
         raise ValueError(f"the state holds {previous.kind} weights; continue with mode={previous.kind!r}")
@@ -142,7 +142,7 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
             for comp in train:
                 module = modules[comp]
                 prev = previous.part(comp) if previous else {}
-                new = _trainable_full(module, prev, comp == "text_encoder")
+                new = _trainable_full(module, prev, comp != "unet")
                 base[comp] = {n: p.detach() for n, p in module.named_parameters() if n in new}
                 stack.enter_context(swapped_parameters(module, new))
                 trained[comp] = new
@@ -167,7 +167,7 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
                 # New adapters' random init comes from the run's seed, not the global generator, so a
                 # fine-tune is the same every time (the global generator is left as it was).
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(cfg.seed * 1_000_003 + ("unet", "text_encoder").index(comp))
+                    torch.manual_seed(cfg.seed * 1_000_003 + ("unet", "text_encoder", "text_encoder_2").index(comp))
                     stack.enter_context(lora_injected(module, comp, cfg.rank, alpha, prev))
                 for n, p in module.named_parameters():
                     if "lora_" in n:
@@ -189,20 +189,24 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
 @contextlib.contextmanager
 def _train_mode(bundle, cfg: FinetuneConfig):
     """Train mode and, if asked, gradient checkpointing, for the run only."""
-    unet, te = bundle.unet, bundle.text_encoder
+    unet, encoders = bundle.unet, bundle.text_encoders
     try:
         unet.train()
-        te.train()
+        for te in encoders:
+            te.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-            te.gradient_checkpointing_enable()
+            for te in encoders:
+                te.gradient_checkpointing_enable()
         yield
     finally:
         if cfg.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
-            te.gradient_checkpointing_disable()
+            for te in encoders:
+                te.gradient_checkpointing_disable()
         unet.eval()
-        te.eval()
+        for te in encoders:
+            te.eval()
 
 
 def _autocast(bundle, cfg: FinetuneConfig):

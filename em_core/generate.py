@@ -1,5 +1,7 @@
-"""Generation with learned concepts: diffusers' Stable Diffusion pipeline over the bundle's parts,
-with the concept vectors injected and the fine-tuned weights applied only for the call.
+"""Generation with learned concepts: diffusers' Stable Diffusion (or, for SDXL, Stable Diffusion XL)
+pipeline over the bundle's parts, with the concept vectors injected and the fine-tuned weights
+applied only for the call. Prompts are encoded here (the pipelines' tokenizers do not know `[vN]`)
+and handed over as prompt_embeds (and SDXL's pooled_prompt_embeds).
 """
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import contextlib
 
 import torch
 
-from .concepts import concept_names, encode_prompts, injected
+from .concepts import concept_names, encode_text, injected
 from .weights import applied
 
 SCHEDULERS = {
@@ -36,6 +38,14 @@ def check_prompt_concepts(prompt: str, known: list[str], what: str = "prompt") -
 
 
 def make_pipeline(bundle, scheduler: str = "ddim"):
+    if bundle.is_xl:
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=bundle.vae, text_encoder=bundle.text_encoders[0], text_encoder_2=bundle.text_encoders[1],
+            tokenizer=bundle.tokenizers[0], tokenizer_2=bundle.tokenizers[1], unet=bundle.unet,
+            scheduler=make_scheduler(bundle, scheduler), force_zeros_for_empty_prompt=True, add_watermarker=False,
+        )
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -75,11 +85,16 @@ def generate(bundle, prompt: str, *, concepts=None, weights=None, negative: str 
     ctx = injected(bundle, concepts) if concepts is not None else contextlib.nullcontext()
     with torch.no_grad(), ctx, applied(bundle, weights, weight_scale):
         # Encoded here, not by the pipeline: its tokenizer does not know `[vN]` (nothing is registered).
-        _, embeds = encode_prompts(bundle, [prompt])
-        _, negative_embeds = encode_prompts(bundle, [negative])
+        cond, uncond = encode_text(bundle, [prompt]), encode_text(bundle, [negative])
+        embeds = {"prompt_embeds": cond.hidden.to(bundle.dtype), "negative_prompt_embeds": uncond.hidden.to(bundle.dtype)}
+        if bundle.is_xl:
+            if not negative.strip():  # SDXL base's force_zeros_for_empty_prompt: no negative is zeros
+                uncond = type(uncond)(uncond.ids, torch.zeros_like(uncond.hidden), torch.zeros_like(uncond.pooled))
+                embeds["negative_prompt_embeds"] = uncond.hidden.to(bundle.dtype)
+            embeds.update(pooled_prompt_embeds=cond.pooled.to(bundle.dtype),
+                          negative_pooled_prompt_embeds=uncond.pooled.to(bundle.dtype))
         result = pipe(
-            prompt_embeds=embeds.to(bundle.dtype), negative_prompt_embeds=negative_embeds.to(bundle.dtype),
-            num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+            **embeds, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
             num_images_per_prompt=n, generator=generator, output_type="pil", callback_on_step_end=on_step_end,
         )
     return result.images

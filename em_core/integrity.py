@@ -189,8 +189,8 @@ class Checker:
             if not key.startswith(prefix):
                 continue
             name = key[len(prefix):]
-            if name.split(".", 1)[0] not in ("unet", "text_encoder") or "." not in name:
-                self.fail(f"tensor {key!r}", "not a weight of the unet or the text_encoder")
+            if name.split(".", 1)[0] not in ("unet", "text_encoder", "text_encoder_2") or "." not in name:
+                self.fail(f"tensor {key!r}", "not a weight of the unet, the text_encoder or the text_encoder_2")
             out[name] = self.tensor(tensors, key)
         if not out:
             self.fail("header 'weights'", "names weights but the file holds none")
@@ -219,11 +219,14 @@ class Checker:
         return out
 
     def _weights_fit(self, weights: dict, kind: str, bundle, prefix: str) -> None:
-        modules = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+        modules = {"unet": bundle.unet, **bundle.text_modules()}
         params = {c: dict(m.named_parameters()) for c, m in modules.items()}
         for name, t in weights.items():
             comp, rest = name.split(".", 1)
             where = f"tensor {prefix + name!r}"
+            if comp not in modules:
+                self.fail(where, f"this model has no {comp} (it is {bundle.family.upper()}): the weights are for "
+                                 "another kind of model")
             if kind == "full":
                 p = params[comp].get(rest)
                 if p is None:
@@ -248,7 +251,8 @@ class Checker:
 
 
 def embedding_width(bundle) -> int:
-    return int(bundle.text_encoder.get_input_embeddings().weight.shape[1])
+    """A concept vector's width on this model: its text encoders' token widths added (SDXL: 768 + 1280)."""
+    return sum(int(te.get_input_embeddings().weight.shape[1]) for te in bundle.text_encoders)
 
 
 STATE_AGAIN = "rerun `learn` into a fresh folder (or restore the run folder from a backup)"
@@ -342,6 +346,7 @@ def check_fits_model(state, bundle, where: str, what: str = "--model") -> None:
     fine-tuned weights' shapes must be the model's (a different model gave raw size-mismatch errors)."""
     width, have = embedding_width(bundle), int(state.concepts.vectors.shape[1])
     source = f" ({state.model})" if state.model else ""
+
     if width != have:
         raise BadFile(f"{what}: {bundle.source} embeds tokens in {width} dimensions, but the run in {where} was "
                       f"learned on a model{source} with {have}; go on with the model it was learned on")

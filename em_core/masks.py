@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionCapture, concept_selector
-from .concepts import ConceptSet, encode_prompts, injected
+from .concepts import ConceptSet, encode_text, image_sizes, injected, unet_inputs
 from .crf import CRFParams, refine_masks
 
 FALLBACK_FRACTION = 0.1  # a concept with an empty mask keeps its most attended 10% of pixels
@@ -36,7 +36,8 @@ def attention_maps(bundle, concepts: ConceptSet, image, n_timesteps: int = 50, b
     concept_ids = concepts.token_ids(bundle)
     token_ids = [concept_ids[concepts.index(n)] for n in image.names]
     with injected(bundle, concepts):
-        ids, hidden = encode_prompts(bundle, [image.prompt])
+        cond = encode_text(bundle, [image.prompt])
+    ids = cond.ids
     select = concept_selector(ids, token_ids)
     missing = [n for n, hit in zip(image.names, select[0].sum(0).tolist()) if hit == 0]
     if missing:
@@ -48,8 +49,9 @@ def attention_maps(bundle, concepts: ConceptSet, image, n_timesteps: int = 50, b
             b = len(t)
             noisy = bundle.scheduler.add_noise(z0.expand(b, -1, -1, -1).cpu(), noise[start:start + b], t)
             noisy = noisy.to(dev, bundle.dtype)
-            _, maps = cap.run(select.expand(b, -1, -1), image.latent_hw, lambda: bundle.unet(
-                noisy, t.to(dev), encoder_hidden_states=hidden.expand(b, -1, -1)).sample)
+            kw = unet_inputs(bundle, cond, b, **image_sizes(bundle, image))
+            _, maps = cap.run(select.expand(b, -1, -1), image.latent_hw,
+                              lambda: bundle.unet(noisy, t.to(dev), **kw).sample)
             part = maps.float().sum(0)
             total = part if total is None else total + part
     return (total / n_timesteps).cpu()

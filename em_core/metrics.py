@@ -1,30 +1,51 @@
 """Mask quality against known masks: the IoU per concept at every mask refresh (paper Fig. 3)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from .masks import iou, latent_masks
 
 
-def iou_curve(state, truth: dict) -> list[dict]:
+def iou_curve(state, truth: dict, groups=None) -> list[dict]:
     """[{step, iou: {imgI: {name: IoU}}}] for each refresh in the state's mask history.
 
     `truth` maps (image index, name) -> bool mask at the image's working size; the
     comparison is made on the latent grid the masks live on, the truth brought to it as the
-    masks are (`latent_masks`: nearest, as Break-A-Scene).
+    masks are (`latent_masks`: nearest, as Break-A-Scene). `groups`: lists of names nothing
+    tells apart (one init word for two objects, or random init); within each, masks are
+    scored under the matching of names to true masks that scores best (see `matched`).
     """
     curve = []
     for entry in state.mask_history:
         scores = {}
-        for (i, name), true in truth.items():
+        for i in sorted({i for i, _ in truth}):
             names = state.images[i]["names"]
-            if name not in names:
-                raise KeyError(f"truth: {name} is not a concept of image {i + 1} ({names})")
-            est = entry["masks"][i][names.index(name)].numpy() > 0.5
-            ref = latent_masks(np.asarray(true)[None], est.shape)[0].numpy() > 0.5
-            scores.setdefault(f"img{i + 1}", {})[name] = iou(est, ref)
+            est, ref = {}, {}
+            for (j, name), true in truth.items():
+                if j != i:
+                    continue
+                if name not in names:
+                    raise KeyError(f"truth: {name} is not a concept of image {i + 1} ({names})")
+                est[name] = entry["masks"][i][names.index(name)].numpy() > 0.5
+                ref[name] = latent_masks(np.asarray(true)[None], est[name].shape)[0].numpy() > 0.5
+            scores[f"img{i + 1}"] = matched(est, ref, groups or [])
         curve.append({"step": entry["step"], "iou": scores})
     return curve
+
+
+def matched(est: dict, ref: dict, groups) -> dict:
+    """IoU per name; within each group of interchangeable names, under the best one-to-one
+    assignment of the group's estimated masks to its true masks (highest mean IoU)."""
+    out = {n: iou(est[n], ref[n]) for n in ref}
+    for group in groups:
+        group = [n for n in group if n in ref]
+        best = max(itertools.permutations(group),
+                   key=lambda perm: sum(iou(est[a], ref[b]) for a, b in zip(group, perm)), default=())
+        for a, b in zip(group, best):
+            out[a] = iou(est[a], ref[b])
+    return out
 
 
 def mean_iou(entry: dict) -> float:

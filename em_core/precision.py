@@ -56,7 +56,7 @@ def float32_for_lora(bundle, mode: str):
     also fail the loss scaler). Afterwards they go back to the precision they had, exactly (half ->
     float32 -> half changes no value). Full fine-tunes train float32 copies anyway, so their model
     stays as loaded."""
-    modules = (bundle.unet, bundle.text_encoder)
+    modules = (bundle.unet, *bundle.text_encoders)
     was = [next(m.parameters()).dtype for m in modules]
     lift = mode == "lora" and any(d != torch.float32 for d in was)
     if lift:

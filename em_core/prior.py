@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .atomic import inside, write_atomic
-from .concepts import CONCEPT_RE, encode_prompts
+from .concepts import CONCEPT_RE, encode_text, image_sizes, unet_inputs
 from .dataset import TrainImage, prepare_image
 from .losses import masked_diffusion_loss
 from .training import diffusion_target, step_rng
@@ -79,6 +79,6 @@ def prior_loss(bundle, images: list[TrainImage], prompt: str, step: int, seed: i
     noise = torch.randn(z0.shape, generator=gen).to(z0.device)
     t = torch.randint(0, b.scheduler.config.num_train_timesteps, (1,), generator=gen).to(b.device)
     noisy = b.scheduler.add_noise(z0, noise, t).to(b.dtype)
-    _, hidden = encode_prompts(b, [prompt])
-    pred = b.unet(noisy, t, encoder_hidden_states=hidden.to(b.dtype)).sample
+    cond = encode_text(b, [prompt])
+    pred = b.unet(noisy, t, **unet_inputs(b, cond, 1, **image_sizes(b, img))).sample
     return masked_diffusion_loss(pred, diffusion_target(b.scheduler, z0, noise, t), None)

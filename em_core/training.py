@@ -13,7 +13,7 @@ import random
 import torch
 
 from .attention import AttentionCapture, concept_selector
-from .concepts import ConceptSet, encode_prompts, injected
+from .concepts import ConceptSet, encode_text, image_sizes, injected, unet_inputs
 from .losses import attention_loss, masked_diffusion_loss
 
 
@@ -56,12 +56,13 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
     noisy = b.scheduler.add_noise(z0, noise, t).to(b.dtype)
     target = diffusion_target(b.scheduler, z0, noise, t)
     with injected(b, concepts, vectors):
-        ids, hidden = encode_prompts(b, [prompt])
+        cond = encode_text(b, [prompt])
+    ids = cond.ids
     info = {"step": step, "phase": "warmup" if warmup else "em", "image": i, "concepts": subset,
             "t": int(t), "flip": bool(flip)}
 
     def unet():
-        return b.unet(noisy, t, encoder_hidden_states=hidden.to(b.dtype)).sample
+        return b.unet(noisy, t, **unet_inputs(b, cond, 1, **image_sizes(b, img))).sample
 
     union = None  # warm-up: no masks yet
     if not warmup:

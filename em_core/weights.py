@@ -15,13 +15,15 @@ import torch
 LORA_TARGETS = {
     "unet": ["to_q", "to_k", "to_v", "to_out.0"],
     "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "text_encoder_2": ["q_proj", "k_proj", "v_proj", "out_proj"],  # SDXL's second (OpenCLIP bigG)
 }
 ADAPTER = "em_core"
 
 
 @dataclass
 class TunedWeights:
-    """`tensors` keys are '<component>.<parameter or peft key>' with component unet | text_encoder."""
+    """`tensors` keys are '<component>.<parameter or peft key>' with component unet | text_encoder
+    (| text_encoder_2 on SDXL)."""
 
     kind: str  # "full" | "lora"
     tensors: dict = field(default_factory=dict)
@@ -40,7 +42,7 @@ class TunedWeights:
 
 
 def _modules(bundle) -> dict:
-    return {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+    return {"unet": bundle.unet, **bundle.text_modules()}
 
 
 def _owner(module: torch.nn.Module, name: str):
@@ -115,6 +117,8 @@ def applied(bundle, weights: TunedWeights | None, scale: float = 1.0):
     with contextlib.ExitStack() as stack:
         for comp in weights.components():
             part = weights.part(comp)
+            if comp not in modules:
+                raise ValueError(f"weights: this model has no {comp}; the weights are for another kind of model")
             module = modules[comp]
             if weights.kind == "full":
                 params = dict(module.named_parameters())

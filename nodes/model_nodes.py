@@ -131,7 +131,7 @@ class ConceptModelLoader:
             path = host.find_diffusers(model_name, DIFFUSERS_FALLBACK)
         device = host.torch_device()
         bundle = load_bundle(path)  # on the CPU first: ComfyUI makes room for it before it moves
-        host.free_memory(sum(p.numel() * p.element_size() for m in (bundle.unet, bundle.vae, bundle.text_encoder)
+        host.free_memory(sum(p.numel() * p.element_size() for m in (bundle.unet, bundle.vae, *bundle.text_encoders)
                              for p in m.parameters()), device)
         try:
             return (bundle.to(device=device),)

@@ -102,3 +102,26 @@ def test_clip_preprocessing_is_clips_own_and_matches_the_old_resize_on_square_im
     assert torch.equal(got, _pixels(square, 32, mean, std))
     wide = Image.fromarray(rng.integers(0, 255, (20, 40, 3), dtype=np.uint8))
     assert tuple(clip_processor(32)(images=[wide], return_tensors="pt").pixel_values.shape) == (1, 3, 32, 32)
+
+
+def test_matched_scores_interchangeable_concepts_under_their_best_assignment():
+    from em_core.metrics import matched
+
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = ~a
+    est = {"[v1]": b, "[v2]": a, "[v3]": a}  # v1 and v2 landed on each other's objects
+    ref = {"[v1]": a, "[v2]": b, "[v3]": a}
+    assert matched(est, ref, []) == {"[v1]": 0.0, "[v2]": 0.0, "[v3]": 1.0}  # identity: both wrong
+    assert matched(est, ref, [["[v1]", "[v2]"]]) == {"[v1]": 1.0, "[v2]": 1.0, "[v3]": 1.0}
+    # A group whose masks match no better swapped keeps the identity's scores.
+    assert matched(ref, ref, [["[v1]", "[v2]"]]) == {"[v1]": 1.0, "[v2]": 1.0, "[v3]": 1.0}
+
+
+def test_interchangeable_groups_follow_the_init_words():
+    from em_core.tiny_world.evaluate import interchangeable
+
+    init = {"[v1]": "triangle", "[v2]": "triangle", "[v3]": "circle", "[v4]": "sand"}
+    assert interchangeable(init, ["[v1]", "[v2]", "[v3]"], False) == [["[v1]", "[v2]"]]
+    assert interchangeable(init, ["[v1]", "[v2]", "[v3]"], True) == [["[v1]", "[v2]", "[v3]"]]
+    assert interchangeable({"[v1]": "circle", "[v2]": "square"}, ["[v1]", "[v2]"], False) == []

@@ -99,6 +99,7 @@ def test_model_loader_lists_every_diffusers_folder_and_finds_it_again(tmp_path, 
 
     class Loaded:  # what load_bundle gives, as far as the loader uses it (sized, then moved to the device)
         unet = vae = text_encoder = torch.nn.Linear(1, 1)
+        text_encoders = (text_encoder,)  # SDXL's bundles have two
 
         def to(self, device=None):
             return self

@@ -65,7 +65,8 @@ def test_shipped_configs_fit_together():
     for family, cfg in FAMILIES.items():
         with torch.device("meta"):
             unet = UNet2DConditionModel(**cfg["unet"])
-        assert unet.config.cross_attention_dim == cfg["text"]["hidden_size"], family
+        widths = cfg["text"]["hidden_size"] + cfg.get("text_2", {}).get("hidden_size", 0)  # SDXL: both, end to end
+        assert unet.config.cross_attention_dim == widths, family
     assert FAMILIES["sd2"]["scheduler"]["prediction_type"] == "v_prediction"
 
 

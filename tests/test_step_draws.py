@@ -21,8 +21,8 @@ def test_the_concept_order_is_shuffled_per_step_from_the_steps_seeded_generator(
     images = [prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")]
     names = images[0].names
     prompts = []
-    encode = training.encode_prompts
-    monkeypatch.setattr(training, "encode_prompts", lambda b, p: (prompts.append(p[0]), encode(b, p))[1])
+    encode = training.encode_text
+    monkeypatch.setattr(training, "encode_text", lambda b, p: (prompts.append(p[0]), encode(b, p))[1])
     random.seed(1)
     torch.manual_seed(1)
     first = _run(bundle, images, 3, prompts)

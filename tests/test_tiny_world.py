@@ -86,7 +86,9 @@ def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
     assert summary["table"]["baseline"]["first_iou"] == summary["table"]["baseline"]["mask_iou"]
     assert [s for s, _ in summary["curve"]["em"]] == [0, 1, 2]
     report = (tmp_path / "ev" / "report.md").read_text()
-    assert "| em |" in report and "| baseline |" in report and "Headroom" in report
+    assert "| em |" in report and "| baseline |" in report and "Headroom" in report and "any matching" in report
+    for m in METHODS:
+        assert summary["table"][m]["mask_iou_any_match"] >= summary["table"][m]["mask_iou"] - 1e-9
     assert (tmp_path / "ev" / "iou_curve.png").is_file() and (tmp_path / "ev" / "scenes" / "scene00.png").is_file()
 
 

@@ -215,16 +215,21 @@ def learn_columns(model_column: list[dict], model_id: int, image_link, prompt_wi
     ]
 
 
-def full_sd15() -> dict:
+def full_sd15(ckpt: str = "v1-5-pruned-emaonly.safetensors", side: int = 512) -> dict:
     models = [
-        {"id": 1, "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
+        {"id": 1, "type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": ckpt}},
         {"id": 2, "type": "ConceptEM_ModelFromCheckpoint",
          "links": {"model": (1, "MODEL"), "clip": (1, "CLIP"), "vae": (1, "VAE")}},
         {"id": 3, "type": "LoadImage", "widgets": {"image": "example.png", "upload": "image"}},
     ]
     return build(layout(learn_columns(models, 2, (3, "IMAGE"), {"prompts": "a photo of [v1] and [v2] in [v3]",
                                                                 "init_words": "[v1]=man, [v2]=dog, [v3]=room"},
-                                      (200, 200), 400, 10, 512)))
+                                      (200, 200), 400, 10, side)))
+
+
+def full_sdxl() -> dict:
+    """The same graph on SDXL base 1.0 at its own 1024 px."""
+    return full_sd15("sd_xl_base_1.0.safetensors", 1024)
 
 
 def tiny_scene_text(seed: int, objects: int) -> tuple[str, str]:
@@ -271,7 +276,8 @@ def reuse() -> dict:
 def main() -> None:
     out = ROOT / "workflows"
     out.mkdir(exist_ok=True)
-    for name, wf in {"concept_em_full_sd15.json": full_sd15(), "concept_em_tiny_world.json": tiny_world(),
+    for name, wf in {"concept_em_full_sd15.json": full_sd15(), "concept_em_full_sdxl.json": full_sdxl(),
+                     "concept_em_tiny_world.json": tiny_world(),
                      "concept_em_reuse_bundle.json": reuse()}.items():
         (out / name).write_text(json.dumps(wf, indent=1), encoding="utf-8")
         print(out / name)

@@ -7,12 +7,18 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+# The component names of a model's text encoders, in the bundle's order (SDXL has two).
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x / 2.x (one text encoder)",
+                "sdxl": "Stable Diffusion XL (two text encoders)"}
+
 
 @dataclass
 class ModelBundle:
     """Tokenizer, text encoder, U-Net, VAE and training scheduler of one SD-family model.
 
-    Text encoders are a tuple so that SDXL's pair fits later; SD 1.x / 2.x have one.
+    Text encoders are a tuple: SD 1.x / 2.x have one, SDXL two (CLIP ViT-L and OpenCLIP ViT-bigG
+    with its projection), each with its own tokenizer.
     """
 
     tokenizers: tuple
@@ -29,6 +35,20 @@ class ModelBundle:
     @property
     def text_encoder(self) -> CLIPTextModel:
         return self.text_encoders[0]
+
+    @property
+    def is_xl(self) -> bool:
+        """SDXL: two text encoders, and a U-Net conditioned on the pooled text and the time ids."""
+        return len(self.text_encoders) == 2
+
+    @property
+    def family(self) -> str:
+        """'sdxl' or 'sd' (SD 1.x and 2.x: one text encoder, cross-attention on its hidden states)."""
+        return "sdxl" if self.is_xl else "sd"
+
+    def text_modules(self) -> dict:
+        """{'text_encoder': ..., ['text_encoder_2': ...]}: the component names weights are kept under."""
+        return dict(zip(TEXT_ENCODER_NAMES, self.text_encoders))
 
     # From the first parameter: diffusers' own `.device`/`.dtype` walk every module looking for
     # offloading hooks, which cost about a millisecond a call, 9% of a tiny-world token step.

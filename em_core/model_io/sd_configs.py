@@ -43,7 +43,28 @@ FAMILIES = {
         scheduler=dict(SD_SCHEDULER, prediction_type="v_prediction"),
         pad_token="!",
     ),
+    # Stable Diffusion XL base 1.0: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (with its projection, the
+    # pooled text), both read at their penultimate layer; a text_time U-Net with no cross-attention at
+    # its finest level; 1024 px; epsilon.
+    "sdxl": dict(
+        unet=dict(sample_size=128, layers_per_block=2, block_out_channels=[320, 640, 1280],
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816),
+        vae=dict(_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        text_2=dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                    bos_token_id=49406, eos_token_id=49407, pad_token_id=0),
+        scheduler=SD_SCHEDULER, pad_token="<|endoftext|>", pad_token_2="!",
+    ),
 }
+# The token ids and table size a text config carries beside its shapes.
+TEXT_IDS = ("vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -79,11 +100,15 @@ def family_config(family: str, prediction_type: str | None = None) -> dict:
 
 def detect_family(keys) -> str:
     keys = set(keys)
+    if any(k.startswith("conditioner.embedders.1.model.") for k in keys) and any(
+            k.startswith("conditioner.embedders.0.transformer.") for k in keys):
+        return "sdxl"
     if "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys:
         return "sd2"
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd15"
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ValueError("checkpoint: this looks like SDXL, which is not supported yet (SD 1.x and 2.x are)")
+        raise ValueError("checkpoint: this looks like an SDXL refiner (one OpenCLIP text encoder), which is not "
+                         "supported; SDXL base checkpoints are")
     raise ValueError("checkpoint: no SD 1.x / 2.x text encoder keys (cond_stage_model.*) found; "
                      "is this a full Stable Diffusion checkpoint?")

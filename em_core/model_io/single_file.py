@@ -1,4 +1,4 @@
-"""Loading a single-file SD 1.x / 2.x checkpoint (.safetensors in the original LDM layout, as
+"""Loading a single-file SD 1.x / 2.x / XL checkpoint (.safetensors in the original LDM layout, as
 ComfyUI and A1111 use) into the engine's bundle, offline, with the configs and CLIP tokenizer
 files the project ships. Conversion is diffusers' own (loaders.single_file_utils).
 """
@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..integrity import read_failure
 from .bundle import ModelBundle
@@ -50,6 +50,8 @@ def prediction_type_of(family: str, keys, given: str | None = None, where: str =
     guessing would train half of them on the wrong target."""
     if given is not None:
         return check_prediction_type(given)
+    if family == "sdxl":  # SDXL base is epsilon; v-prediction fine-tunes carry ComfyUI's marker
+        return "v_prediction" if V_PRED_MARKER in keys else "epsilon"
     if family != "sd2":
         return "epsilon"
     if V_PRED_MARKER in keys:
@@ -68,43 +70,51 @@ def state_dict_to_bundle(checkpoint: dict, family: str | None = None, prediction
 
     family = family or detect_family(checkpoint)
     prediction_type = prediction_type_of(family, checkpoint, prediction_type, source or "checkpoint")
+    extra = {}
     if family == "sd2":
         text_state = lambda text: convert_open_clip_checkpoint(text, checkpoint)  # noqa: E731
     else:
         text_state = lambda text: convert_ldm_clip_checkpoint(checkpoint)  # noqa: E731
+    if family == "sdxl":  # CLIP-L under conditioner.embedders.0.transformer., bigG under .1.model.
+        extra["text_state_2"] = lambda text: convert_open_clip_checkpoint(
+            text, checkpoint, prefix="conditioner.embedders.1.model.")
     return _assemble(family, lambda cfg: convert_ldm_unet_checkpoint(checkpoint, cfg),
                      lambda cfg: convert_ldm_vae_checkpoint(checkpoint, cfg), text_state, prediction_type,
-                     source or f"state-dict:{family}")
+                     source or f"state-dict:{family}", **extra)
 
 
 def bundle_from_comfy(unet_state: dict, clip_state: dict, vae_state: dict, prediction_type: str | None = None,
                       source: str = "comfyui", dtype: torch.dtype = torch.float32) -> ModelBundle:
     """A bundle from the state dicts of ComfyUI's MODEL (diffusion_model: LDM names), CLIP
-    (clip_l.transformer.* for SD 1.x, clip_h.transformer.* for SD 2.x: Hugging Face names already)
+    (clip_l.transformer.* for SD 1.x, clip_h.transformer.* for SD 2.x, both clip_l.* and clip_g.* for
+    SDXL: Hugging Face names already, clip_g's projection already a Linear weight)
     and VAE (LDM names), with `prediction_type` as ComfyUI's model says (needed for SD 2.x). Tensors
     are copied once into the engine's modules, which hold them in `dtype`."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     from .ldm_layout import UNET_PREFIX, VAE_PREFIX
 
-    prefixes = {"clip_l.transformer.": "sd15", "clip_h.transformer.": "sd2"}
+    prefixes = {"clip_l.transformer.": "sd15", "clip_h.transformer.": "sd2", "clip_g.transformer.": "sdxl"}
     found = [p for p in prefixes if any(k.startswith(p) for k in clip_state)]
-    if len(found) != 1:
-        raise ValueError("clip: expected the CLIP of an SD 1.x (clip_l.*) or SD 2.x (clip_h.*) checkpoint; "
-                         "SDXL and other families are not supported yet")
-    prefix = found[0]
+    if sorted(found) == ["clip_g.transformer.", "clip_l.transformer."]:  # SDXL: both, HF names already
+        found = ["clip_l.transformer.", "clip_g.transformer."]
+        family = "sdxl"
+    elif len(found) == 1 and found[0] != "clip_g.transformer.":
+        family = prefixes[found[0]]
+    else:
+        raise ValueError("clip: expected the CLIP of an SD 1.x (clip_l.*), SD 2.x (clip_h.*) or SDXL (clip_l.* and "
+                         "clip_g.*) checkpoint; other families are not supported")
     unet_ldm = {UNET_PREFIX + k: v for k, v in unet_state.items()}
     vae_ldm = {VAE_PREFIX + k: v for k, v in vae_state.items()}
-    text = {k[len(prefix):]: v for k, v in clip_state.items() if k.startswith(prefix)}
-    family = prefixes[prefix]
+    texts = [{k[len(p):]: v for k, v in clip_state.items() if k.startswith(p)} for p in found]
     prediction_type = prediction_type_of(family, (), prediction_type, "model")
     return _assemble(family, lambda cfg: convert_ldm_unet_checkpoint(unet_ldm, cfg),
-                     lambda cfg: convert_ldm_vae_checkpoint(vae_ldm, cfg), lambda model: text, prediction_type,
-                     source, dtype)
+                     lambda cfg: convert_ldm_vae_checkpoint(vae_ldm, cfg), lambda model: texts[0], prediction_type,
+                     source, dtype, **({"text_state_2": lambda model: texts[1]} if family == "sdxl" else {}))
 
 
 def _assemble(family, unet_state, vae_state, text_state, prediction_type, source,
-              dtype: torch.dtype = torch.float32) -> ModelBundle:
+              dtype: torch.dtype = torch.float32, text_state_2=None) -> ModelBundle:
     cfg = family_config(family, prediction_type)
     # Each module goes to `dtype` before its weights are copied in, so a half-precision model never
     # has a float32 copy of all its weights at once.
@@ -114,7 +124,13 @@ def _assemble(family, unet_state, vae_state, text_state, prediction_type, source
     _load_strict(vae, vae_state(dict(vae.config)), "VAE")
     text = CLIPTextModel(CLIPTextConfig(**cfg["text"])).to(dtype)
     _load_strict(text, text_state(text), "text encoder")
-    bundle = ModelBundle((clip_tokenizer(cfg["pad_token"]),), (text,), unet, vae, DDPMScheduler(**cfg["scheduler"]),
+    tokenizers, encoders = [clip_tokenizer(cfg["pad_token"])], [text]
+    if "text_2" in cfg:  # SDXL: OpenCLIP ViT-bigG with its projection
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_2"])).to(dtype)
+        _load_strict(text_2, text_state_2(text_2), "second text encoder")
+        tokenizers.append(clip_tokenizer(cfg["pad_token_2"]))
+        encoders.append(text_2)
+    bundle = ModelBundle(tuple(tokenizers), tuple(encoders), unet, vae, DDPMScheduler(**cfg["scheduler"]),
                          source=source)
     return bundle.freeze()
 
