@@ -65,3 +65,35 @@ def node_start(bundle, images):
 
     return AttentionMaskInit().run(bundle, images, "a photo of [v1] and [v2] on [v3]\n[v1] on [v3]",
                                    "[v1]=red", 4, 0.5, 0, 0, 0)
+
+
+def exported_lora_names(weights, known: set) -> dict:
+    """The kohya module names an export of `weights` writes, each checked to carry exactly
+    lora_down / lora_up / alpha and to be one ComfyUI's key map `known` accepts."""
+    from em_core.export import lora_state_dict
+
+    tensors, skipped = lora_state_dict(weights, rank=1)
+    names = {}
+    for key in tensors:
+        name, _, suffix = key.partition(".")
+        names.setdefault(name, set()).add(suffix)
+    assert all(s == {"lora_down.weight", "lora_up.weight", "alpha"} for s in names.values())
+    unknown = sorted(n for n in names if n not in known)
+    assert not unknown, unknown[:5]
+    return {"names": set(names), "skipped": skipped}
+
+
+def peft_lora_tensors(modules: dict) -> dict:
+    """The rank-1 adapters peft puts on each module's targets, as the fine-tune makes them
+    (zero stand-in tensors, shapes from meta-device modules)."""
+    import torch
+    from peft.functional import get_peft_model_state_dict
+
+    from em_core.weights import ADAPTER, lora_injected
+
+    out = {}
+    for comp, module in modules.items():
+        with torch.device("meta"), lora_injected(module, comp, 1):
+            sd = get_peft_model_state_dict(module, adapter_name=ADAPTER)
+        out.update({f"{comp}.{k}": torch.zeros(v.shape) for k, v in sd.items()})
+    return out

@@ -17,6 +17,8 @@ from em_core.generate import generate
 from em_core.model_io import load_bundle
 from em_core.weights import TunedWeights, applied
 
+from conftest import exported_lora_names, peft_lora_tensors
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -205,12 +207,9 @@ def test_exported_loras_of_a_family_shaped_model_carry_only_keys_comfyui_loads(f
     device (names and shapes, no weights): every key is one ComfyUI's LoRA loader maps for that
     family (tests/data, from comfy.lora at a125cd84), and nothing the loader could take is lost."""
     from diffusers import UNet2DConditionModel
-    from peft.functional import get_peft_model_state_dict
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from em_core.export import lora_state_dict
     from em_core.model_io.sd_configs import family_config
-    from em_core.weights import ADAPTER, lora_injected
 
     cfg = family_config(family, prediction)
     accepted = json.loads((DATA / data).read_text())
@@ -222,22 +221,10 @@ def test_exported_loras_of_a_family_shaped_model_carry_only_keys_comfyui_loads(f
     assert modules["text_encoder"].config.num_hidden_layers == n_layers
 
     def exported(weights) -> dict:
-        tensors, skipped = lora_state_dict(weights, rank=1)
-        names = {}
-        for key in tensors:
-            name, _, suffix = key.partition(".")
-            names.setdefault(name, set()).add(suffix)
-        assert all(s == {"lora_down.weight", "lora_up.weight", "alpha"} for s in names.values())
-        unknown = sorted(n for n in names if n not in known)
-        assert not unknown, unknown[:5]
-        return {"names": set(names), "skipped": skipped}
+        return exported_lora_names(weights, known)
 
     # LoRA mode: the adapters peft puts on the targets, as finetune makes them (tiny stand-in tensors).
-    peft_tensors = {}
-    for comp, module in modules.items():
-        with torch.device("meta"), lora_injected(module, comp, 1):
-            sd = get_peft_model_state_dict(module, adapter_name=ADAPTER)
-        peft_tensors.update({f"{comp}.{k}": torch.zeros(v.shape) for k, v in sd.items()})
+    peft_tensors = peft_lora_tensors(modules)
     lora = exported(TunedWeights("lora", peft_tensors, rank=1, alpha=1.0))
     te = {n for n in lora["names"] if n.startswith("lora_te_")}
     assert len(lora["names"]) - len(te) == n_attn and len(te) == 4 * n_layers and not lora["skipped"]

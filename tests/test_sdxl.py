@@ -18,6 +18,8 @@ from em_core.generate import generate
 from em_core.model_io import load_bundle
 from em_core.tiny_world.tiny_model import SDXL, TINY_XL, make_tiny_model
 
+from conftest import exported_lora_names, peft_lora_tensors
+
 PROMPT = "a photo of [v1] and [v2] on [v3]"
 
 
@@ -240,11 +242,10 @@ def test_exported_sdxl_loras_carry_only_keys_comfyui_loads():
     from pathlib import Path
 
     from diffusers import UNet2DConditionModel
-    from peft.functional import get_peft_model_state_dict
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from em_core.export import kohya_name, lora_state_dict
-    from em_core.weights import ADAPTER, TunedWeights, lora_injected
+    from em_core.export import kohya_name
+    from em_core.weights import TunedWeights
 
     accepted = json.loads((Path(__file__).parent / "data" / "comfyui_lora_keys_sdxl.json").read_text())
     known = set(accepted["unet"]) | set(accepted["clip"])
@@ -254,21 +255,9 @@ def test_exported_sdxl_loras_carry_only_keys_comfyui_loads():
                    "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **SDXL["text_2"]))}
 
     def exported(weights) -> dict:
-        tensors, skipped = lora_state_dict(weights, rank=1)
-        names = {}
-        for key in tensors:
-            name, _, suffix = key.partition(".")
-            names.setdefault(name, set()).add(suffix)
-        assert all(s == {"lora_down.weight", "lora_up.weight", "alpha"} for s in names.values())
-        unknown = sorted(n for n in names if n not in known)
-        assert not unknown, unknown[:5]
-        return {"names": set(names), "skipped": skipped}
+        return exported_lora_names(weights, known)
 
-    peft_tensors = {}
-    for comp, module in modules.items():
-        with torch.device("meta"), lora_injected(module, comp, 1):
-            sd = get_peft_model_state_dict(module, adapter_name=ADAPTER)
-        peft_tensors.update({f"{comp}.{k}": torch.zeros(v.shape) for k, v in sd.items()})
+    peft_tensors = peft_lora_tensors(modules)
     lora = exported(TunedWeights("lora", peft_tensors, rank=1, alpha=1.0))
     te1 = {n for n in lora["names"] if n.startswith("lora_te1_")}
     te2 = {n for n in lora["names"] if n.startswith("lora_te2_")}
