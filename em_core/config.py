@@ -40,6 +40,9 @@ class LearnConfig:
     # Timesteps of mask estimates are drawn from [lo, hi) of the training schedule; None: all of it
     # (the paper). Above t=700 the maps of small models are diffuse.
     mask_t_range: tuple | None = None
+    # Weight of a refresh's previous masks in the score it thresholds (masks.binarise): 0 (the
+    # paper) takes each refresh's maps alone.
+    mask_stickiness: float = 0.0
     # Every this many steps, the loss on fixed noise and timesteps (the same each time) is logged
     # beside the training loss, so the curve shows learning rather than the draws. 0: never.
     eval_every: int = 0
@@ -63,7 +66,7 @@ class LearnConfig:
             "mask_layers": self.mask_layers in ("coarse", "all"), "loss_layers": self.loss_layers in ("coarse", "all"),
             "mask_t_range": self.mask_t_range is None or (len(self.mask_t_range) == 2
                                                           and 0 <= self.mask_t_range[0] < self.mask_t_range[1]),
-            "eval_every": self.eval_every >= 0,
+            "eval_every": self.eval_every >= 0, "mask_stickiness": 0.0 <= self.mask_stickiness < 1.0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

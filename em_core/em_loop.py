@@ -143,7 +143,8 @@ class _Run:
                 self.bundle, concepts, img, n_timesteps=n_timesteps, batch=cfg.mask_batch,
                 threshold=cfg.threshold, use_crf=cfg.use_crf, crf_params=cfg.crf, fixed=fixed,
                 generator=gen, layers=cfg.mask_layers, stratified=cfg.timestep_sampling == "stratified",
-                t_range=cfg.mask_t_range, background=cfg.background)
+                t_range=cfg.mask_t_range, background=cfg.background,
+                previous=old if kind == "refresh" else None, stickiness=cfg.mask_stickiness)
             new_masks.append(masks)
         return new_masks
 

@@ -79,10 +79,22 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 1e-12, (maps - lo) / span.clamp_min(1e-12), torch.zeros_like(maps))
 
 
-def binarise(maps: torch.Tensor, size: tuple[int, int], threshold: float, names: list[str]) -> np.ndarray:
-    """(K, H, W) bool at image size (W, H); empty masks fall back to the top pixels, with a warning."""
+def binarise(maps: torch.Tensor, size: tuple[int, int], threshold: float, names: list[str],
+             previous: np.ndarray | None = None, stickiness: float = 0.0) -> np.ndarray:
+    """(K, H, W) bool at image size (W, H); empty masks fall back to the top pixels, with a warning.
+
+    With `previous` masks (K, H, W) and `stickiness` s, the score thresholded is
+    (1 - s) * map + s * previous: a hysteresis, where a pixel stays in its concept's mask while its
+    map is above (threshold - s) / (1 - s) and joins only above threshold / (1 - s). It keeps one
+    noisy estimate (a few random timesteps) from flipping a mask that the ones before agreed on.
+    """
     up = F.interpolate(normalise(maps)[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
     up = torch.nan_to_num(up, nan=0.0)
+    if previous is not None and stickiness:
+        prev = torch.from_numpy(np.asarray(previous, dtype=np.float32))
+        if prev.shape != up.shape:
+            raise ValueError(f"previous masks: shape {tuple(prev.shape)}, expected {tuple(up.shape)}")
+        up = (1.0 - stickiness) * up + stickiness * prev
     masks = (up > threshold).numpy()
     for k, name in enumerate(names):
         if not masks[k].any():
@@ -102,27 +114,31 @@ def binarise(maps: torch.Tensor, size: tuple[int, int], threshold: float, names:
 def estimate_masks(bundle, concepts: ConceptSet, image, *, n_timesteps=50, batch=10, threshold=0.5,
                    use_crf=True, crf_params: CRFParams = CRFParams(), fixed: dict | None = None,
                    generator=None, layers="all", stratified=True, t_range=None,
-                   background: str | None = None) -> tuple[np.ndarray, torch.Tensor]:
+                   background: str | None = None, previous: np.ndarray | None = None,
+                   stickiness: float = 0.0) -> tuple[np.ndarray, torch.Tensor]:
     """Image-size bool masks (K_i, H, W) and the raw maps they came from.
 
     `fixed` maps concept name -> a user mask (H, W) that is kept as it is; it still takes
-    part in the CRF so the other concepts are pushed off it. `background`: see masks_from_maps.
+    part in the CRF so the other concepts are pushed off it. `background`, `previous`,
+    `stickiness`: see masks_from_maps.
     """
     maps = attention_maps(bundle, concepts, image, n_timesteps, batch, generator, layers, stratified=stratified,
                           t_range=t_range)
     masks = masks_from_maps(image, maps, threshold=threshold, use_crf=use_crf, crf_params=crf_params, fixed=fixed,
-                            background=background)
+                            background=background, previous=previous, stickiness=stickiness)
     return masks, maps
 
 
 def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, crf_params: CRFParams = CRFParams(),
-                    fixed: dict | None = None, keep: dict | None = None, background: str | None = None) -> np.ndarray:
+                    fixed: dict | None = None, keep: dict | None = None, background: str | None = None,
+                    previous: np.ndarray | None = None, stickiness: float = 0.0) -> np.ndarray:
     """(K_i, H, W) bool masks from (K_i, h, w) averaged maps: threshold, then DenseCRF.
 
     `fixed`: user masks, kept as they are. `keep`: masks of concepts that have no new map (their
     rows of `maps` are ignored); they go through the CRF like the others. `background`: a
     concept whose mask is the pixels no other concept claims (when the image has it and it is
-    neither fixed nor kept).
+    neither fixed nor kept). `previous`: the masks before this estimate (K_i, H, W), blended into
+    the normalised maps with weight `stickiness` before the threshold (see `binarise`).
     """
     fixed, keep = fixed or {}, keep or {}
     given = {**keep, **fixed}
@@ -130,7 +146,8 @@ def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, c
     rows = [k for k, n in enumerate(image.names) if n not in given and n != bg]
     masks = np.zeros((len(image.names), image.size[1], image.size[0]), dtype=bool)
     if rows:
-        masks[rows] = binarise(maps[rows], image.size, threshold, [image.names[k] for k in rows])
+        prior = None if previous is None or not stickiness else np.asarray(previous, dtype=bool)[rows]
+        masks[rows] = binarise(maps[rows], image.size, threshold, [image.names[k] for k in rows], prior, stickiness)
     for k, name in enumerate(image.names):
         if name in given:
             masks[k] = given[name]

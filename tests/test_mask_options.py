@@ -92,3 +92,37 @@ def test_the_fixed_noise_loss_is_logged_and_only_learning_moves_it(bundle, scene
     still = learn(bundle, images, start_state(bundle, images, _cfg(steps=2, eval_every=1, lr=1e-12)),
                   progress=False)
     assert still.history["eval"][0]["loss"] == pytest.approx(still.history["eval"][-1]["loss"], rel=1e-6)
+
+
+def test_stickiness_is_a_hysteresis_on_the_previous_masks():
+    from em_core.masks import binarise
+
+    # One concept, four pixels; normalised map values 0, 0.35, 0.65, 1.
+    maps = torch.tensor([[[0.0, 0.35], [0.65, 1.0]]])
+    prev = np.array([[[False, True], [False, False]]])
+    plain = binarise(maps, (2, 2), 0.5, ["[v1]"])
+    assert plain.tolist() == [[[False, False], [True, True]]]
+    # s = 0.3: a pixel already in the mask stays above (0.5 - 0.3) / 0.7 = 0.29, a new one joins
+    # only above 0.5 / 0.7 = 0.71.
+    sticky = binarise(maps, (2, 2), 0.5, ["[v1]"], prev, 0.3)
+    assert sticky.tolist() == [[[False, True], [False, True]]]
+    assert np.array_equal(binarise(maps, (2, 2), 0.5, ["[v1]"], prev, 0.0), plain)
+    with pytest.raises(ValueError, match="previous masks"):
+        binarise(maps, (2, 2), 0.5, ["[v1]"], np.zeros((1, 3, 3), bool), 0.3)
+    with pytest.raises(ValueError, match="mask_stickiness"):
+        LearnConfig(mask_stickiness=1.0)
+
+
+def test_refreshes_pass_the_masks_before_them_and_the_first_estimate_none(bundle, scene_files, monkeypatch):
+    seen = []
+    real = em_loop.estimate_masks
+
+    def spy(*a, **kw):
+        seen.append((kw.get("previous") is not None, kw.get("stickiness")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(em_loop, "estimate_masks", spy)
+    img = prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")
+    cfg = _cfg(mask_stickiness=0.3)
+    learn(bundle, [img], start_state(bundle, [img], cfg), progress=False)
+    assert seen == [(False, 0.3), (True, 0.3)]
