@@ -115,6 +115,7 @@ def cmd_learn(args) -> int:
             mask_layers=args.mask_layers or args.layers or d.mask_layers,
             loss_layers=args.loss_layers or args.layers or d.loss_layers, background=args.background,
             mask_t_range=tuple(args.mask_t_range) if args.mask_t_range else None, eval_every=args.eval_every,
+            mask_stickiness=args.mask_stickiness,
             resolution=args.resolution, seed=args.seed, save_every=args.save_every,
         )
     images = [prepare_image(bundle, Path(i).resolve(), p, config.resolution, config.flip)
@@ -450,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a concept, e.g. [v3], whose mask is what no other concept claims")
     l.add_argument("--mask-t-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
                    help="draw mask-estimate timesteps from [LO, HI) only (default: the whole schedule)")
+    l.add_argument("--mask-stickiness", type=float, default=d.mask_stickiness,
+                   help="weight in [0, 1) of a refresh's previous masks in what it thresholds (0: the paper)")
     l.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="log the loss on fixed noise and timesteps every N steps (0: never)")
     l.add_argument("--resolution", type=int, default=None,
