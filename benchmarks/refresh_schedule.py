@@ -64,6 +64,10 @@ def main() -> None:
             rows[name]["curves"].append(means)
             rows[name]["ratio"].append(run_s / plain_s)
             rows[name]["seconds"].append(run_s)
+        if args.json:  # after each scene, so a run cut short keeps what it measured
+            write_json(Path(args.json), {"partial": True, "scenes_done": k + 1, "rows": rows,
+                                         **provenance(config=dict(model=args.model, scenes=args.scenes,
+                                                                  steps=args.steps, schedules=SCHEDULES))})
         print(f"scene {k + 1}/{args.scenes}: " + "  ".join(
             f"{n.split(' (')[0]} {r['iou'][-1]:.3f}/{r['ratio'][-1]:.3f}x" for n, r in rows.items()), flush=True)
     ref = rows[next(iter(SCHEDULES))]["iou"]
