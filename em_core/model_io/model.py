@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from .bundle import FAMILY_NAMES, TEXT_ENCODER_NAMES, ModelBundle  # noqa: F401 (FAMILY_NAMES, TEXT_ENCODER_NAMES: re-exported)
+from .clip_files import load_clip_tokenizer
 from .single_file import load_single_file
 
 
@@ -34,10 +35,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     kw = dict(local_files_only=True)
     wkw = dict(use_safetensors=True, torch_dtype=dtype, **kw)
     try:
-        tokenizers = [CLIPTokenizer.from_pretrained(path / "tokenizer", **kw)]
+        tokenizers = [load_clip_tokenizer(path / "tokenizer")]
         text_encoders = [CLIPTextModel.from_pretrained(path / "text_encoder", **wkw)]
         if xl:
-            tokenizers.append(CLIPTokenizer.from_pretrained(path / "tokenizer_2", **kw))
+            tokenizers.append(load_clip_tokenizer(path / "tokenizer_2"))
             text_encoders.append(CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **wkw))
         unet = UNet2DConditionModel.from_pretrained(path / "unet", **wkw)
         vae = AutoencoderKL.from_pretrained(path / "vae", **wkw)

@@ -14,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ..integrity import read_failure
 from .bundle import ModelBundle
+from .clip_files import clip_tokenizer_from_files
 from .sd_configs import CLIP_TOKENIZER, SD2_HELP, check_prediction_type, detect_family, family_config
 
 # ComfyUI's Checkpoint Save marks a v-prediction model with this (empty) tensor; A1111 and the
@@ -22,8 +23,8 @@ V_PRED_MARKER = "v_pred"
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    return CLIPTokenizer(vocab=str(CLIP_TOKENIZER / "vocab.json"), merges=str(CLIP_TOKENIZER / "merges.txt"),
-                         pad_token=pad_token, model_max_length=77)
+    return clip_tokenizer_from_files(CLIP_TOKENIZER / "vocab.json", CLIP_TOKENIZER / "merges.txt",
+                                     pad_token=pad_token, model_max_length=77)
 
 
 def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:

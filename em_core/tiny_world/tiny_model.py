@@ -8,9 +8,10 @@ import json
 
 import diffusers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..model_io import ModelBundle
+from ..model_io.clip_files import clip_tokenizer_from_files, save_clip_tokenizer
 from ..model_io.sd_configs import FAMILIES, SD_SCHEDULER, TEXT_IDS
 from .tokenizer_build import save_tokenizer
 
@@ -88,8 +89,8 @@ def build_xl_model(kind: str = "tiny_xl", seed: int = 0) -> ModelBundle:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             first = save_tokenizer(tmp)
-            second = CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"),
-                                   pad_token="!", model_max_length=77)
+            second = clip_tokenizer_from_files(Path(tmp) / "vocab.json", Path(tmp) / "merges.txt",
+                                               pad_token="!", model_max_length=77)
         tokenizers = (first, second)
     torch.manual_seed(seed)
     text_encoders = (_text_encoder(CLIPTextModel, tokenizers[0], cfg["text"]),
@@ -114,7 +115,7 @@ def build_model(kind: str = "tiny", seed: int = 0, tokenizer_dir: str | Path | N
 
         tokenizer = clip_tokenizer()
         if tokenizer_dir:
-            tokenizer.save_pretrained(tokenizer_dir)
+            save_clip_tokenizer(tokenizer, tokenizer_dir)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = save_tokenizer(tokenizer_dir or tmp)
@@ -138,7 +139,7 @@ def save_bundle(bundle: ModelBundle, directory: str | Path) -> Path:
     for i, (te, tok) in enumerate(zip(bundle.text_encoders, bundle.tokenizers)):
         suffix = f"_{i + 1}" if i else ""
         te.save_pretrained(directory / f"text_encoder{suffix}", safe_serialization=True)
-        tok.save_pretrained(directory / f"tokenizer{suffix}")
+        save_clip_tokenizer(tok, directory / f"tokenizer{suffix}")
     if bundle.is_xl:
         from diffusers import EulerDiscreteScheduler
 

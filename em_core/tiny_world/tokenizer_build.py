@@ -6,6 +6,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from ..model_io.clip_files import clip_tokenizer_from_files, load_clip_tokenizer, save_clip_tokenizer
+
 # Words a tiny model knows whole; anything else falls back to byte-level pieces.
 DEFAULT_WORDS = (
     "a photo of and in on the with at to man woman person dog cat room background "
@@ -54,8 +56,6 @@ def save_tokenizer(directory: str | Path, words=DEFAULT_WORDS, max_length: int =
     vocab, merges = build_vocab(words)
     (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tok = CLIPTokenizer(
-        vocab=str(directory / "vocab.json"), merges=str(directory / "merges.txt"), model_max_length=max_length
-    )
-    tok.save_pretrained(directory)
-    return CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+    tok = clip_tokenizer_from_files(directory / "vocab.json", directory / "merges.txt", model_max_length=max_length)
+    save_clip_tokenizer(tok, directory)
+    return load_clip_tokenizer(directory)
