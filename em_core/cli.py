@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="images from a prompt with learned concepts")
     g.add_argument("--model", required=True)
     g.add_argument("--prediction-type", **PREDICTION_TYPE)
-    g.add_argument("--concepts", default=None, help="a concepts.safetensors bundle")
+    g.add_argument("--concepts", default=None, help="a concept file (OUT/concepts.safetensors of learn / finetune)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative", default="")
     g.add_argument("--seed", type=int, default=0)
@@ -375,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("export", help="embeddings and a LoRA for ordinary ComfyUI graphs")
-    e.add_argument("--concepts", required=True)
+    e.add_argument("--concepts", required=True, help="a concept file (OUT/concepts.safetensors of learn / finetune)")
     e.add_argument("--out", required=True, help="writes OUT/embeddings/ and OUT/loras/")
-    e.add_argument("--name", default=None, help="file name stem; default: the concepts file's folder name")
+    e.add_argument("--name", default=None, help="file name stem; default: the concept file's folder name")
     e.add_argument("--rank", type=int, default=16, help="LoRA rank extracted from a full fine-tune")
     e.set_defaults(func=cmd_export)
 

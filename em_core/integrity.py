@@ -1,4 +1,4 @@
-"""Checks on the tensors of a concept bundle or a run state before anything uses them.
+"""Checks on the tensors of a concept file or a run state before anything uses them.
 
 A file that parses is not yet a file to trust: a crafted or damaged one may hold NaN vectors,
 vectors of another width, more vectors than names, masks of another size, or weights of another

@@ -247,7 +247,7 @@ class JointFinetune:
 
     DESCRIPTION = ("Break-A-Scene's second stage: the tokens and the model's weights (a LoRA, or all of them) train "
                    "together under the fixed masks. The model you loaded is never changed: the result travels with "
-                   "the concepts (Concept Generate, Save Concept Bundle, Apply Concepts To Model). Shows the loss "
+                   "the concepts (Concept Generate, Save Concepts, Apply Concepts To Model). Shows the loss "
                    "live; Cancel keeps what was learned.")
 
     @classmethod
