@@ -77,7 +77,7 @@ def cmd_learn(args) -> int:
     from .atomic import prepare_out
     from .config import LearnConfig
     from .dataset import check_prompts, prepare_image
-    from .em_loop import learn, start_state
+    from .em_loop import continue_run, learn, start_state
     from .images import open_mask
     from .integrity import check_fits_model
     from .model_io import load_bundle
@@ -99,12 +99,18 @@ def cmd_learn(args) -> int:
         if given != stored:
             raise ValueError(f"--out: {out} holds a run on other images or prompts; give the same ones to resume, "
                              "or another --out to start afresh")
-        state.config.steps = args.steps
+        before = state.status
+        state = continue_run(state, args.steps, "--steps")
         config = state.config
         if args.init or args.mask:
             print("note: --init and --mask apply to a new run only; the resumed run keeps its tokens and masks",
                   file=sys.stderr)
-        print(f"resuming from step {state.step} in {out}")
+        done = state.step - config.warmup_steps
+        if before == "done":
+            print(f"continuing the finished run in {out}: {args.steps} more EM steps, {done} -> {config.steps}")
+        else:
+            print(f"resuming the {before} run in {out} from EM step {done}: it ends at {config.steps} "
+                  f"({args.steps} from the step it started at, {state.run_from})")
     else:
         config = LearnConfig(
             steps=args.steps, lr=args.lr, attn_weight=args.attn_weight, refresh_every=args.refresh_every,
@@ -168,7 +174,7 @@ def _images_of(bundle, state):
 
 def cmd_finetune(args) -> int:
     from .atomic import prepare_out
-    from .finetune import FinetuneConfig, finetune
+    from .finetune import FinetuneConfig, finetune, finetune_steps
     from .integrity import check_fits_model
     from .model_io import load_bundle
     from .state import load_state
@@ -190,19 +196,24 @@ def cmd_finetune(args) -> int:
     bundle = load_bundle(model, device=args.device, prediction_type=args.prediction_type)
     check_fits_model(state, bundle, out)
     images = _images_of(bundle, state)
+    run_from, end = finetune_steps(state, args.steps, "--steps")
     if state.finetune:
         cfg = FinetuneConfig.from_dict(state.finetune["config"])
-        cfg.steps = args.steps
-        print(f"continuing the fine-tune from step {state.finetune['step']}")
+        cfg.steps = end
+        ft = state.finetune
+        print(f"continuing the finished fine-tune: {args.steps} more steps, {ft['step']} -> {end}"
+              if ft["status"] == "done" else
+              f"resuming the {ft['status']} fine-tune from step {ft['step']}: it ends at {end} ({args.steps} "
+              f"from the step it started at, {run_from})")
     else:
-        cfg = FinetuneConfig(steps=args.steps, mode=args.mode or "full", lr=args.lr, rank=args.rank,
+        cfg = FinetuneConfig(steps=end, mode=args.mode or "full", lr=args.lr, rank=args.rank,
                              train_text_encoder=not args.no_text_encoder, attn_weight=args.attn_weight,
                              gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
                              max_grad_norm=args.max_grad_norm, seed=args.seed, save_every=args.save_every,
                              prior_weight=args.prior_weight, class_prompt=args.class_prompt,
                              class_images=args.class_images, class_steps=args.class_steps)
     try:
-        state = finetune(bundle, images, state, cfg, out=out, progress=not args.quiet)
+        state = finetune(bundle, images, state, cfg, out=out, progress=not args.quiet, run_from=run_from)
     except KeyboardInterrupt as exc:
         print("\n" + interrupted_message(exc, out, finetune=True), file=sys.stderr)
         return 130
@@ -330,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="joint fine-tune of tokens and weights, masks fixed")
     f.add_argument("--state", required=True, help="the OUT folder of a learn run")
-    f.add_argument("--steps", type=int, default=400)
+    f.add_argument("--steps", type=int, default=400,
+                   help="fine-tune steps this command runs, as a Joint Finetune node's steps: on a state with a "
+                        "finished fine-tune, that many more; an interrupted one is finished by the same command")
     f.add_argument("--mode", choices=["full", "lora"], default=None, help="full (default) or lora")
     f.add_argument("--rank", type=int, default=4)
     f.add_argument("--lr", type=float, default=None, help="default 2e-6 (full) or 1e-4 (lora)")
@@ -359,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="images from a prompt with learned concepts")
     g.add_argument("--model", required=True)
     g.add_argument("--prediction-type", **PREDICTION_TYPE)
-    g.add_argument("--concepts", default=None, help="a concepts.safetensors bundle")
+    g.add_argument("--concepts", default=None, help="a concept file (OUT/concepts.safetensors of learn / finetune)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative", default="")
     g.add_argument("--seed", type=int, default=0)
@@ -376,9 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("export", help="embeddings and a LoRA for ordinary ComfyUI graphs")
-    e.add_argument("--concepts", required=True)
+    e.add_argument("--concepts", required=True, help="a concept file (OUT/concepts.safetensors of learn / finetune)")
     e.add_argument("--out", required=True, help="writes OUT/embeddings/ and OUT/loras/")
-    e.add_argument("--name", default=None, help="file name stem; default: the concepts file's folder name")
+    e.add_argument("--name", default=None, help="file name stem; default: the concept file's folder name")
     e.add_argument("--rank", type=int, default=16, help="LoRA rank extracted from a full fine-tune")
     e.set_defaults(func=cmd_export)
 
@@ -427,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--prompt", action="append", default=[], help='e.g. "a photo of [v1] and [v2]"')
     l.add_argument("--init", action="append", default=[], help='"[v1]=man": start a token from a word')
     l.add_argument("--mask", action="append", default=[], help='"[v2]=M.png" or "[v2]@2=M.png": a fixed user mask')
-    l.add_argument("--steps", type=int, default=d.steps)
+    l.add_argument("--steps", type=int, default=d.steps,
+                   help="EM steps this command runs (after --warmup-steps), as an EM Token Step node's steps: on an "
+                        "OUT with a finished run, that many more; an interrupted run is finished by the same command")
     l.add_argument("--out", required=True)
     l.add_argument("--lr", type=float, default=d.lr)
     l.add_argument("--attn-weight", type=float, default=d.attn_weight)

@@ -1,9 +1,10 @@
 """The concept file: one .safetensors file with everything a learned concept set needs (what the
-nodes call a concept bundle; in the engine, "bundle" is the base model, model_io.ModelBundle).
+nodes Save Concepts / Load Concepts write and read; "bundle" means the base model only,
+model_io.ModelBundle).
 
 Tensors: concept vectors, masks, the fine-tuned weights (delta or LoRA). JSON metadata:
 names, init words, the base model's fingerprint, settings and history. Reading never
-unpickles anything, and a bundle learned on another base model is refused unless asked.
+unpickles anything, and a concept file learned on another base model is refused unless asked.
 """
 from __future__ import annotations
 
@@ -106,8 +107,8 @@ def save_concepts(state, bundle, path: str | Path) -> Path:
 
 
 def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False) -> ConceptFile:
-    """Reads a concept bundle and checks every tensor against its header (and the digest, where the
-    file has one); with `bundle`, checks it was learned on that base model, and whatever
+    """Reads a concept file and checks every tensor against its header (and the digest, where the
+    file has one); with `bundle` (the base model), checks it was learned on that model, and whatever
     `allow_other_model` says, that its vectors and weights fit that model's shapes."""
     path = Path(path)
     if not path.is_file():
@@ -118,14 +119,14 @@ def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False
         tensors = load_file(str(path))
         meta = json.loads(header.get("em_core", "null"))
     except Exception as exc:  # safetensors' own errors, the system's, JSON's: each named for what it is
-        raise read_failure("concepts", path, exc, "export or save the bundle again") from exc
+        raise read_failure("concepts", path, exc, "save the concepts again") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"concepts: {path} is not an em_core concept bundle ({FORMAT})")
-    again = "export or save the bundle again"
+        raise ValueError(f"concepts: {path} is not an em_core concept file ({FORMAT})")
+    again = "save the concepts again"
     check_digest("concepts", path, header, tensors, again)
     check = Checker("concepts", path, again)
     try:
-        _check_bundle(check, meta, tensors, bundle)
+        _check_file(check, meta, tensors, bundle)
     except (KeyError, TypeError, AttributeError, IndexError) as exc:  # a header missing a field
         raise BadFile(f"concepts: {path}: header: missing or malformed field ({exc!r}); {again}") from exc
     if bundle is not None and not allow_other_model:
@@ -146,14 +147,15 @@ def load_concepts(path: str | Path, bundle=None, allow_other_model: bool = False
     return ConceptFile(concepts, masks, weights, meta)
 
 
-def _check_bundle(check: Checker, meta: dict, tensors: dict, bundle) -> None:
+def _check_file(check: Checker, meta: dict, tensors: dict, bundle) -> None:
+    """The concept file's header and tensors, and with `bundle`, their fit to that base model."""
     names = check.names("names", meta["names"])
     if not names:
         check.fail("header 'names'", "no concepts")
     init = meta.get("init_words")
     if not isinstance(init, dict) or not all(isinstance(v, (str, type(None))) for v in init.values()):
         check.fail("header 'init_words'", "not a {name: word or null} record")
-    family = meta["base_model"].get("family", "sd")  # bundles from before SDXL: SD 1.x / 2.x
+    family = meta["base_model"].get("family", "sd")  # concept files from before SDXL: SD 1.x / 2.x
     if family not in FAMILY_NAMES:
         check.fail("header 'base_model'.family", f"{family!r}, expected one of {', '.join(FAMILY_NAMES)}")
     if bundle is not None and family != bundle.family:
@@ -186,7 +188,7 @@ def _check_bundle(check: Checker, meta: dict, tensors: dict, bundle) -> None:
     expected = {"concepts.vectors"} | {f"masks.{i}" for i in range(len(images))}
     for key in tensors:
         if key not in expected and not key.startswith("weights."):
-            check.fail(f"tensor {key!r}", "not part of a concept bundle")
+            check.fail(f"tensor {key!r}", "not part of a concept file")
     if meta.get("weights"):
         check.weights(tensors, meta["weights"], bundle, prefix="weights.")
     elif any(k.startswith("weights.") for k in tensors):

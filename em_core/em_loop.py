@@ -27,6 +27,7 @@ from .dataset import TrainImage
 from .eval_loss import fixed_noise_loss
 from .masks import estimate_masks, iou, latent_masks, refine_keeping
 from .state import LearnState
+from .steps import run_span
 from .training import concept_step_loss, saved_on_exit, step_rng
 
 
@@ -285,10 +286,25 @@ def learn(bundle, images: list[TrainImage], state: LearnState, *, out=None, shou
 # --- what the ComfyUI nodes (and any caller working step by step) need ------------------------------
 def continued(state: LearnState, steps: int, **settings) -> LearnState:
     """A copy of `state` set to run `steps` more EM steps (beyond those it has done) with the given
-    LearnConfig fields changed, e.g. lr, refresh_every. `learn` then runs them."""
+    LearnConfig fields changed, e.g. lr, refresh_every. `learn` then runs them. What a node does
+    with its input state (em_core/steps.py)."""
     state = state.copy()
     done = state.step - state.config.warmup_steps
+    state.run_from = done
     state.config = dataclasses.replace(state.config, steps=done + steps, **settings)
+    return state
+
+
+def continue_run(state: LearnState, steps: int, what: str = "steps") -> LearnState:
+    """A copy of `state` set for a command asking `steps` EM steps of it (`learn --steps` on an OUT
+    that holds a run): a finished run gets `steps` more, as `continued`; an unfinished one (Ctrl-C,
+    a crash, a non-finite loss) goes on to `steps` after the step it started from, so the same
+    command finishes it (em_core/steps.py). `what` names the input in errors."""
+    done = state.step - state.config.warmup_steps
+    run_from, end = run_span(max(done, 0), state.status, state.run_from, steps, what)
+    state = state.copy()
+    state.run_from = run_from
+    state.config = dataclasses.replace(state.config, steps=end)
     return state
 
 

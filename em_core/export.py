@@ -37,7 +37,8 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 
 def save_deterministic(tensors: dict, path, metadata: dict | None = None) -> None:
     """A safetensors file whose bytes depend on its contents alone: safetensors' own save_file
-    writes the metadata in a random order (a Rust HashMap), so two exports of one bundle differed.
+    writes the metadata in a random order (a Rust HashMap), so two exports of one concept file
+    differed.
     Tensors in name order, the header's keys sorted, the header padded to 8 bytes as the format asks."""
     header, offset, blobs = {}, 0, []
     if metadata:
@@ -222,17 +223,17 @@ def export_lora(weights, folder: str | Path, name: str, rank: int = 16, concept_
     return file, skipped
 
 
-def export_concepts(concept_bundle, out: str | Path, name: str, rank: int = 16) -> dict:
+def export_concepts(concept_file, out: str | Path, name: str, rank: int = 16) -> dict:
     """Writes OUT/embeddings/NAME_vN.safetensors and, if there are weights, OUT/loras/NAME.safetensors."""
     check_export_name(name)
     check_rank(rank)  # before anything is written: no embeddings without their LoRA
     root = prepare_out(out)
-    base = concept_bundle.meta.get("base_model") or {}
+    base = concept_file.meta.get("base_model") or {}
     xl = base.get("family") == "sdxl"
     widths = base.get("text_dims") if xl else None
-    written = {"embeddings": export_embeddings(concept_bundle.concepts, inside(root, "embeddings"), name, widths),
+    written = {"embeddings": export_embeddings(concept_file.concepts, inside(root, "embeddings"), name, widths),
                "lora": None, "skipped": []}
-    if concept_bundle.weights is not None:
-        written["lora"], written["skipped"] = export_lora(concept_bundle.weights, inside(root, "loras"), name, rank,
-                                                          concept_bundle.names, xl=xl)
+    if concept_file.weights is not None:
+        written["lora"], written["skipped"] = export_lora(concept_file.weights, inside(root, "loras"), name, rank,
+                                                          concept_file.names, xl=xl)
     return written

@@ -30,6 +30,7 @@ from .masks import latent_masks
 from .prior import FOLDER, class_images, prepare_class_images, prior_loss
 from .concept_file import save_run
 from .state import LearnState
+from .steps import run_span
 from .training import concept_step_loss, saved_on_exit
 from .weights import ADAPTER, TunedWeights, lora_injected, swapped_parameters
 
@@ -284,9 +285,21 @@ def _all_finite(tensors: list) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
+def finetune_steps(state: LearnState, steps: int, what: str = "steps") -> tuple[int, int]:
+    """(run_from, end) in fine-tune steps for a command asking `steps` of `state`: a finished
+    fine-tune (or none yet) gets `steps` more; an unfinished one goes on to `steps` after the step
+    it started from, so the same command finishes it (em_core/steps.py). Pass `end` as
+    FinetuneConfig.steps and `run_from` to `finetune`."""
+    ft = state.finetune or {}
+    return run_span(int(ft.get("step", 0)), ft.get("status"), int(ft.get("run_from", 0)), steps, what)
+
+
 def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = None, *, out=None,
-             should_stop=None, on_step=None, progress: bool = True) -> LearnState:
-    """Runs the fine-tune's remaining steps on a learned state; returns a new state.
+             should_stop=None, on_step=None, progress: bool = True, run_from: int | None = None) -> LearnState:
+    """Runs the fine-tune's remaining steps on a learned state, up to `config.steps` fine-tune
+    steps in all; returns a new state. `run_from`: the fine-tune step this run counts from,
+    recorded as state.finetune["run_from"] so that a rerun can finish it (em_core/steps.py;
+    `finetune_steps` works both out); default: the step the state stands at.
 
     Stops early, keeping what was learned, on a non-finite loss or gradient ('nan'), on
     `should_stop()` ('cancelled') or Ctrl-C ('interrupted', saved, re-raised).
@@ -300,12 +313,14 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
     if state.finetune and state.finetune["config"]["mode"] != cfg.mode:
         raise ValueError(f"state: fine-tuned in {state.finetune['config']['mode']} mode before; keep that mode")
     step0 = state.finetune["step"] if state.finetune else 0
+    run_from = step0 if run_from is None else run_from
     prior = None
     if cfg.prior_weight > 0 and step0 < cfg.steps:  # the base model's images, before any weight moves
         made = class_images(bundle, cfg.class_prompt, cfg.class_images, out, steps=cfg.class_steps,
                             should_stop=should_stop, progress=progress)
         if len(made) < cfg.class_images:  # nothing trained yet: the state stays as it was, images kept on disk
-            state.finetune = {**(state.finetune or {"config": cfg.to_dict(), "step": step0}), "status": "cancelled",
+            state.finetune = {**(state.finetune or {"config": cfg.to_dict(), "step": step0}), "run_from": run_from,
+                              "status": "cancelled",
                               "message": f"cancelled while making class images ({len(made)} of "
                                          f"{cfg.class_images} kept in {FOLDER}/)"}
             return state
@@ -317,7 +332,8 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
                       f"from step {step0}; they start afresh", stacklevel=2)
         saved_moments = None
     state.finetune_optimizer = None
-    state.finetune = {"config": cfg.to_dict(), "step": step0, "status": "running", "message": ""}
+    state.finetune = {"config": cfg.to_dict(), "step": step0, "run_from": run_from, "status": "running",
+                      "message": ""}
     state.history.setdefault("finetune", [])
     state.history["finetune"] = [h for h in state.history["finetune"] if h["step"] < step0]
     lat = [latent_masks(m, img.latent_hw) for m, img in zip(state.masks, images)]

@@ -1,4 +1,4 @@
-"""Checks on the tensors of a concept bundle or a run state before anything uses them.
+"""Checks on the tensors of a concept file or a run state before anything uses them.
 
 A file that parses is not yet a file to trust: a crafted or damaged one may hold NaN vectors,
 vectors of another width, more vectors than names, masks of another size, or weights of another
@@ -284,6 +284,9 @@ def _check_state(check: Checker, meta: dict, tensors: dict) -> None:
         check.fail("tensor 'optimizer.exp_avg_sq'", "one of the optimiser's two moments is missing")
     if "optimizer.exp_avg" in tensors and not isinstance(meta.get("optimizer_step"), int):
         check.fail("header 'optimizer_step'", f"{meta.get('optimizer_step')!r}, expected the optimiser's step count")
+    run_from = meta.get("run_from", 0)  # states from before it existed have none: their run began at 0
+    if not isinstance(run_from, int) or isinstance(run_from, bool) or run_from < 0:
+        check.fail("header 'run_from'", f"{run_from!r}, expected the step count the run began at")
     images = check.images(meta["images"], names)
     n = len(images)
     check.masks(tensors, "masks", images)

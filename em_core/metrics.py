@@ -85,6 +85,9 @@ def _require(path, what, flag, kind):
 
 
 def _pixels(images, size: int, mean, std):
+    """Images as a normalised (N, 3, size, size) batch, squash-resized. Only LPIPS uses it (its nets
+    take [-1, 1] images at their own size); the CLIP and feature metrics use transformers' image
+    processors (`clip_processor`, `feature_processor`)."""
     import torch
 
     arrays = [np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0 for im in images]
@@ -121,8 +124,34 @@ def clip_image_similarity(generated, references, clip_dir) -> float:
         return float((embed(generated) @ embed(references).T).mean())
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def feature_processor(backbone_dir, size: int):
+    """The image preprocessing for a vision backbone: its own, read from its folder only, where the
+    folder holds one (preprocessor_config.json, as `save_pretrained` of a transformers image
+    processor writes it, e.g. DINOv2's resize and centre crop); else one built in code, a bicubic
+    resize to `size` x `size` with ImageNet's mean and std (transformers' ViTImageProcessor, the PIL
+    backend where transformers has several). Nothing is downloaded either way."""
+    from pathlib import Path
+
+    from transformers import AutoImageProcessor
+
+    if (Path(backbone_dir) / "preprocessor_config.json").is_file():
+        return AutoImageProcessor.from_pretrained(backbone_dir, local_files_only=True)
+    try:
+        from transformers import ViTImageProcessorPil as Processor  # transformers 5
+    except ImportError:
+        from transformers import ViTImageProcessor as Processor  # PIL-based before 5
+    from PIL import Image
+
+    return Processor(size={"height": size, "width": size}, resample=Image.Resampling.BICUBIC,
+                     image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+
+
 def feature_cosine_similarity(generated, references, backbone_dir) -> float:
-    """Mean cosine similarity of a vision backbone's pooled features (e.g. a local DINOv2 or CLIP vision)."""
+    """Mean cosine similarity of a vision backbone's pooled features (e.g. a local DINOv2 or CLIP
+    vision), each image preprocessed as `feature_processor` says."""
     import torch
     from transformers import AutoConfig, AutoModel
 
@@ -132,9 +161,10 @@ def feature_cosine_similarity(generated, references, backbone_dir) -> float:
     vision = getattr(cfg, "vision_config", cfg)
     size = getattr(vision, "image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
+    processor = feature_processor(path, size)
     with torch.no_grad():
         def feats(imgs):
-            x = _pixels(imgs, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+            x = processor(images=[im.convert("RGB") for im in imgs], return_tensors="pt").pixel_values
             out = model.vision_model(pixel_values=x) if hasattr(model, "vision_model") else model(pixel_values=x)
             pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else \
                 out.last_hidden_state.mean(1)

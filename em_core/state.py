@@ -40,6 +40,7 @@ class LearnState:
     masks: list = field(default_factory=list)  # per image: (K_i, H, W) bool at working size, or None
     fixed: list = field(default_factory=list)  # per image: names whose masks the user gave
     step: int = 0  # steps done, warm-up included
+    run_from: int = 0  # EM steps (after warm-up) done when the current run began; see em_core/steps.py
     history: dict = field(default_factory=lambda: {"steps": [], "refreshes": []})
     mask_history: list = field(default_factory=list)  # [{"step": s, "masks": [(K_i, h, w) float per image]}]
     optimizer: dict | None = None  # AdamW moments for the vectors: exp_avg, exp_avg_sq, step
@@ -57,7 +58,7 @@ class LearnState:
             concepts=self.concepts.copy(), images=[dict(i) for i in self.images],
             config=LearnConfig.from_dict(self.config.to_dict()),
             masks=[None if m is None else m.copy() for m in self.masks], fixed=[list(f) for f in self.fixed],
-            step=self.step, history=json.loads(json.dumps(self.history)),
+            step=self.step, run_from=self.run_from, history=json.loads(json.dumps(self.history)),
             mask_history=[{"step": h["step"], "masks": [m.clone() for m in h["masks"]]} for h in self.mask_history],
             optimizer=None if self.optimizer is None else {k: (v.clone() if torch.is_tensor(v) else v)
                                                             for k, v in self.optimizer.items()},
@@ -77,6 +78,7 @@ class LearnState:
     def meta(self) -> dict:
         return {
             "format": FORMAT, "model": self.model, "step": self.step, "status": self.status, "message": self.message,
+            "run_from": self.run_from,
             "config": self.config.to_dict(), "concepts": self.concepts.names, "init_words": self.concepts.init_words,
             "images": self.images, "fixed": self.fixed,
             "optimizer_step": None if self.optimizer is None else int(self.optimizer["step"]),
@@ -294,6 +296,7 @@ def load_state(out: str | Path) -> LearnState:
         weights=weights, finetune=meta.get("finetune"),
         finetune_optimizer=_load_finetune_optimizer(out, meta.get("finetune_optimizer_step")),
         concepts=concepts, images=meta["images"], config=LearnConfig.from_dict(meta["config"]), masks=masks,
-        fixed=meta["fixed"], step=meta["step"], history=history, mask_history=mask_history, optimizer=optimizer,
+        fixed=meta["fixed"], step=meta["step"], run_from=meta.get("run_from", 0), history=history,
+        mask_history=mask_history, optimizer=optimizer,
         status=meta["status"], message=meta["message"], model=meta["model"],
     )

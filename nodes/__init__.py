@@ -5,10 +5,12 @@ load_engine()  # em_core from this pack's own folder, before any node module imp
 from .learn_nodes import AttentionMaskInit, DenseCRFRefine, EMTokenStep, JointFinetune
 from .model_nodes import ConceptModelFromCheckpoint, ConceptModelLoader
 from .output_nodes import (ApplyConceptsToModel, ConceptGenerate, ConceptTextEncode, ExportConceptsForComfy,
-                           LoadConceptBundle, MaskOverlayPreview, SaveConceptBundle)
+                           LoadConcepts, MaskOverlayPreview, SaveConcepts)
 from .world_nodes import TinyWorldScene
 
 # Each node once: its type name (what saved workflows refer to, never to change), class and title.
+# The concept-file nodes keep their old type names (ConceptEM_SaveBundle / _LoadBundle): titles changed,
+# saved workflows still load. "Bundle" in the titles meant the concept file; it now names the base model only.
 NODES = [
     ("ConceptEM_ModelFromCheckpoint", ConceptModelFromCheckpoint, "Concept EM Model (from checkpoint)"),
     ("ConceptEM_ModelLoader", ConceptModelLoader, "Concept EM Model Loader"),
@@ -17,8 +19,8 @@ NODES = [
     ("ConceptEM_EMTokenStep", EMTokenStep, "EM Token Step"),
     ("ConceptEM_JointFinetune", JointFinetune, "Joint Finetune"),
     ("ConceptEM_Generate", ConceptGenerate, "Concept Generate"),
-    ("ConceptEM_SaveBundle", SaveConceptBundle, "Save Concept Bundle"),
-    ("ConceptEM_LoadBundle", LoadConceptBundle, "Load Concept Bundle"),
+    ("ConceptEM_SaveBundle", SaveConcepts, "Save Concepts"),
+    ("ConceptEM_LoadBundle", LoadConcepts, "Load Concepts"),
     ("ConceptEM_Export", ExportConceptsForComfy, "Export Concepts (embeddings + LoRA)"),
     ("ConceptEM_MaskOverlay", MaskOverlayPreview, "Mask Overlay Preview"),
     ("ConceptEM_ApplyToModel", ApplyConceptsToModel, "Apply Concepts To Model"),

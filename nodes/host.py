@@ -21,7 +21,7 @@ def in_comfy() -> bool:
 
 
 def register_folders() -> None:
-    """A `concepts` model folder (models/concepts) for saved bundles, as ComfyUI registers its own."""
+    """A `concepts` model folder (models/concepts) for saved concept files, as ComfyUI registers its own."""
     if _fp is None:
         return
     path = os.path.join(_fp.models_dir, CONCEPTS_FOLDER)

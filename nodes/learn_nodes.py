@@ -200,7 +200,8 @@ class EMTokenStep:
             "em_model": (MODEL, {"tooltip": EM_MODEL_TIP}),
             "concepts": (STATE, {"tooltip": CONCEPTS_TIP}),
             "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip":
-                              "token steps this node adds to the incoming state"}),
+                              "EM steps this node runs: its output has this many more than the incoming state "
+                              "(chained nodes add up; the CLI's learn --steps counts the same way)"}),
             "learning_rate": ("FLOAT", {"default": 5e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "tooltip":
                                         "AdamW learning rate of the token vectors (Break-A-Scene: 5e-4)"}),
             "attention_loss_weight": ("FLOAT", {"default": 1e-2, "min": 0.0, "max": 10.0, "step": 1e-3, "tooltip":
@@ -247,7 +248,7 @@ class JointFinetune:
 
     DESCRIPTION = ("Break-A-Scene's second stage: the tokens and the model's weights (a LoRA, or all of them) train "
                    "together under the fixed masks. The model you loaded is never changed: the result travels with "
-                   "the concepts (Concept Generate, Save Concept Bundle, Apply Concepts To Model). Shows the loss "
+                   "the concepts (Concept Generate, Save Concepts, Apply Concepts To Model). Shows the loss "
                    "live; Cancel keeps what was learned.")
 
     @classmethod
@@ -256,7 +257,8 @@ class JointFinetune:
             "em_model": (MODEL, {"tooltip": EM_MODEL_TIP}),
             "concepts": (STATE, {"tooltip": "the concept state after EM Token Step"}),
             "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip":
-                              "fine-tune steps this node adds to the incoming state"}),
+                              "fine-tune steps this node runs: its output has this many more than the incoming "
+                              "state (the CLI's finetune --steps counts the same way)"}),
             # 0 stands for auto; web/concept_em.js shows it as "auto" on the widget.
             "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "tooltip": LR_AUTO}),
             "mode": (["full", "lora"], {"default": "lora", "tooltip":
@@ -300,7 +302,7 @@ class JointFinetune:
         feed = LiveFeed(unique_id, steps, concepts.images, resumed_at=None if since is None else since - done)
         with float32_for_lora(em_model, mode):
             state = finetune(em_model, list(concepts.images), state, cfg, out=folder, progress=False,
-                             should_stop=host.interrupted, on_step=feed.on_step)
+                             should_stop=host.interrupted, on_step=feed.on_step, run_from=done)
         resume.finish(folder, state.finetune["status"], "Joint Finetune")
         return concepts.with_state(state), curve_image(state)
 

@@ -1,4 +1,4 @@
-"""Nodes that use learned concepts: generate, save / load bundles, export, previews, and the way
+"""Nodes that use learned concepts: generate, save / load concept files, export, previews, and the way
 into ComfyUI's own KSampler (a MODEL / CLIP carrying the concepts, and a [vN]-aware text encode)."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .run_value import ConceptRun
 
 FALLBACK_ROOT = Path("models")
 EM_MODEL_TIP = "the model the concepts were learned on (Concept EM Model Loader / from checkpoint)"
-CONCEPTS_TIP = "learned concepts: from EM Token Step, Joint Finetune or Load Concept Bundle"
+CONCEPTS_TIP = "learned concepts: from EM Token Step, Joint Finetune or Load Concepts"
 
 
 class ConceptGenerate:
@@ -74,9 +74,9 @@ def numbered_file(folder: Path, name: str, suffix: str = ".safetensors") -> str:
     return f"{name}_{max(taken, default=0) + 1:05}_{suffix}"
 
 
-class SaveConceptBundle:
-    DESCRIPTION = ("Saves the learned concepts (tokens, masks, fine-tuned weights, settings) as one .safetensors "
-                   "bundle in models/concepts, numbered like Save Image; Load Concept Bundle reads it back.")
+class SaveConcepts:
+    DESCRIPTION = ("Saves the learned concepts (tokens, masks, fine-tuned weights, settings) as one concept file "
+                   "(.safetensors) in models/concepts, numbered like Save Image; Load Concepts reads it back.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -87,7 +87,7 @@ class SaveConceptBundle:
                                                  "models/concepts"}),
                              # Last, so a workflow saved before it existed keeps its name in place.
                              "overwrite": ("BOOLEAN", {"default": False, "tooltip":
-                                                       "on: write NAME.safetensors, replacing a bundle of that "
+                                                       "on: write NAME.safetensors, replacing a concept file of that "
                                                        "name; off: a new numbered file every time"})}}
 
     RETURN_TYPES = ()
@@ -103,8 +103,8 @@ class SaveConceptBundle:
         return {"ui": {"text": [str(path)]}}
 
 
-class LoadConceptBundle:
-    DESCRIPTION = ("Loads concepts saved by Save Concept Bundle (models/concepts), for Concept Generate, Apply "
+class LoadConcepts:
+    DESCRIPTION = ("Loads a concept file saved by Save Concepts (models/concepts), for Concept Generate, Apply "
                    "Concepts To Model or Export. Learning further needs the images: start again from Attention "
                    "Mask Init for that.")
 
@@ -113,9 +113,11 @@ class LoadConceptBundle:
         files = host.list_files(host.CONCEPTS_FOLDER, FALLBACK_ROOT / host.CONCEPTS_FOLDER)
         return {"required": {"em_model": (MODEL, {"tooltip": "the model to use the concepts with; checked against "
                                                              "the one they were learned on"}),
-                             "bundle": (files or ["(none yet)"], {"tooltip": "a bundle file in models/concepts"}),
+                             # The input's name stays "bundle": saved workflows (API format) key it so.
+                             "bundle": (files or ["(none yet)"], {"tooltip": "a concept file in models/concepts "
+                                                                             "(written by Save Concepts)"}),
                              "allow_other_model": ("BOOLEAN", {"default": False, "tooltip":
-                                                               "load even if em_model is not the model the bundle "
+                                                               "load even if em_model is not the model the concepts "
                                                                "was learned on (same token width needed)"})}}
 
     RETURN_TYPES = (STATE,)

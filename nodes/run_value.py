@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class ConceptRun:
     state: object  # em_core.state.LearnState
-    images: tuple = field(default=())  # em_core.dataset.TrainImage, one per input image; empty for a loaded bundle
+    # em_core.dataset.TrainImage, one per input image; empty for a loaded concept file
+    images: tuple = field(default=())
     name: str = "concepts"
 
     def with_state(self, state) -> "ConceptRun":
@@ -18,5 +19,5 @@ class ConceptRun:
 
     def require_images(self, what: str) -> None:
         if not self.images:
-            raise ValueError(f"{what}: this concept state came from a saved bundle without its images; "
+            raise ValueError(f"{what}: this concept state came from a saved concept file without its images; "
                              "learning needs the images (start from Attention Mask Init)")

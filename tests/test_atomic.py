@@ -1,4 +1,4 @@
-"""Atomic writes end with the mode a plain write gives (issue 16: bundles, embeddings and LoRAs were 0600)."""
+"""Atomic writes end with the mode a plain write gives (issue 16: concept files, embeddings and LoRAs were 0600)."""
 import os
 import stat
 

@@ -27,9 +27,9 @@ def test_learn_end_to_end_then_resume(tiny_dir, scene_files, tmp_path, capsys):
     assert Image.open(out / "masks" / "img1_v2.png").size == (64, 64)
     meta = json.loads((out / "state.json").read_text())
     assert meta["step"] == 4 and meta["images"][1]["names"] == ["[v1]"]
-    # Same command with more steps continues where the run stopped.
-    assert main(_learn_args(tiny_dir, scene_files, out, steps=7)) == 0
-    assert "resuming from step 4" in capsys.readouterr().out
+    # On a finished run, --steps N runs N more (as an EM Token Step node's steps).
+    assert main(_learn_args(tiny_dir, scene_files, out, steps=3)) == 0
+    assert "continuing the finished run" in capsys.readouterr().out
     assert load_state(out).step == 7
     # Other images into the same folder are refused rather than mixed.
     (a, _), (b, _) = scene_files
@@ -118,3 +118,60 @@ def test_learn_passes_the_mask_options_to_the_run(tiny_dir, scene_files, tmp_pat
     bad = _learn_args(tiny_dir, scene_files, tmp_path / "bad", steps=2, extra=["--mask-stickiness", "1.5"])
     assert main(bad) == 2
     assert "mask_stickiness" in capsys.readouterr().err
+
+
+def test_steps_count_what_this_command_runs_as_a_nodes_steps_do(tiny_dir, scene_files, tmp_path, capsys):
+    """`learn --steps N` on an OUT holding a finished run runs N more, as EM Token Step's steps add N
+    to its input (until issue 18 it was the run's total, and the same command twice did nothing);
+    a run stopped before its end is finished by the same command, counted from where it began."""
+    from em_core.em_loop import continue_run, continued
+
+    out = tmp_path / "out"
+    assert main(_learn_args(tiny_dir, scene_files, out, steps=2)) == 0
+    assert main(_learn_args(tiny_dir, scene_files, out, steps=2)) == 0  # the same command again: 2 more
+    state = load_state(out)
+    assert state.step == 4 and state.status == "done" and state.run_from == 2
+    assert len(state.history["steps"]) == 4
+    # The nodes' rule and the CLI's give the same end on a finished state.
+    assert continue_run(state, 3).config.steps == continued(state, 3).config.steps == 7
+    # An unfinished run (Ctrl-C, a crash, a non-finite loss) that began at 2 and asked for 3 is at 4:
+    # the same --steps finishes it at 5; another number moves its end, counted from 2, not from 4.
+    for status in ("interrupted", "running", "cancelled", "nan"):
+        state.status, state.run_from = status, 2
+        assert continue_run(state, 3).config.steps == 5 and continue_run(state, 3).run_from == 2
+        assert continue_run(state, 6).config.steps == 8
+        with pytest.raises(ValueError, match=r"--steps 1: the unfinished run here started at step 2 and has "
+                                             r"reached step 4.*give --steps 2 or more"):
+            continue_run(state, 1, "--steps")
+    # And through the CLI, from the state file (run_from round-trips through it).
+    state.status = "interrupted"
+    from em_core.state import save_state
+
+    save_state(state, out)
+    capsys.readouterr()
+    assert main(_learn_args(tiny_dir, scene_files, out, steps=3)) == 0
+    assert "resuming the interrupted run" in capsys.readouterr().out
+    again = load_state(out)
+    assert again.step == 5 and again.status == "done" and again.run_from == 2
+    assert main(_learn_args(tiny_dir, scene_files, out, steps=-1)) == 2
+
+
+def test_finetune_steps_count_what_this_command_runs(tiny_dir, scene_files, tmp_path, capsys):
+    """`finetune --steps N` as Joint Finetune's steps: N more on a finished fine-tune; an
+    unfinished one is finished by the same command."""
+    from em_core.finetune import finetune_steps
+
+    run = tmp_path / "run"
+    a = str(scene_files[0][0])
+    assert main(["learn", "--model", str(tiny_dir), "--image", a, "--prompt", "a photo of [v1] and [v2] on [v3]",
+                 "--steps", "1", "--refresh-every", "0", "--mask-timesteps", "2", "--out", str(run), "--quiet"]) == 0
+    tune = ["finetune", "--state", str(run), "--steps", "1", "--mode", "lora", "--rank", "2", "--quiet"]
+    assert main(tune) == 0 and main(tune) == 0  # the same command twice: 1, then 1 more
+    state = load_state(run)
+    assert state.finetune["step"] == 2 and state.finetune["status"] == "done" and state.finetune["run_from"] == 1
+    assert len(state.history["finetune"]) == 2
+    assert finetune_steps(state, 3) == (2, 5)
+    state.finetune["status"] = "interrupted"
+    assert finetune_steps(state, 1) == (1, 2) and finetune_steps(state, 4) == (1, 5)
+    with pytest.raises(ValueError, match="steps 0: the unfinished run here started at step 1"):
+        finetune_steps(state, 0)

@@ -291,7 +291,8 @@ def test_a_run_with_a_removed_setting_is_refused_on_resume_and_its_config_still_
 
 
 def test_learn_more_counts_from_where_the_state_stands(bundle, scene_files):
-    """The nodes' "steps" (this many more) through the engine's API, and `learn`'s (the run's total)."""
+    """The nodes' "steps" (this many more) through the engine's API, and `learn`'s config.steps (the
+    run's end); the state records where the run began (run_from), which the CLI's resume reads."""
     from em_core.em_loop import continued, learn_more
 
     images = _images(bundle, scene_files)
@@ -299,7 +300,7 @@ def test_learn_more_counts_from_where_the_state_stands(bundle, scene_files):
     assert first.step == 2
     more = learn_more(bundle, images, first, 3, lr=1e-3, refresh_every=0, progress=False)
     assert more.step == 5 and more.config.steps == 5 and more.config.lr == 1e-3 and first.config.lr != 1e-3
-    assert more.status == "done"
+    assert more.status == "done" and more.run_from == 2 and first.run_from == 0
     with pytest.raises(ValueError, match="refresh_every"):
         continued(first, 3, refresh_every=-1)  # settings are checked as LearnConfig checks them
     with pytest.raises(TypeError):

@@ -111,7 +111,7 @@ def test_generation_is_seeded_and_the_concepts_change_it(bundle, learned):
         generate(bundle, "a dog", scheduler="magic", **kw)
 
 
-def test_bundle_file_checks_model_and_integrity(bundle, learned, tmp_path, tiny_dir):
+def test_concept_file_checks_model_and_integrity(bundle, learned, tmp_path, tiny_dir):
     images, state = learned
     tuned = finetune(bundle, images, state, FinetuneConfig(steps=1, mode="lora"), progress=False)
     path = save_concepts(tuned, bundle, tmp_path / "c.safetensors")
@@ -264,7 +264,7 @@ def test_cli_learn_finetune_generate_export_reload(tiny_dir, scene_files, tmp_pa
     assert any(k.startswith("lora_unet_") for k in lora) and any(k.startswith("lora_te_") for k in lora)
     assert sorted(p.name for p in (tmp_path / "comfy" / "embeddings").iterdir()) == [
         "trio_v1.safetensors", "trio_v2.safetensors", "trio_v3.safetensors"]
-    # Reload: the saved bundle generates the same image again.
+    # Reload: the saved concept file generates the same image again.
     assert main([*args, "--concepts", str(concepts), "--out", str(tmp_path / "again")]) == 0
     assert np.array_equal(with_c, np.asarray(Image.open(tmp_path / "again" / "seed2_00.png")))
     assert main(["export", "--concepts", str(concepts), "--out", str(tmp_path / "x"), "--name", "../up"]) == 2

@@ -87,7 +87,7 @@ def _flip_a_tensor_byte(path: Path, tensor: str) -> None:
 
 
 @pytest.fixture
-def bundle_file(bundle, tmp_path):
+def concept_file(bundle, tmp_path):
     return save_concepts(_state(bundle, weights=_full_weights(bundle)), bundle, tmp_path / "c.safetensors")
 
 
@@ -99,12 +99,12 @@ def image64(tmp_path):
     return path
 
 
-# ----------------------------------------------------------------------------- part 1: bundles
+# ----------------------------------------------------------------------- part 1: concept files
 
-def test_a_saved_bundle_carries_a_digest_and_loads(bundle, bundle_file):
-    with safe_open(str(bundle_file), framework="pt") as f:
+def test_a_saved_concept_file_carries_a_digest_and_loads(bundle, concept_file):
+    with safe_open(str(concept_file), framework="pt") as f:
         assert f.metadata()[DIGEST_KEY].startswith("sha256:")
-    cb = load_concepts(bundle_file, bundle)
+    cb = load_concepts(concept_file, bundle)
     assert cb.names == ["[v1]", "[v2]"] and cb.weights.kind == "full"
 
 
@@ -125,35 +125,35 @@ def test_a_saved_bundle_carries_a_digest_and_loads(bundle, bundle_file):
                                 torch.full_like(t[next(k for k in t if k.startswith("weights."))], float("inf"))),
      "weights.unet", "NaN or infinite"),
 ])
-def test_crafted_bundles_are_refused_naming_file_and_field(bundle, bundle_file, edit, field, problem):
-    _rewrite(bundle_file, edit, drop_digest=True)  # as an older writer (no digest) would have left it
+def test_crafted_concept_files_are_refused_naming_file_and_field(bundle, concept_file, edit, field, problem):
+    _rewrite(concept_file, edit, drop_digest=True)  # as an older writer (no digest) would have left it
     with pytest.raises(BadFile) as err:
-        load_concepts(bundle_file, bundle)
+        load_concepts(concept_file, bundle)
     msg = str(err.value)
-    assert str(bundle_file) in msg and field in msg and problem in msg
+    assert str(concept_file) in msg and field in msg and problem in msg
 
 
-def test_a_bundle_whose_tensor_bytes_changed_fails_its_digest(bundle, bundle_file):
-    _flip_a_tensor_byte(bundle_file, "concepts.vectors")  # still finite, still the right shape
+def test_a_concept_file_whose_tensor_bytes_changed_fails_its_digest(bundle, concept_file):
+    _flip_a_tensor_byte(concept_file, "concepts.vectors")  # still finite, still the right shape
     with pytest.raises(BadFile, match="do not match the digest"):
-        load_concepts(bundle_file)
+        load_concepts(concept_file)
 
 
-def test_a_bundle_written_before_digests_still_loads_and_is_still_checked(bundle, bundle_file):
-    _rewrite(bundle_file, lambda t, m: None, drop_digest=True)
-    with safe_open(str(bundle_file), framework="pt") as f:
+def test_a_concept_file_written_before_digests_still_loads_and_is_still_checked(bundle, concept_file):
+    _rewrite(concept_file, lambda t, m: None, drop_digest=True)
+    with safe_open(str(concept_file), framework="pt") as f:
         assert DIGEST_KEY not in f.metadata()
-    assert load_concepts(bundle_file, bundle).names == ["[v1]", "[v2]"]
+    assert load_concepts(concept_file, bundle).names == ["[v1]", "[v2]"]
 
 
-def test_full_weights_that_do_not_fit_the_model_are_refused(bundle, bundle_file):
+def test_full_weights_that_do_not_fit_the_model_are_refused(bundle, concept_file):
     def edit(t, m):
         k = next(k for k in t if k.startswith("weights."))
         t[k] = torch.zeros(t[k].shape[0] + 1, t[k].shape[1])
-    _rewrite(bundle_file, edit, drop_digest=True)
-    assert load_concepts(bundle_file).names  # without a model there is nothing to fit
+    _rewrite(concept_file, edit, drop_digest=True)
+    assert load_concepts(concept_file).names  # without a model there is nothing to fit
     with pytest.raises(BadFile, match=r"weights\.unet\..*but this model's unet\..* is"):
-        load_concepts(bundle_file, bundle, allow_other_model=True)
+        load_concepts(concept_file, bundle, allow_other_model=True)
 
 
 # ----------------------------------------------------------------------------- part 1: run states
@@ -486,10 +486,11 @@ def test_the_fine_tune_interrupt_message_reads_the_fine_tune_step_from_disk(bund
 
 # ----------------------------------------------------------------------------- part 6: deterministic export
 
-def test_the_same_bundle_exports_the_same_lora_bytes_without_touching_the_global_rng(bundle, bundle_file, tmp_path):
+def test_the_same_concept_file_exports_the_same_lora_bytes_without_touching_the_global_rng(bundle, concept_file,
+                                                                                        tmp_path):
     from em_core.export import export_concepts
 
-    cb = load_concepts(bundle_file)
+    cb = load_concepts(concept_file)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     a = export_concepts(cb, tmp_path / "a", "n", rank=2)["lora"].read_bytes()
@@ -536,24 +537,24 @@ def test_resuming_a_run_with_a_model_of_another_width_is_refused(bundle, image64
     assert rc == 2 and "embeds tokens in 64 dimensions" in err
 
 
-def test_generate_with_another_models_width_is_refused_even_when_allowed(bundle_file, tmp_path, capsys):
+def test_generate_with_another_models_width_is_refused_even_when_allowed(concept_file, tmp_path, capsys):
     other = _shipped()
-    rc = main(["generate", "--model", str(other), "--concepts", str(bundle_file), "--allow-other-model",
+    rc = main(["generate", "--model", str(other), "--concepts", str(concept_file), "--allow-other-model",
                "--prompt", "[v1]", "--steps", "1", "--out", str(tmp_path / "g"), "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2 and str(bundle_file) in err and "32 wide" in err and "embeds tokens in 64" in err
+    assert rc == 2 and str(concept_file) in err and "32 wide" in err and "embeds tokens in 64" in err
 
 
 @pytest.mark.parametrize("rank", ["-4", "0"])
-def test_export_with_a_bad_rank_is_refused_before_anything_is_written(bundle_file, tmp_path, capsys, rank):
+def test_export_with_a_bad_rank_is_refused_before_anything_is_written(concept_file, tmp_path, capsys, rank):
     out = tmp_path / "comfy"
-    assert main(["export", "--concepts", str(bundle_file), "--out", str(out), "--rank", rank]) == 2
+    assert main(["export", "--concepts", str(concept_file), "--out", str(out), "--rank", rank]) == 2
     assert f"--rank {rank}" in capsys.readouterr().err
     assert not out.exists()
     from em_core.export import export_concepts
 
     with pytest.raises(ValueError, match="rank"):
-        export_concepts(load_concepts(bundle_file), out, "n", rank=int(rank))
+        export_concepts(load_concepts(concept_file), out, "n", rank=int(rank))
     assert not out.exists()
 
 

@@ -104,6 +104,52 @@ def test_clip_preprocessing_is_clips_own_and_matches_the_old_resize_on_square_im
     assert tuple(clip_processor(32)(images=[wide], return_tensors="pt").pixel_values.shape) == (1, 3, 32, 32)
 
 
+def _imagenet_squash(images, size, mean, std):
+    """What the feature metric fed its backbone before transformers' processors: each image
+    bicubic-resized to size x size, scaled to [0, 1], normalised."""
+    x = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
+                  for im in images])
+    return torch.from_numpy((x - np.array(mean, np.float32)) / np.array(std, np.float32)).permute(0, 3, 1, 2)
+
+
+def test_feature_preprocessing_without_a_config_is_an_imagenet_resize(tmp_path):
+    """A backbone folder with no preprocessor_config.json: transformers' ViTImageProcessor built in
+    code, the model's size, ImageNet's mean and std, the same pixels as the hand-made resize it
+    replaced (square or not: squashed, not cropped)."""
+    from em_core.metrics import feature_processor
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((24, 24), (40, 20))]
+    got = feature_processor(tmp_path, 32)(images=images, return_tensors="pt").pixel_values
+    assert tuple(got.shape) == (2, 3, 32, 32)
+    want = _imagenet_squash(images, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_feature_preprocessing_is_the_backbones_own_where_its_folder_has_one(tmp_path, clip_dir):
+    """A folder with the backbone's saved image processor (here DINOv2's kind: shorter side to 40,
+    centre crop 32, its own statistics) is preprocessed by it, read from the folder only."""
+    import shutil
+
+    from transformers import BitImageProcessor
+
+    from em_core.metrics import feature_processor
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    folder = tmp_path / "backbone"
+    shutil.copytree(clip_dir, folder)
+    BitImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, image_mean=list(mean),
+                      image_std=list(std)).save_pretrained(folder)
+    rng = np.random.default_rng(2)
+    square = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    got = feature_processor(folder, 999)(images=[square], return_tensors="pt").pixel_values
+    want = _imagenet_squash([square], 40, mean, std)[:, :, 4:36, 4:36]  # 40 x 40, centre 32 x 32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    a = _imgs(0)
+    assert feature_cosine_similarity(a[:1], a[:1], folder) == pytest.approx(1.0, abs=1e-5)
+    assert feature_cosine_similarity(a[:1], _imgs(1)[:1], folder) < 1.0 - 1e-4
+
+
 def test_matched_scores_interchangeable_concepts_under_their_best_assignment():
     from em_core.metrics import matched
 

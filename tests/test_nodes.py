@@ -10,8 +10,8 @@ import nodes as pack
 from nodes import host
 from nodes.convert import pil_to_images
 from nodes.learn_nodes import AttentionMaskInit, DenseCRFRefine, EMTokenStep, JointFinetune, parse_init_words
-from nodes.output_nodes import (ConceptGenerate, ExportConceptsForComfy, LoadConceptBundle, MaskOverlayPreview,
-                                SaveConceptBundle, to_embedding_prompt)
+from nodes.output_nodes import (ConceptGenerate, ExportConceptsForComfy, LoadConcepts, MaskOverlayPreview,
+                                SaveConcepts, to_embedding_prompt)
 
 
 def test_every_node_declares_the_classic_api():
@@ -27,6 +27,24 @@ def test_every_node_declares_the_classic_api():
         assert cls.CATEGORY == "concept_em"
         if hasattr(cls, "RETURN_NAMES"):
             assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES), name
+
+
+def test_the_concept_file_nodes_are_called_concepts_and_keep_their_type_names():
+    """'Bundle' is the base model's parts (ModelBundle); the concept file's nodes say 'Concepts'
+    in every title, description and tooltip, and keep the type names (and the Load node its
+    'bundle' input) that saved workflows refer to."""
+    titles = pack.NODE_DISPLAY_NAME_MAPPINGS
+    assert titles["ConceptEM_SaveBundle"] == "Save Concepts" and titles["ConceptEM_LoadBundle"] == "Load Concepts"
+    assert pack.NODE_CLASS_MAPPINGS["ConceptEM_SaveBundle"] is SaveConcepts
+    assert pack.NODE_CLASS_MAPPINGS["ConceptEM_LoadBundle"] is LoadConcepts
+    assert "bundle" in LoadConcepts.INPUT_TYPES()["required"]
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        texts = [titles[name], getattr(cls, "DESCRIPTION", "")]
+        for section in cls.INPUT_TYPES().values():
+            texts += [decl[1].get("tooltip", "") for decl in section.values() if isinstance(decl, tuple) and
+                      len(decl) > 1 and isinstance(decl[1], dict)]
+        texts += list(getattr(cls, "OUTPUT_TOOLTIPS", ()))
+        assert not [t for t in texts if "bundle" in t.lower()], name
 
 
 @pytest.fixture
@@ -158,21 +176,21 @@ def test_save_load_export_overlay(bundle, started, tmp_path, monkeypatch, tiny_d
     monkeypatch.setattr(host, "list_files", lambda kind, fallback: sorted(p.name for p in roots[kind].glob("*")))
     for bad in ["../x", "a/b", ".."]:
         with pytest.raises(ValueError, match="not allowed"):
-            SaveConceptBundle().run(bundle, run, bad)
+            SaveConcepts().run(bundle, run, bad)
     assert not any(tmp_path.rglob("*.safetensors"))
-    SaveConceptBundle().run(bundle, run, "trio")
+    SaveConcepts().run(bundle, run, "trio")
     assert (roots["concepts"] / "trio_00001_.safetensors").is_file()  # numbered, as core SaveImage
-    assert LoadConceptBundle.INPUT_TYPES()["required"]["bundle"][0] == ["trio_00001_.safetensors"]
-    loaded, = LoadConceptBundle().run(bundle, "trio_00001_.safetensors", False)
+    assert LoadConcepts.INPUT_TYPES()["required"]["bundle"][0] == ["trio_00001_.safetensors"]
+    loaded, = LoadConcepts().run(bundle, "trio_00001_.safetensors", False)
     assert loaded.state.concepts.names == run.state.concepts.names and loaded.images == ()
     with pytest.raises(ValueError, match="without its images"):
         EMTokenStep().run(bundle, loaded, 1, 5e-4, 1e-2, 0, True, 4, True)
     from em_core.tiny_world.tiny_model import build_model
 
     with pytest.raises(ValueError, match="another base model"):
-        LoadConceptBundle().run(build_model("tiny", seed=9), "trio_00001_.safetensors", False)
+        LoadConcepts().run(build_model("tiny", seed=9), "trio_00001_.safetensors", False)
     with pytest.raises(ValueError, match="resolves outside"):
-        LoadConceptBundle().run(bundle, "../trio.safetensors", False)
+        LoadConcepts().run(bundle, "../trio.safetensors", False)
     hint = ExportConceptsForComfy().run(run, "trio", 4)["result"][0]
     assert "[v1] -> embedding:trio_v1" in hint and (roots["embeddings"] / "trio_v2.safetensors").is_file()
     img = pil_to_images([Image.new("RGB", (64, 64), (0, 0, 0))])

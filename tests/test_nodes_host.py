@@ -19,7 +19,7 @@ import nodes.model_nodes as mn
 from nodes import host, live
 from nodes.convert import pil_to_images
 from nodes.learn_nodes import AttentionMaskInit, DenseCRFRefine, EMTokenStep, JointFinetune
-from nodes.output_nodes import LoadConceptBundle, SaveConceptBundle
+from nodes.output_nodes import LoadConcepts, SaveConcepts
 
 PACK = Path(__file__).resolve().parents[1]
 
@@ -126,21 +126,21 @@ def started(node_start):
     return node_start[0]
 
 
-def test_save_bundle_numbers_its_files_and_overwrites_only_when_told(bundle, started, tmp_path, monkeypatch):
+def test_save_concepts_numbers_its_files_and_overwrites_only_when_told(bundle, started, tmp_path, monkeypatch):
     root = tmp_path / "concepts"
     monkeypatch.setattr(host, "folder", lambda kind, fallback: root)
     monkeypatch.setattr(host, "list_files", lambda kind, fallback: sorted(p.name for p in root.glob("*")))
     old = os.umask(0o022)
     try:
-        SaveConceptBundle().run(bundle, started, "trio", False)
-        SaveConceptBundle().run(bundle, started, "trio", False)
-        SaveConceptBundle().run(bundle, started, "trio_b", False)  # its own numbers, not trio's
+        SaveConcepts().run(bundle, started, "trio", False)
+        SaveConcepts().run(bundle, started, "trio", False)
+        SaveConcepts().run(bundle, started, "trio_b", False)  # its own numbers, not trio's
         (root / "trio_00007_.safetensors").write_bytes((root / "trio_00001_.safetensors").read_bytes())
-        out = SaveConceptBundle().run(bundle, started, "trio", False)
+        out = SaveConcepts().run(bundle, started, "trio", False)
         assert out["ui"]["text"] == [str(root / "trio_00008_.safetensors")]
         first = (root / "trio_00001_.safetensors").read_bytes()
-        SaveConceptBundle().run(bundle, started, "trio", True)
-        SaveConceptBundle().run(bundle, started, "trio", True)
+        SaveConcepts().run(bundle, started, "trio", True)
+        SaveConcepts().run(bundle, started, "trio", True)
     finally:
         os.umask(old)
     names = sorted(p.name for p in root.iterdir())
@@ -148,10 +148,10 @@ def test_save_bundle_numbers_its_files_and_overwrites_only_when_told(bundle, sta
                      "trio_00007_.safetensors", "trio_00008_.safetensors", "trio_b_00001_.safetensors"]
     assert (root / "trio_00001_.safetensors").read_bytes() == first  # never replaced
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in root.iterdir())
-    assert LoadConceptBundle.INPUT_TYPES()["required"]["bundle"][0] == names
-    loaded, = LoadConceptBundle().run(bundle, "trio_00002_.safetensors", False)
+    assert LoadConcepts.INPUT_TYPES()["required"]["bundle"][0] == names
+    loaded, = LoadConcepts().run(bundle, "trio_00002_.safetensors", False)
     assert loaded.state.concepts.names == started.state.concepts.names
-    spec = SaveConceptBundle.INPUT_TYPES()["required"]
+    spec = SaveConcepts.INPUT_TYPES()["required"]
     assert list(spec)[-1] == "overwrite" and spec["overwrite"][1]["default"] is False
 
 

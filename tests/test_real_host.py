@@ -404,7 +404,7 @@ def test_the_sd_workflows_run_on_a_random_sd15_checkpoint(server):
     saved = [Path(t) for o in entry["outputs"].values() for t in o.get("text", []) if t.endswith(".safetensors")]
     assert [p.name for p in saved] == ["my_concepts_00001_.safetensors"]
 
-    reuse = ui_to_api(json.loads((WORKFLOWS / "concept_em_reuse_bundle.json").read_text()), server.info)
+    reuse = ui_to_api(json.loads((WORKFLOWS / "concept_em_reuse_concepts.json").read_text()), server.info)
     low = {"CheckpointLoaderSimple": {"ckpt_name": ckpt.name}, "ConceptEM_LoadBundle": {"bundle": saved[0].name},
            "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1}, "KSampler": {"steps": 2}}
     for node in reuse.values():
@@ -624,7 +624,7 @@ def test_ui_to_api_gives_each_input_its_widget_value_or_link():
     assert full["3"] == {"class_type": "LoadImage", "inputs": {"image": "example.png"}}
     assert full["2"]["inputs"] == {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
                                    "prediction_type": "from model"}
-    reuse = ui_to_api(json.loads((WORKFLOWS / "concept_em_reuse_bundle.json").read_text()), info)
+    reuse = ui_to_api(json.loads((WORKFLOWS / "concept_em_reuse_concepts.json").read_text()), info)
     ks = reuse["8"]["inputs"]
     assert (ks["seed"], ks["steps"], ks["cfg"], ks["sampler_name"], ks["scheduler"], ks["denoise"]) == \
         (1, 30, 7.0, "dpmpp_2m", "karras", 1.0)

@@ -164,7 +164,7 @@ def test_em_learns_on_tiny_sdxl_and_estimates_masks(xl_learned, xl_dir, tiny_dir
     assert state.masks[0].shape == (3, 64, 64) and state.masks[0].dtype == bool
     assert all(np.isfinite(h["loss"]) for h in state.history["steps"])
     assert state.concepts.vectors.shape == (3, 80)
-    # The bundle reads back on its model, and is refused on the other family either way round.
+    # The concept file reads back on its model, and is refused on the other family either way round.
     cb = load_concepts(out / "concepts.safetensors", load_bundle(xl_dir))
     assert torch.equal(cb.concepts.vectors, state.concepts.vectors) and cb.meta["base_model"]["family"] == "sdxl"
     with pytest.raises(ValueError, match="Stable Diffusion XL .* is Stable Diffusion 1.x / 2.x"):

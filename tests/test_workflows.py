@@ -31,7 +31,7 @@ def spec(node_type):
 
 def test_there_are_the_four_workflows():
     assert [p.name for p in WORKFLOWS] == ["concept_em_full_sd15.json", "concept_em_full_sdxl.json",
-                                           "concept_em_reuse_bundle.json", "concept_em_tiny_world.json"]
+                                           "concept_em_reuse_concepts.json", "concept_em_tiny_world.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -178,6 +178,6 @@ def test_the_shipped_workflows_are_what_the_generator_writes():
     spec_.loader.exec_module(mw)
     for name, make in (("concept_em_full_sd15.json", mw.full_sd15), ("concept_em_full_sdxl.json", mw.full_sdxl),
                        ("concept_em_tiny_world.json", mw.tiny_world),
-                       ("concept_em_reuse_bundle.json", mw.reuse)):
+                       ("concept_em_reuse_concepts.json", mw.reuse)):
         assert json.loads((ROOT / "workflows" / name).read_text()) == json.loads(json.dumps(make())), \
             f"{name} is stale: run python tools/make_workflows.py"

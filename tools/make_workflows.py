@@ -278,7 +278,7 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     for name, wf in {"concept_em_full_sd15.json": full_sd15(), "concept_em_full_sdxl.json": full_sdxl(),
                      "concept_em_tiny_world.json": tiny_world(),
-                     "concept_em_reuse_bundle.json": reuse()}.items():
+                     "concept_em_reuse_concepts.json": reuse()}.items():
         (out / name).write_text(json.dumps(wf, indent=1), encoding="utf-8")
         print(out / name)
 
