@@ -43,6 +43,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -320,6 +321,25 @@ def run_prompt(srv: Server, prompt: dict, what: str) -> tuple[dict, list[dict]]:
     return entry, ws.messages
 
 
+def run_learning_workflow(server, workflow: str, ckpt_name: str, label: str):
+    """A shipped learning workflow on `ckpt_name` and the input example.png, its costs lowered to a
+    few steps at 64 px; (history entry, websocket messages, the concept files it saved)."""
+    learn = ui_to_api(json.loads((WORKFLOWS / workflow).read_text()), server.info)
+    low = {"CheckpointLoaderSimple": {"ckpt_name": ckpt_name}, "LoadImage": {"image": "example.png"},
+           "ConceptEM_AttentionMaskInit": {"timesteps": 2, "resolution": 64},
+           "ConceptEM_EMTokenStep": {"steps": 2, "refresh_every": 1, "refresh_timesteps": 2},
+           "ConceptEM_JointFinetune": {"steps": 2},
+           "ConceptEM_Generate": {"steps": 2, "width": 64, "height": 64, "batch_size": 1}}
+    for node in learn.values():
+        node["inputs"].update(low.get(node["class_type"], {}))
+    entry, messages = run_prompt(server, learn, label)
+    saved = [Path(t) for o in entry["outputs"].values() for t in o.get("text", []) if t.endswith(".safetensors")]
+    # Numbered as Save Image numbers: 00001 on a fresh server, the next free number after other tests' saves.
+    assert len(saved) == 1 and re.fullmatch(r"my_concepts_\d{5}_\.safetensors", saved[0].name), saved
+    assert saved[0].is_file() and saved[0].parent == server.base / "models" / "concepts"
+    return entry, messages, saved
+
+
 def check_import_log(srv: Server) -> None:
     found = [line for line in srv.log_text().splitlines()
              if LINK_NAME in line and any(bad in line for bad in BAD_IMPORT_LINES)]
@@ -392,17 +412,8 @@ def test_the_sd_workflows_run_on_a_random_sd15_checkpoint(server):
     (server.base / "input").mkdir(exist_ok=True)
     make_scene(seed=10).image.save(server.base / "input" / "example.png")
 
-    learn = ui_to_api(json.loads((WORKFLOWS / "concept_em_full_sd15.json").read_text()), server.info)
-    low = {"CheckpointLoaderSimple": {"ckpt_name": ckpt.name}, "LoadImage": {"image": "example.png"},
-           "ConceptEM_AttentionMaskInit": {"timesteps": 2, "resolution": 64},
-           "ConceptEM_EMTokenStep": {"steps": 2, "refresh_every": 1, "refresh_timesteps": 2},
-           "ConceptEM_JointFinetune": {"steps": 2},
-           "ConceptEM_Generate": {"steps": 2, "width": 64, "height": 64, "batch_size": 1}}
-    for node in learn.values():
-        node["inputs"].update(low.get(node["class_type"], {}))
-    entry, _ = run_prompt(server, learn, "SD-1.5-shaped learning workflow")
-    saved = [Path(t) for o in entry["outputs"].values() for t in o.get("text", []) if t.endswith(".safetensors")]
-    assert [p.name for p in saved] == ["my_concepts_00001_.safetensors"]
+    entry, _, saved = run_learning_workflow(server, "concept_em_full_sd15.json", ckpt.name,
+                                            "SD-1.5-shaped learning workflow")
 
     reuse = ui_to_api(json.loads((WORKFLOWS / "concept_em_reuse_concepts.json").read_text()), server.info)
     low = {"CheckpointLoaderSimple": {"ckpt_name": ckpt.name}, "ConceptEM_LoadBundle": {"bundle": saved[0].name},
@@ -522,17 +533,8 @@ def _sdxl_learn_export_and_reuse(comfy: Path, fp8: tuple[str, ...], base: Path) 
         srv.info = srv.wait_for_nodes()
         check_import_log(srv)
 
-        learn = ui_to_api(json.loads((WORKFLOWS / "concept_em_full_sdxl.json").read_text()), srv.info)
-        low = {"CheckpointLoaderSimple": {"ckpt_name": ckpt.name}, "LoadImage": {"image": "example.png"},
-               "ConceptEM_AttentionMaskInit": {"timesteps": 2, "resolution": 64},
-               "ConceptEM_EMTokenStep": {"steps": 2, "refresh_every": 1, "refresh_timesteps": 2},
-               "ConceptEM_JointFinetune": {"steps": 2},
-               "ConceptEM_Generate": {"steps": 2, "width": 64, "height": 64, "batch_size": 1}}
-        for node in learn.values():
-            node["inputs"].update(low.get(node["class_type"], {}))
-        entry, messages = run_prompt(srv, learn, "SDXL learning workflow")
-        saved = [Path(t) for o in entry["outputs"].values() for t in o.get("text", []) if t.endswith(".safetensors")]
-        assert [p.name for p in saved] == ["my_concepts_00001_.safetensors"]
+        entry, messages, saved = run_learning_workflow(srv, "concept_em_full_sdxl.json", ckpt.name,
+                                                       "SDXL learning workflow")
         images = [im for o in entry["outputs"].values() for im in o.get("images", []) if im.get("type") == "output"]
         assert images and all((srv.base / "output" / im.get("subfolder", "") / im["filename"]).is_file()
                               for im in images)
