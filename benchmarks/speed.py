@@ -31,7 +31,6 @@ time (they add up to ratio - 1).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from em_core.atomic import write_json
 from em_core.attention import AttentionCapture, concept_selector
 from em_core.concepts import ConceptSet, encode_prompts, injected
 from em_core.config import LearnConfig
@@ -48,6 +48,7 @@ from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
 from em_core.masks import attention_maps, estimate_masks, latent_masks
 from em_core.model_io import load_bundle
+from em_core.provenance import provenance
 from em_core.tiny_world.scenes import random_scene
 from em_core.training import concept_step_loss
 
@@ -361,8 +362,9 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:<10} " + "  ".join(f"{k} {_fmt(v)}" for k, v in r.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "size": img.size, "machine": machine,
-                                               "rows": rows}, indent=1))
+        prov = provenance(config={k: v for k, v in vars(args).items() if k != "json"})
+        write_json(Path(args.json), {"model": args.model, "size": img.size, "rows": rows, **prov,
+                                     "machine": {**prov["machine"], **machine}})
 
 
 if __name__ == "__main__":
