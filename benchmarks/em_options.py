@@ -11,7 +11,8 @@ command, commit and machine.
         --variants baseline em sticky=mask_stickiness:0.3 --json runs/em_options.json
 
 A variant is `baseline` (masks estimated once), `em` (the defaults) or `NAME=KEY:VALUE[,KEY:VALUE]`,
-LearnConfig fields over EM's defaults, values read as JSON (`t600=mask_t_range:[0,600]`).
+LearnConfig fields over EM's defaults, values read as JSON (`t600=mask_t_range:[0,600]`);
+`background:"last"` names each scene's background concept (its last, as `concept_task` orders them).
 """
 from __future__ import annotations
 
