@@ -23,13 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from em_core.config import LearnConfig
 from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
 from em_core.atomic import write_json
-from em_core.metrics import iou_curve
+from em_core.metrics import mean_iou_curve
 from em_core.model_io import load_bundle
 from em_core.provenance import provenance
 from em_core.tiny_world.evaluate import concept_task, eval_set, interchangeable
@@ -101,8 +100,7 @@ def main() -> None:
                                      if over.get("background") == "last" else None,
                                      **{k2: v for k2, v in over.items() if k2 != "background"}})
                 state = learn(bundle, [img], start_state(bundle, [img], cfg, init), progress=False)
-                curve = iou_curve(state, {(0, n): m for n, m in truth.items()}, groups)
-                means = [(c["step"], float(np.mean(list(c["iou"]["img1"].values())))) for c in curve]
+                means = mean_iou_curve(state, {(0, n): m for n, m in truth.items()}, groups)
                 rows[name]["iou"].append(means[-1][1])
                 rows[name]["curves"].append(means)
             print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(

@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from em_core.config import LearnConfig
 from em_core.dataset import prepare_image
 from em_core.atomic import write_json
-from em_core.metrics import iou_curve
+from em_core.metrics import mean_iou_curve
 from em_core.model_io import load_bundle
 from em_core.provenance import provenance
 from em_core.tiny_world.evaluate import concept_task, eval_set, interchangeable
@@ -58,8 +57,7 @@ def main() -> None:
         for name, (every, ts) in SCHEDULES.items():
             cfg = LearnConfig(steps=args.steps, refresh_every=every, refresh_timesteps=ts, save_every=10 ** 9)
             run_s, plain_s, state = interleaved_run(bundle, img, cfg, init)
-            curve = iou_curve(state, {(0, n): m for n, m in truth.items()}, groups)
-            means = [(c["step"], float(np.mean(list(c["iou"]["img1"].values())))) for c in curve]
+            means = mean_iou_curve(state, {(0, n): m for n, m in truth.items()}, groups)
             rows[name]["iou"].append(means[-1][1])
             rows[name]["curves"].append(means)
             rows[name]["ratio"].append(run_s / plain_s)

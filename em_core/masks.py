@@ -146,7 +146,7 @@ def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, c
     rows = [k for k, n in enumerate(image.names) if n not in given and n != bg]
     masks = np.zeros((len(image.names), image.size[1], image.size[0]), dtype=bool)
     if rows:
-        prior = None if previous is None or not stickiness else np.asarray(previous, dtype=bool)[rows]
+        prior = None if previous is None else np.asarray(previous, dtype=bool)[rows]
         masks[rows] = binarise(maps[rows], image.size, threshold, [image.names[k] for k in rows], prior, stickiness)
     for k, name in enumerate(image.names):
         if name in given:

@@ -35,6 +35,13 @@ def iou_curve(state, truth: dict, groups=None) -> list[dict]:
     return curve
 
 
+def mean_iou_curve(state, truth: dict, groups=None, image: int = 0) -> list[tuple[int, float]]:
+    """[(step, mean IoU over one image's concepts)] for each refresh: `iou_curve` of that image,
+    averaged over its concepts (what the evaluation and the benchmarks plot and compare)."""
+    key = f"img{image + 1}"
+    return [(c["step"], float(np.mean(list(c["iou"][key].values())))) for c in iou_curve(state, truth, groups)]
+
+
 def matched(est: dict, ref: dict, groups) -> dict:
     """IoU per name; within each group of interchangeable names, under the best one-to-one
     assignment of the group's estimated masks to its true masks (highest mean IoU)."""

@@ -118,7 +118,7 @@ class LoadConcepts:
                                                                              "(written by Save Concepts)"}),
                              "allow_other_model": ("BOOLEAN", {"default": False, "tooltip":
                                                                "load even if em_model is not the model the concepts "
-                                                               "was learned on (same token width needed)"})}}
+                                                               "were learned on (same token width needed)"})}}
 
     RETURN_TYPES = (STATE,)
     RETURN_NAMES = ("concepts",)

@@ -34,7 +34,7 @@ from ..dataset import prepare_image
 from ..em_loop import learn, start_state
 from ..generate import generate
 from ..masks import estimate_masks, iou, normalise
-from ..metrics import iou_curve, matched
+from ..metrics import matched, mean_iou_curve
 from ..plot import line_chart
 from ..provenance import provenance
 from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
@@ -199,10 +199,8 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
                 scores = matched(est, {n: _resized(truth[n], est[n].shape) for n in img.names}, groups)
                 results[method]["own_attention_iou"].append(float(np.mean(list(scores.values()))))
             true = {(0, n): m for n, m in truth.items()}
-            curve = iou_curve(state, true, groups)
-            means = [(c["step"], float(np.mean(list(c["iou"]["img1"].values())))) for c in curve]
-            any_match = iou_curve(state, true, [list(info)])[-1]["iou"]["img1"]
-            results[method]["final_iou_any_match"].append(float(np.mean(list(any_match.values()))))
+            means = mean_iou_curve(state, true, groups)
+            results[method]["final_iou_any_match"].append(mean_iou_curve(state, true, [list(info)])[-1][1])
             results[method]["curves"].append(means)
             results[method]["final_iou"].append(means[-1][1])
             fid = []
