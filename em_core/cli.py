@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--seed", type=int, default=0)
     tc.set_defaults(func=cmd_train_checker)
 
-    ev = sub.add_parser("evaluate", help="tiny world: baseline vs EM vs EM without CRF vs true masks")
+    ev = sub.add_parser("evaluate", help="tiny world: baseline vs EM vs EM without CRF vs true masks; resumes a stopped "
+                        "run in the same --out with the same weights and settings")
     ev.add_argument("--model", default=str(SHIPPED_MODEL))
     ev.add_argument("--out", required=True)
     ev.add_argument("--scenes", type=int, default=30)

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,27 @@ def test_the_shipped_model_learns_and_generates(tmp_path):
     unlearned = type(state.concepts)(state.concepts.names, state.concepts.init_words, first)
     before = generate(bundle, "a photo of [v1] on snow", concepts=unlearned, steps=5, progress=False)
     assert not np.array_equal(np.asarray(out[0]), np.asarray(before[0]))
+
+
+def test_a_stopped_evaluation_resumes_from_its_finished_scenes(tiny_dir, tmp_path, monkeypatch):
+    import em_core.tiny_world.evaluate as ev
+
+    torch.manual_seed(0)
+    save_checker(Checker(), tmp_path / "checker.safetensors", {})
+    kw = dict(steps=1, refresh=1, timesteps=2, refresh_timesteps=2, gen_images=1, gen_steps=1, quality_images=1,
+              checker_path=str(tmp_path / "checker.safetensors"), methods=("baseline",))
+    first = ev.evaluate(str(tiny_dir), tmp_path / "ev", scenes=1, log=lambda *a: None, **kw)  # "stopped" after one
+    runs, learn = [], ev.learn
+    monkeypatch.setattr(ev, "learn", lambda *a, **k: runs.append(1) or learn(*a, **k))
+    said = []
+    resumed = ev.evaluate(str(tiny_dir), tmp_path / "ev", scenes=2, log=said.append, **kw)
+    assert any("resuming: 1 scene(s)" in s for s in said) and len(runs) == 1  # only the second scene ran
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert [r["scene"] for r in saved["scenes"]] == [0, 1]
+    assert saved["scenes"][0]["baseline"]["final_iou"] == first["table"]["baseline"]["mask_iou"]
+    assert resumed["table"]["baseline"]["mask_iou"] == np.mean([r["baseline"]["final_iou"] for r in saved["scenes"]])
+    key = json.loads((tmp_path / "ev" / ev.PARTIAL).read_text())["key"]
+    said.clear()  # other weights or settings: nothing is reused
+    assert ev._resume(tmp_path / "ev", {**key, "steps": 3}, 2, said.append) is None and "another evaluation" in said[0]
+    assert ev._resume(tmp_path / "ev", key, 1, said.append) is None  # fewer scenes than done: afresh
+    assert ev._resume(tmp_path / "ev", key, 3, said.append)["scenes"][1]["scene"] == 1

@@ -18,6 +18,10 @@ plot) and the fidelity of images generated from each learned object concept, jud
 checker (colour and shape read back from the render).
 
     python -m em_core evaluate --model em_core/tiny_world/model --out eval-out [--scenes 30 --steps 200]
+
+Each finished scene is saved in the output folder (partial.json); the same command again, or with
+more --scenes, resumes after the last finished scene when the weights and settings are the same, so
+a 30-scene evaluation can span several sittings.
 """
 from __future__ import annotations
 
@@ -176,8 +180,18 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
     results = {m: {"final_iou": [], "curves": [], "fid_colour": [], "fid_shape": [], "fid_held_out_shape": [],
                    "own_attention_iou": [], "final_iou_any_match": []} for m in methods}
     per_scene = []
+    key = dict(weights=weights_fingerprint(model), checker=weights_fingerprint(checker_path or Path(model) / "checker.safetensors"),
+               methods=list(methods), steps=steps, refresh=refresh, timesteps=timesteps,
+               refresh_timesteps=refresh_timesteps, gen_images=gen_images, gen_steps=gen_steps, guidance=guidance,
+               seed=seed)
+    done = _resume(out, key, scenes, log)
+    before = 0.0  # seconds an earlier, resumed run spent on its scenes
+    if done:
+        results, per_scene, before = done["results"], done["scenes"], done.get("seconds", 0.0)
     held_out = eval_set(scenes)
     for k, scene in enumerate(held_out):
+        if k < len(per_scene):
+            continue
         prompt, init, truth, info = concept_task(scene)
         path = inside(out, f"scenes/scene{k:02d}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +229,8 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
             row[method] = {"final_iou": means[-1][1], "curve": means, "groups": groups,
                            "final_iou_any_match": results[method]["final_iou_any_match"][-1]}
         per_scene.append(row)
+        write_json(inside(out, PARTIAL), {"key": key, "results": results, "scenes": per_scene,
+                                          "seconds": before + time.time() - t0})
         log(f"scene {k + 1}/{scenes} ({time.time() - t0:.0f}s): " +
             "  ".join(f"{m} {row[m]['final_iou']:.3f}" for m in methods))
     summary = _summary(results, steps, refresh)
@@ -224,7 +240,7 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
     summary["settings"] = dict(model=str(model), scenes=scenes, steps=steps, refresh=refresh, timesteps=timesteps,
                                refresh_timesteps=refresh_timesteps,
                                gen_images=gen_images, gen_steps=gen_steps, guidance=guidance, seed=seed,
-                               seconds=round(time.time() - t0))
+                               seconds=round(before + time.time() - t0))
     write_json(inside(out, "results.json"), {"summary": summary, "scenes": per_scene,
                                             **provenance(config=summary["settings"])})
     chart = line_chart({m: summary["curve"][m] for m in methods if not m.startswith("true_masks")},
@@ -232,6 +248,48 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
     write_atomic(inside(out, "iou_curve.png"), lambda tmp: chart.save(tmp, format="PNG"))
     write_atomic(inside(out, "report.md"), lambda tmp: Path(tmp).write_text(report_markdown(summary)))
     return summary
+
+
+PARTIAL = "partial.json"  # the scenes done so far, so a stopped evaluation resumes where it stopped
+
+
+def weights_fingerprint(path) -> str:
+    """sha256 over a model folder's (or a file's) safetensors, so a resumed evaluation never mixes
+    two sets of weights."""
+    import hashlib
+
+    path = Path(path)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _resume(out: Path, key: dict, scenes: int, log) -> dict | None:
+    """The scenes an earlier run of the same evaluation (same weights and settings) finished in this
+    folder: eval_set's scenes are a seeded prefix, so they are the first scenes of any longer run too."""
+    path = out / PARTIAL
+    if not path.is_file():
+        return None
+    import json
+
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("key") != key:
+        log(f"{path} holds another evaluation (other weights or settings); starting afresh")
+        return None
+    done["scenes"] = done["scenes"][:scenes]
+    if len(done["scenes"]) < len(next(iter(done["results"].values()))["final_iou"]):
+        log(f"{path} holds more scenes than the {scenes} asked for; starting afresh")
+        return None  # its per-image fidelity lists cannot be cut back to a prefix
+    log(f"resuming: {len(done['scenes'])} scene(s) already done in {path}")
+    return done
 
 
 def _resized(mask: np.ndarray, shape) -> np.ndarray:
