@@ -16,7 +16,6 @@ when its error is no larger than the paper's 50 independent timesteps.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -24,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from em_core.atomic import write_json
 from em_core.config import LearnConfig
 from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
 from em_core.tiny_world.evaluate import concept_task, eval_set
 from em_core.masks import attention_maps
 from em_core.model_io import load_bundle
+from em_core.provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,9 +81,10 @@ def main() -> None:
     for name in table["init"]:
         print(f"{name:<16}{table['init'][name]['mean']:>16.4f}{table['trained'][name]['mean']:>18.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "scenes": args.scenes, "draws": args.draws,
-                                               "reference": args.reference, "token_steps": args.token_steps,
-                                               "seconds": round(time.time() - t0), "errors": table}, indent=1))
+        write_json(Path(args.json), {"model": args.model, "scenes": args.scenes, "draws": args.draws,
+                                     "reference": args.reference, "token_steps": args.token_steps,
+                                     "seconds": round(time.time() - t0), "errors": table,
+                                     **provenance(config=vars(args))})
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from em_core.atomic import write_json
+from em_core.provenance import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"full": ("full", False), "full+ckpt": ("full", True), "lora": ("lora", False), "lora+ckpt": ("lora", True)}
 
@@ -192,7 +195,8 @@ def main() -> None:
               f"{r['growth_mb']:>10} {_secs(r['seconds_per_step']):>7} {r.get('tensor_steps_peak_mb', '-'):>18} "
               f"{r.get('tensor_peak_mb', '-'):>6}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "size": args.size, "rows": rows}, indent=1))
+        cfg = {k: v for k, v in vars(args).items() if k not in ("child", "mode", "checkpointing")}
+        write_json(Path(args.json), {"model": args.model, "size": args.size, "rows": rows, **provenance(config=cfg)})
 
 
 if __name__ == "__main__":

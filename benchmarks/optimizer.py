@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from em_core.atomic import write_json
+from em_core.provenance import provenance
 
 from memory import LiveTensorBytes  # this folder's live-tensor counter
 from speed import _bundle
@@ -77,9 +79,9 @@ def main() -> None:
         print(f"{name:<26} step {r['step_s']:.3f} s   weights+grads+moments {r['state_mb']:.0f} MB   "
               f"extra at peak {r['extra_peak_mb']:.0f} MB", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "tensors": len(shapes), "weights": n,
-                                               "torch": torch.__version__, "repeats": args.repeats,
-                                               "rows": rows}, indent=1))
+        write_json(Path(args.json), {"model": args.model, "tensors": len(shapes), "weights": n,
+                                     "torch": torch.__version__, "repeats": args.repeats, "rows": rows,
+                                     **provenance(config=vars(args))})
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ denoiser, and captions read back by the checker; prints them and writes a result
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from em_core.atomic import write_json
 from em_core.model_io import load_bundle
 from em_core.provenance import provenance
 from em_core.tiny_world.checker import load_checker
@@ -43,7 +43,7 @@ def main() -> None:
     res.update(provenance(config=vars(args)))
     res["seconds"] = round(time.time() - t0)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1), encoding="utf-8")
+        write_json(Path(args.out), res)
 
 
 if __name__ == "__main__":
