@@ -284,8 +284,7 @@ def _resume(out: Path, key: dict, scenes: int, log) -> dict | None:
     if done.get("key") != key:
         log(f"{path} holds another evaluation (other weights or settings); starting afresh")
         return None
-    done["scenes"] = done["scenes"][:scenes]
-    if len(done["scenes"]) < len(next(iter(done["results"].values()))["final_iou"]):
+    if len(done["scenes"]) > scenes:
         log(f"{path} holds more scenes than the {scenes} asked for; starting afresh")
         return None  # its per-image fidelity lists cannot be cut back to a prefix
     log(f"resuming: {len(done['scenes'])} scene(s) already done in {path}")
