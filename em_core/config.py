@@ -43,6 +43,13 @@ class LearnConfig:
     # Weight of a refresh's previous masks in the score it thresholds (masks.binarise): 0 (the
     # paper) takes each refresh's maps alone.
     mask_stickiness: float = 0.0
+    # Pixels claimed by several thresholded maps go to the highest one, and a concept that loses
+    # most of its mask thresholds its map again where no other concept is (masks.claim_exclusively).
+    # False: each map thresholded on its own and DenseCRF settles overlaps (the paper).
+    exclusive_masks: bool = False
+    # Each step's prompt lists its drawn concepts in a random order (Break-A-Scene); False: in the
+    # image prompt's order, the order the mask estimates read them in.
+    shuffle: bool = True
     # Every this many steps, the loss on fixed noise and timesteps (the same each time) is logged
     # beside the training loss, so the curve shows learning rather than the draws. 0: never.
     eval_every: int = 0

@@ -145,7 +145,8 @@ class _Run:
                 threshold=cfg.threshold, use_crf=cfg.use_crf, crf_params=cfg.crf, fixed=fixed,
                 generator=gen, layers=cfg.mask_layers, stratified=cfg.timestep_sampling == "stratified",
                 t_range=cfg.mask_t_range, background=cfg.background,
-                previous=old if kind == "refresh" else None, stickiness=cfg.mask_stickiness)
+                previous=old if kind == "refresh" else None, stickiness=cfg.mask_stickiness,
+                exclusive=cfg.exclusive_masks)
             new_masks.append(masks)
         return new_masks
 
@@ -178,7 +179,7 @@ class _Run:
         before = self.vectors.detach().clone()
         loss, info = concept_step_loss(self.bundle, self.images, st.concepts, self.vectors, self.latent,
                                        self.token_id, st.step, self.cfg.seed, self.cfg.flip, self.cfg.attn_weight,
-                                       capture, st.step < self.cfg.warmup_steps)
+                                       capture, st.step < self.cfg.warmup_steps, self.cfg.shuffle)
         if not math.isfinite(info["loss"]):
             st.status = "nan"
             st.message = f"loss was not finite at step {st.step}; kept the state of the step before"

@@ -80,13 +80,14 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
 
 
 def binarise(maps: torch.Tensor, size: tuple[int, int], threshold: float, names: list[str],
-             previous: np.ndarray | None = None, stickiness: float = 0.0) -> np.ndarray:
+             previous: np.ndarray | None = None, stickiness: float = 0.0, exclusive: bool = False) -> np.ndarray:
     """(K, H, W) bool at image size (W, H); empty masks fall back to the top pixels, with a warning.
 
     With `previous` masks (K, H, W) and `stickiness` s, the score thresholded is
     (1 - s) * map + s * previous: a hysteresis, where a pixel stays in its concept's mask while its
     map is above (threshold - s) / (1 - s) and joins only above threshold / (1 - s). It keeps one
     noisy estimate (a few random timesteps) from flipping a mask that the ones before agreed on.
+    `exclusive`: see `claim_exclusively`.
     """
     up = F.interpolate(normalise(maps)[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
     up = torch.nan_to_num(up, nan=0.0)
@@ -96,6 +97,8 @@ def binarise(maps: torch.Tensor, size: tuple[int, int], threshold: float, names:
             raise ValueError(f"previous masks: shape {tuple(prev.shape)}, expected {tuple(up.shape)}")
         up = (1.0 - stickiness) * up + stickiness * prev
     masks = (up > threshold).numpy()
+    if exclusive:
+        masks = claim_exclusively(up, masks, threshold)
     for k, name in enumerate(names):
         if not masks[k].any():
             flat = up[k].flatten()
@@ -111,34 +114,63 @@ def binarise(maps: torch.Tensor, size: tuple[int, int], threshold: float, names:
     return masks
 
 
+def claim_exclusively(scores: torch.Tensor, masks: np.ndarray, threshold: float) -> np.ndarray:
+    """Each pixel claimed by several thresholded maps goes to the one that scores it highest; a
+    concept that so loses most of its mask thresholds its map again over the pixels no other
+    concept claims, each time renormalised there. Two tokens whose maps peak on one object (two
+    objects of one kind, both started from its word; a token whose word the model does not know)
+    otherwise share that object and leave the other one to nobody."""
+    masks = masks.copy()
+    s = scores.numpy()
+    before = masks.sum(axis=(1, 2))
+    owner = np.where(masks, s, -np.inf).argmax(0)
+    for k in range(len(masks)):
+        masks[k] &= owner == k
+    for k in np.argsort(-s.reshape(len(s), -1).max(1), kind="stable"):
+        if masks[k].sum() >= 0.5 * before[k]:
+            continue
+        free = ~np.delete(masks, k, axis=0).any(0)
+        if not free.any():
+            continue
+        mine = np.where(free, s[k], 0.0)
+        hi, lo = mine[free].max(), mine[free].min()
+        if hi - lo > 1e-12:
+            masks[k] = free & ((mine - lo) / (hi - lo) > threshold)
+    return masks
+
+
 def estimate_masks(bundle, concepts: ConceptSet, image, *, n_timesteps=50, batch=10, threshold=0.5,
                    use_crf=True, crf_params: CRFParams = CRFParams(), fixed: dict | None = None,
                    generator=None, layers="all", stratified=True, t_range=None,
                    background: str | None = None, previous: np.ndarray | None = None,
-                   stickiness: float = 0.0) -> tuple[np.ndarray, torch.Tensor]:
+                   stickiness: float = 0.0, exclusive: bool = False) -> tuple[np.ndarray, torch.Tensor]:
     """Image-size bool masks (K_i, H, W) and the raw maps they came from.
 
     `fixed` maps concept name -> a user mask (H, W) that is kept as it is; it still takes
     part in the CRF so the other concepts are pushed off it. `background`, `previous`,
-    `stickiness`: see masks_from_maps.
+    `stickiness`, `exclusive`: see masks_from_maps.
     """
     maps = attention_maps(bundle, concepts, image, n_timesteps, batch, generator, layers, stratified=stratified,
                           t_range=t_range)
     masks = masks_from_maps(image, maps, threshold=threshold, use_crf=use_crf, crf_params=crf_params, fixed=fixed,
-                            background=background, previous=previous, stickiness=stickiness)
+                            background=background, previous=previous, stickiness=stickiness,
+                            exclusive=exclusive)
     return masks, maps
 
 
 def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, crf_params: CRFParams = CRFParams(),
                     fixed: dict | None = None, keep: dict | None = None, background: str | None = None,
-                    previous: np.ndarray | None = None, stickiness: float = 0.0) -> np.ndarray:
+                    previous: np.ndarray | None = None, stickiness: float = 0.0,
+                    exclusive: bool = False) -> np.ndarray:
     """(K_i, H, W) bool masks from (K_i, h, w) averaged maps: threshold, then DenseCRF.
 
     `fixed`: user masks, kept as they are. `keep`: masks of concepts that have no new map (their
     rows of `maps` are ignored); they go through the CRF like the others. `background`: a
     concept whose mask is the pixels no other concept claims (when the image has it and it is
     neither fixed nor kept). `previous`: the masks before this estimate (K_i, H, W), blended into
-    the normalised maps with weight `stickiness` before the threshold (see `binarise`).
+    the normalised maps with weight `stickiness` before the threshold (see `binarise`). `exclusive`:
+    overlaps go to the highest map before the CRF, and a concept left with little of its mask looks
+    again where no other concept is (`claim_exclusively`).
     """
     fixed, keep = fixed or {}, keep or {}
     given = {**keep, **fixed}
@@ -147,7 +179,8 @@ def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, c
     masks = np.zeros((len(image.names), image.size[1], image.size[0]), dtype=bool)
     if rows:
         prior = None if previous is None else np.asarray(previous, dtype=bool)[rows]
-        masks[rows] = binarise(maps[rows], image.size, threshold, [image.names[k] for k in rows], prior, stickiness)
+        masks[rows] = binarise(maps[rows], image.size, threshold, [image.names[k] for k in rows], prior, stickiness,
+                               exclusive)
     for k, name in enumerate(image.names):
         if name in given:
             masks[k] = given[name]

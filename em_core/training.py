@@ -33,11 +33,12 @@ def diffusion_target(scheduler, latents, noise, t):
 
 def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tensor, latent_masks: list, token_id: dict,
                       step: int, seed: int, flip: bool, attn_weight: float, capture: AttentionCapture,
-                      warmup: bool = False) -> tuple[torch.Tensor, dict]:
+                      warmup: bool = False, shuffle: bool = True) -> tuple[torch.Tensor, dict]:
     """The loss of step `step` and a record of what it drew.
 
     `warmup` is plain textual inversion: the image's own prompt, no masks, no attention loss.
     `capture` None: the masked diffusion loss alone, with the U-Net's own (fused) attention.
+    `shuffle` False: the drawn concepts keep the image prompt's order (the same draws either way).
     """
     b = bundle
     gen, rnd = step_rng(seed, step)
@@ -48,6 +49,8 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
     else:
         k = rnd.randint(1, len(img.names))
         subset = rnd.sample(img.names, k)  # in the order drawn: each step shuffles the prompt, as BaS does
+        if not shuffle:
+            subset = sorted(subset, key=img.names.index)
         prompt = "a photo of " + " and ".join(subset)
     flip = flip and img.latent_mean.shape[0] > 1 and rnd.random() < 0.5
     z0 = img.sample_latent(flip, gen).to(b.device, torch.float32)

@@ -126,3 +126,37 @@ def test_refreshes_pass_the_masks_before_them_and_the_first_estimate_none(bundle
     cfg = _cfg(mask_stickiness=0.3)
     learn(bundle, [img], start_state(bundle, [img], cfg), progress=False)
     assert seen == [(False, 0.3), (True, 0.3)]
+
+
+def test_exclusive_masks_give_a_shared_object_to_the_higher_map_and_send_the_other_to_its_next_peak():
+    from em_core.masks import binarise
+
+    # Two concepts on a 1 x 4 strip (maps already in [0, 1], so normalising keeps them): both cover
+    # pixels 0-1 (one object); the second also has a lesser bump on pixel 3 (the other object), as two
+    # tokens started from one word have.
+    maps = torch.tensor([[[1.0, 0.6, 0.0, 0.0]], [[0.9, 1.0, 0.0, 0.3]]])
+    plain = binarise(maps, (4, 1), 0.5, ["[v1]", "[v2]"])
+    assert plain.tolist() == [[[True, True, False, False]], [[True, True, False, False]]]  # both on one object
+    excl = binarise(maps, (4, 1), 0.5, ["[v1]", "[v2]"], exclusive=True)
+    # Pixel 0 to [v1] (1.0 > 0.9), pixel 1 to [v2] (1.0 > 0.6): [v2] kept half its mask, so it stays.
+    assert excl.tolist() == [[[True, False, False, False]], [[False, True, False, False]]]
+    # When the second loses all it had (pixel 0 a tie, which goes to the first; pixel 1 0.9 > 0.8),
+    # it looks again where the first is not, renormalised there: its bump on pixel 3.
+    maps = torch.tensor([[[1.0, 0.9, 0.0, 0.0]], [[1.0, 0.8, 0.0, 0.6]]])
+    excl = binarise(maps, (4, 1), 0.5, ["[v1]", "[v2]"], exclusive=True)
+    assert excl.tolist() == [[[True, True, False, False]], [[False, False, False, True]]]
+    assert not (excl[0] & excl[1]).any()
+
+
+def test_exclusive_masks_reach_the_estimate_from_the_config(bundle, scene_files, monkeypatch):
+    seen = []
+    real = em_loop.estimate_masks
+
+    def spy(*a, **kw):
+        seen.append(kw.get("exclusive"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(em_loop, "estimate_masks", spy)
+    img = prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")
+    learn(bundle, [img], start_state(bundle, [img], _cfg(exclusive_masks=True)), progress=False)
+    assert seen == [True, True]

@@ -40,3 +40,17 @@ def test_the_concept_order_is_shuffled_per_step_from_the_steps_seeded_generator(
     # Not the image's order every time: over 8 steps some multi-concept prompt comes shuffled.
     assert any(len(o) > 1 and o != sorted(o, key=names.index) for o in orders)
     assert [h["concepts"] for h in _run(bundle, images, 4, prompts)] != orders
+
+
+def test_without_shuffle_the_same_concepts_are_drawn_in_the_image_prompts_order(bundle, scene_files, monkeypatch):
+    images = [prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")]
+    names = images[0].names
+    prompts = []
+    encode = training.encode_text
+    monkeypatch.setattr(training, "encode_text", lambda b, p: (prompts.append(p[0]), encode(b, p))[1])
+    shuffled = _run(bundle, images, 3, prompts)
+    cfg = LearnConfig(steps=8, refresh_every=0, mask_timesteps=2, mask_batch=2, seed=3, use_crf=False, shuffle=False)
+    ordered = learn(bundle, images, start_state(bundle, images, cfg), progress=False).history["steps"]
+    assert [sorted(h["concepts"]) for h in ordered] == [sorted(h["concepts"]) for h in shuffled]
+    assert all(h["concepts"] == sorted(h["concepts"], key=names.index) for h in ordered)
+    assert prompts[8:] == ["a photo of " + " and ".join(h["concepts"]) for h in ordered]

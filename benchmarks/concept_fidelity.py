@@ -1,0 +1,125 @@
+"""Concept fidelity against training length (issue 14, gate 3): tokens trained with the scenes'
+TRUE masks (Break-A-Scene's mode, no EM), then images generated from "a photo of [vN]" for each
+object concept and read back by the world's checker (colour; shape on seen kinds and on held-out
+shapes apart). Measured at several token-step counts of one run each (`learn_more` continues it),
+and after Break-A-Scene's stage 2 (the joint fine-tune, masks fixed) from the 400-step tokens.
+
+Init: `shape` starts each object token from its shape word (the evaluation's init), `random` from
+nothing. Scenes, prompts and true masks are `evaluate.eval_set`'s; the checker is the model's.
+
+    python benchmarks/concept_fidelity.py --model research/tiny_world_binding --scenes 8 \
+        --checkpoints 100 200 400 800 --stage2 full lora --json runs/concept_fidelity.json
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from em_core.atomic import write_json
+from em_core.config import LearnConfig
+from em_core.dataset import prepare_image
+from em_core.em_loop import learn, learn_more, start_state
+from em_core.finetune import FinetuneConfig, finetune
+from em_core.generate import generate
+from em_core.model_io import load_bundle
+from em_core.provenance import provenance
+from em_core.tiny_world.checker import judge, load_checker
+from em_core.tiny_world.evaluate import concept_task, eval_set
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_back(bundle, checker, state, info: dict, n: int, steps: int, guidance: float, seed: int,
+              weights=None) -> list[tuple[bool, bool, bool]]:
+    """(colour right, shape right, held-out shape) per generated image of each object concept."""
+    out = []
+    for name, facts in info.items():
+        images = generate(bundle, f"a photo of {name}", concepts=state.concepts, weights=weights, seed=seed, n=n,
+                          steps=steps, guidance=guidance, progress=False)
+        out += [(c == facts["colour"], s == facts["shape"], facts["held_out"]) for c, s in judge(checker, images)]
+    return out
+
+
+def score(rows: list) -> dict:
+    seen = [r[1] for r in rows if not r[2]]
+    held = [r[1] for r in rows if r[2]]
+    return {"colour": statistics.mean(r[0] for r in rows) if rows else None,
+            "shape_seen": statistics.mean(seen) if seen else None,
+            "shape_held_out": statistics.mean(held) if held else None,
+            "shape_all": statistics.mean(r[1] for r in rows) if rows else None, "images": len(rows)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / "research" / "tiny_world_binding"))
+    ap.add_argument("--scenes", type=int, default=8)
+    ap.add_argument("--first", type=int, default=0, help="index of the first scene of eval_set")
+    ap.add_argument("--inits", nargs="+", default=["shape", "random"], choices=["shape", "random"])
+    ap.add_argument("--checkpoints", type=int, nargs="+", default=[100, 200, 400, 800])
+    ap.add_argument("--stage2", nargs="*", default=["full"], choices=["full", "lora"],
+                    help="joint fine-tunes (default settings) run from the 400-step tokens")
+    ap.add_argument("--stage2-from", type=int, default=LearnConfig.steps)
+    ap.add_argument("--stage2-steps", type=int, default=FinetuneConfig.steps)
+    ap.add_argument("--lr", type=float, default=LearnConfig.lr, help="token learning rate")
+    ap.add_argument("--gen-images", type=int, default=4)
+    ap.add_argument("--gen-steps", type=int, default=25)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    checkpoints = sorted(set(args.checkpoints))
+    if args.stage2 and args.stage2_from not in checkpoints:
+        raise SystemExit(f"--stage2-from {args.stage2_from} must be one of --checkpoints {checkpoints}")
+    bundle = load_bundle(args.model)
+    checker = load_checker(Path(args.model) / "checker.safetensors")
+    arms = [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
+           [f"{i}@{args.stage2_from}+{m}{args.stage2_steps}" for i in args.inits for m in args.stage2]
+    rows = {a: [] for a in arms}
+    t0 = time.time()
+    gen = dict(n=args.gen_images, steps=args.gen_steps, guidance=args.guidance, seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, scene in enumerate(eval_set(args.first + args.scenes)[args.first:], start=args.first):
+            prompt, init, truth, info = concept_task(scene)
+            path = Path(tmp) / f"scene{k}.png"
+            scene.image.save(path)
+            img = prepare_image(bundle, path, prompt)
+            fixed = {(0, n): m for n, m in truth.items()}
+            for which in args.inits:
+                cfg = LearnConfig(steps=checkpoints[0], refresh_every=0, lr=args.lr, seed=args.seed,
+                                  save_every=10 ** 9)
+                state = learn(bundle, [img], start_state(bundle, [img], cfg, init if which == "shape" else {}, fixed),
+                              progress=False)
+                done = checkpoints[0]
+                for c in checkpoints:
+                    if c > done:
+                        state = learn_more(bundle, [img], state, c - done, progress=False)
+                        done = c
+                    rows[f"{which}@{c}"] += read_back(bundle, checker, state, info, **gen)
+                    if c == args.stage2_from:
+                        for mode in args.stage2:
+                            tuned = finetune(bundle, [img], state, FinetuneConfig(steps=args.stage2_steps, mode=mode,
+                                                                                  seed=args.seed), progress=False)
+                            rows[f"{which}@{c}+{mode}{args.stage2_steps}"] += read_back(
+                                bundle, checker, tuned, info, weights=tuned.weights, **gen)
+            print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(
+                f"{a} {score(r)['colour']:.2f}/{score(r)['shape_all']:.2f}" for a, r in rows.items()), flush=True)
+    summary = {a: score(r) for a, r in rows.items()}
+    print(f"\n{'arm':<24} colour  shape(seen)  shape(held-out)  images")
+    fmt = lambda v: "  -  " if v is None else f"{v:.3f}"
+    for a, s in summary.items():
+        print(f"{a:<24} {fmt(s['colour'])}   {fmt(s['shape_seen'])}        {fmt(s['shape_held_out'])}"
+              f"            {s['images']}")
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        settings["seconds"] = round(time.time() - t0)
+        write_json(args.json, {"summary": summary, **provenance(config=settings)})
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(True)
+    main()
