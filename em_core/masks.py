@@ -98,7 +98,8 @@ def binarise(maps: torch.Tensor, size: tuple[int, int], threshold: float, names:
         up = (1.0 - stickiness) * up + stickiness * prev
     masks = (up > threshold).numpy()
     if exclusive:
-        masks = claim_exclusively(up, masks, threshold)
+        raw = F.interpolate(maps[None].float(), size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
+        masks = claim_exclusively(torch.nan_to_num(raw, nan=0.0), masks, threshold)
     for k, name in enumerate(names):
         if not masks[k].any():
             flat = up[k].flatten()
@@ -114,28 +115,29 @@ def binarise(maps: torch.Tensor, size: tuple[int, int], threshold: float, names:
     return masks
 
 
-def claim_exclusively(scores: torch.Tensor, masks: np.ndarray, threshold: float) -> np.ndarray:
-    """Each pixel claimed by several thresholded maps goes to the one that scores it highest; a
-    concept that so loses most of its mask thresholds its map again over the pixels no other
-    concept claims, each time renormalised there. Two tokens whose maps peak on one object (two
-    objects of one kind, both started from its word; a token whose word the model does not know)
-    otherwise share that object and leave the other one to nobody."""
+def claim_exclusively(attention: torch.Tensor, masks: np.ndarray, threshold: float) -> np.ndarray:
+    """Each pixel claimed by several thresholded masks goes to the concept that pixel attends to
+    most (`attention`: the raw maps at image size; at one pixel they are shares of one softmax, so
+    they compare across concepts, as the maps normalised each by its own peak do not). A concept
+    that so loses most of its mask thresholds its map again over the pixels no other concept
+    claims, renormalised there. Two tokens whose maps peak on one object (two objects of one kind,
+    both started from its word; a token whose word the model does not know) otherwise share that
+    object and leave the other one to nobody."""
     masks = masks.copy()
-    s = scores.numpy()
+    a = attention.numpy()
     before = masks.sum(axis=(1, 2))
-    owner = np.where(masks, s, -np.inf).argmax(0)
+    owner = np.where(masks, a, -np.inf).argmax(0)
     for k in range(len(masks)):
         masks[k] &= owner == k
-    for k in np.argsort(-s.reshape(len(s), -1).max(1), kind="stable"):
+    for k in np.argsort(-a.reshape(len(a), -1).max(1), kind="stable"):  # the most attended first
         if masks[k].sum() >= 0.5 * before[k]:
             continue
         free = ~np.delete(masks, k, axis=0).any(0)
         if not free.any():
             continue
-        mine = np.where(free, s[k], 0.0)
-        hi, lo = mine[free].max(), mine[free].min()
+        hi, lo = a[k][free].max(), a[k][free].min()
         if hi - lo > 1e-12:
-            masks[k] = free & ((mine - lo) / (hi - lo) > threshold)
+            masks[k] = free & ((a[k] - lo) / (hi - lo) > threshold)
     return masks
 
 

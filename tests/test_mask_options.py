@@ -146,6 +146,12 @@ def test_exclusive_masks_give_a_shared_object_to_the_higher_map_and_send_the_oth
     excl = binarise(maps, (4, 1), 0.5, ["[v1]", "[v2]"], exclusive=True)
     assert excl.tolist() == [[[True, True, False, False]], [[False, False, False, True]]]
     assert not (excl[0] & excl[1]).any()
+    # Ownership goes by the raw maps, which compare across concepts: both peak on pixel 0 (1.0 each
+    # once normalised), but the pixel attends to the second three times as much; the first, a weak
+    # token, then looks where the second is not (pixel 3).
+    maps = torch.tensor([[[0.2, 0.0, 0.0, 0.1]], [[0.6, 0.0, 0.0, 0.0]]])
+    excl = binarise(maps, (4, 1), 0.5, ["[v1]", "[v2]"], exclusive=True)
+    assert excl.tolist() == [[[False, False, False, True]], [[True, False, False, False]]]
 
 
 def test_exclusive_masks_reach_the_estimate_from_the_config(bundle, scene_files, monkeypatch):
