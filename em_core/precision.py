@@ -2,8 +2,6 @@
 and for the joint fine-tune's mixed precision. The ComfyUI nodes ask here rather than decide."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 PRECISIONS = ["auto", "fp32", "fp16", "bf16"]  # the choices offered for the fine-tune's mixed precision
@@ -47,24 +45,3 @@ def mixed_precision_for(choice: str, device) -> str:
                              f"{dev.type}; choose fp32 (or auto)")
         return "bf16"
     raise ValueError(f"mixed_precision: {choice!r} is not one of {', '.join(PRECISIONS)}")
-
-
-@contextlib.contextmanager
-def float32_for_lora(bundle, mode: str):
-    """A LoRA fine-tune of a half-precision model runs on a float32 U-Net and text encoder: peft makes
-    each adapter in its layer's dtype, and AdamW steps on fp16 / bf16 adapters round away (fp16 ones
-    also fail the loss scaler). Afterwards they go back to the precision they had, exactly (half ->
-    float32 -> half changes no value). Full fine-tunes train float32 copies anyway, so their model
-    stays as loaded."""
-    modules = (bundle.unet, *bundle.text_encoders)
-    was = [next(m.parameters()).dtype for m in modules]
-    lift = mode == "lora" and any(d != torch.float32 for d in was)
-    if lift:
-        for m in modules:
-            m.to(torch.float32)
-    try:
-        yield
-    finally:
-        if lift:
-            for m, d in zip(modules, was):
-                m.to(d)

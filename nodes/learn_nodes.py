@@ -10,7 +10,7 @@ from em_core.dataset import check_prompts, prepare_image
 from em_core.em_loop import continued, learn, refine_state_masks, start_state
 from em_core.finetune import FinetuneConfig, finetune
 from em_core.plot import line_chart
-from em_core.precision import PRECISIONS, float32_for_lora, mixed_precision_for
+from em_core.precision import PRECISIONS, mixed_precision_for
 
 from . import host, resume
 from .constants import CATEGORY, MODEL, STATE
@@ -300,9 +300,10 @@ class JointFinetune:
         ft_step = lambda s: s.finetune["step"] if s.finetune else 0  # noqa: E731
         state, since = resume.resumed(folder, state, ft_step)
         feed = LiveFeed(unique_id, steps, concepts.images, resumed_at=None if since is None else since - done)
-        with float32_for_lora(em_model, mode):
-            state = finetune(em_model, list(concepts.images), state, cfg, out=folder, progress=False,
-                             should_stop=host.interrupted, on_step=feed.on_step, run_from=done)
+        # A half-precision model is trained as loaded: the engine keeps LoRA adapters in float32
+        # (em_core/finetune.py), so lifting the whole model would only cost memory.
+        state = finetune(em_model, list(concepts.images), state, cfg, out=folder, progress=False,
+                         should_stop=host.interrupted, on_step=feed.on_step, run_from=done)
         resume.finish(folder, state.finetune["status"], "Joint Finetune")
         return concepts.with_state(state), curve_image(state)
 
