@@ -68,7 +68,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=LearnConfig.lr, help="token learning rate")
     ap.add_argument("--gen-images", type=int, default=4)
     ap.add_argument("--gen-steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--guidance", type=float, nargs="+", default=[4.0],
+                    help="classifier-free guidance scales; each arm is read back at each")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -79,9 +80,16 @@ def main() -> None:
     checker = load_checker(Path(args.model) / "checker.safetensors")
     arms = [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
            [f"{i}@{args.stage2_from}+{m}{args.stage2_steps}" for i in args.inits for m in args.stage2]
-    rows = {a: [] for a in arms}
+    scales = args.guidance
+    label = (lambda a, g: a) if len(scales) == 1 else (lambda a, g: f"{a} g{g:g}")
+    rows = {label(a, g): [] for a in arms for g in scales}
     t0 = time.time()
-    gen = dict(n=args.gen_images, steps=args.gen_steps, guidance=args.guidance, seed=args.seed)
+    gen = dict(n=args.gen_images, steps=args.gen_steps, seed=args.seed)
+
+    def read(arm, state, weights=None):
+        for g in scales:
+            rows[label(arm, g)] += read_back(bundle, checker, state, info, guidance=g, weights=weights, **gen)
+
     with tempfile.TemporaryDirectory() as tmp:
         for k, scene in enumerate(eval_set(args.first + args.scenes)[args.first:], start=args.first):
             prompt, init, truth, info = concept_task(scene)
@@ -99,20 +107,19 @@ def main() -> None:
                     if c > done:
                         state = learn_more(bundle, [img], state, c - done, progress=False)
                         done = c
-                    rows[f"{which}@{c}"] += read_back(bundle, checker, state, info, **gen)
+                    read(f"{which}@{c}", state)
                     if c == args.stage2_from:
                         for mode in args.stage2:
                             tuned = finetune(bundle, [img], state, FinetuneConfig(steps=args.stage2_steps, mode=mode,
                                                                                   seed=args.seed), progress=False)
-                            rows[f"{which}@{c}+{mode}{args.stage2_steps}"] += read_back(
-                                bundle, checker, tuned, info, weights=tuned.weights, **gen)
+                            read(f"{which}@{c}+{mode}{args.stage2_steps}", tuned, tuned.weights)
             print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(
                 f"{a} {score(r)['colour']:.2f}/{score(r)['shape_all']:.2f}" for a, r in rows.items()), flush=True)
     summary = {a: score(r) for a, r in rows.items()}
-    print(f"\n{'arm':<24} colour  shape(seen)  shape(held-out)  images")
+    print(f"\n{'arm':<30} colour  shape(seen)  shape(held-out)  images")
     fmt = lambda v: "  -  " if v is None else f"{v:.3f}"
     for a, s in summary.items():
-        print(f"{a:<24} {fmt(s['colour'])}   {fmt(s['shape_seen'])}        {fmt(s['shape_held_out'])}"
+        print(f"{a:<30} {fmt(s['colour'])}   {fmt(s['shape_seen'])}        {fmt(s['shape_held_out'])}"
               f"            {s['images']}")
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
