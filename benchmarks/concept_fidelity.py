@@ -34,13 +34,25 @@ from em_core.tiny_world.evaluate import concept_task, eval_set
 ROOT = Path(__file__).resolve().parents[1]
 
 
+BACKGROUNDS = ("grass", "sand", "snow")  # as evaluate.caption_fidelity draws them
+
+
 def read_back(bundle, checker, state, info: dict, n: int, steps: int, guidance: float, seed: int,
-              weights=None) -> list[tuple[bool, bool, bool]]:
-    """(colour right, shape right, held-out shape) per generated image of each object concept."""
+              weights=None, template: str = "a photo of {name}", words: dict | None = None) -> list[tuple[bool, bool, bool]]:
+    """(colour right, shape right, held-out shape) per generated image of each object concept.
+    A template with {bg} puts image j on BACKGROUNDS[j % 3] (one image per call, seed + j).
+    `words`: concept -> its real words ("a red striped circle") in place of the token (the ceiling)."""
     out = []
+    concepts = None if words else state.concepts
     for name, facts in info.items():
-        images = generate(bundle, f"a photo of {name}", concepts=state.concepts, weights=weights, seed=seed, n=n,
-                          steps=steps, guidance=guidance, progress=False)
+        text = words[name] if words else name
+        if "{bg}" in template:
+            images = [generate(bundle, template.format(name=text, bg=BACKGROUNDS[j % len(BACKGROUNDS)]),
+                               concepts=concepts, weights=weights, seed=seed + j, n=1, steps=steps,
+                               guidance=guidance, progress=False)[0] for j in range(n)]
+        else:
+            images = generate(bundle, template.format(name=text), concepts=concepts, weights=weights,
+                              seed=seed, n=n, steps=steps, guidance=guidance, progress=False)
         out += [(c == facts["colour"], s == facts["shape"], facts["held_out"]) for c, s in judge(checker, images)]
     return out
 
@@ -70,6 +82,11 @@ def main() -> None:
     ap.add_argument("--gen-steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, nargs="+", default=[4.0],
                     help="classifier-free guidance scales; each arm is read back at each")
+    ap.add_argument("--prompts", nargs="+", default=["a photo of {name}"],
+                    help="generation templates ({name}: the concept; {bg}: a background, one per image); "
+                         "each arm is read back with each")
+    ap.add_argument("--words", action="store_true",
+                    help="also read back each object's real caption words in the templates (the world's ceiling)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -78,17 +95,24 @@ def main() -> None:
         raise SystemExit(f"--stage2-from {args.stage2_from} must be one of --checkpoints {checkpoints}")
     bundle = load_bundle(args.model)
     checker = load_checker(Path(args.model) / "checker.safetensors")
-    arms = [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
+    arms = (["words"] if args.words else []) + [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
            [f"{i}@{args.stage2_from}+{m}{args.stage2_steps}" for i in args.inits for m in args.stage2]
-    scales = args.guidance
-    label = (lambda a, g: a) if len(scales) == 1 else (lambda a, g: f"{a} g{g:g}")
-    rows = {label(a, g): [] for a in arms for g in scales}
+    scales, templates = args.guidance, args.prompts
+    for t in templates:
+        if "{name}" not in t:
+            raise SystemExit(f"--prompts: {t!r} has no {{name}}")
+
+    def label(a, g, t):
+        return a + (f" g{g:g}" if len(scales) > 1 else "") + (f" [{t}]" if len(templates) > 1 else "")
+    rows = {label(a, g, t): [] for a in arms for g in scales for t in templates}
     t0 = time.time()
     gen = dict(n=args.gen_images, steps=args.gen_steps, seed=args.seed)
 
-    def read(arm, state, weights=None):
+    def read(arm, state, weights=None, words=None):
         for g in scales:
-            rows[label(arm, g)] += read_back(bundle, checker, state, info, guidance=g, weights=weights, **gen)
+            for t in templates:
+                rows[label(arm, g, t)] += read_back(bundle, checker, state, info, guidance=g, weights=weights,
+                                                    template=t, words=words, **gen)
 
     with tempfile.TemporaryDirectory() as tmp:
         for k, scene in enumerate(eval_set(args.first + args.scenes)[args.first:], start=args.first):
@@ -97,6 +121,8 @@ def main() -> None:
             scene.image.save(path)
             img = prepare_image(bundle, path, prompt)
             fixed = {(0, n): m for n, m in truth.items()}
+            if args.words:
+                read("words", None, words={n: o.phrase for n, o in zip(info, scene.objects)})
             for which in args.inits:
                 cfg = LearnConfig(steps=checkpoints[0], refresh_every=0, lr=args.lr, seed=args.seed,
                                   save_every=10 ** 9)
@@ -116,10 +142,11 @@ def main() -> None:
             print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(
                 f"{a} {score(r)['colour']:.2f}/{score(r)['shape_all']:.2f}" for a, r in rows.items()), flush=True)
     summary = {a: score(r) for a, r in rows.items()}
-    print(f"\n{'arm':<30} colour  shape(seen)  shape(held-out)  images")
+    width = max(len(a) for a in rows) + 2
+    print(f"\n{'arm':<{width}} colour  shape(seen)  shape(held-out)  images")
     fmt = lambda v: "  -  " if v is None else f"{v:.3f}"
     for a, s in summary.items():
-        print(f"{a:<30} {fmt(s['colour'])}   {fmt(s['shape_seen'])}        {fmt(s['shape_held_out'])}"
+        print(f"{a:<{width}} {fmt(s['colour'])}   {fmt(s['shape_seen'])}        {fmt(s['shape_held_out'])}"
               f"            {s['images']}")
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
