@@ -27,7 +27,7 @@ from em_core.em_loop import learn, learn_more, start_state
 from em_core.finetune import FinetuneConfig, finetune
 from em_core.generate import generate
 from em_core.model_io import load_bundle
-from em_core.provenance import provenance
+from em_core.provenance import begin, provenance
 from em_core.tiny_world.checker import judge, load_checker
 from em_core.tiny_world.evaluate import concept_task, eval_set
 
@@ -67,6 +67,7 @@ def score(rows: list) -> dict:
 
 
 def main() -> None:
+    begin()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "research" / "tiny_world_binding"))
     ap.add_argument("--scenes", type=int, default=8)

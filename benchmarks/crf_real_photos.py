@@ -28,7 +28,7 @@ from em_core.crf import PRESETS, CRFParams, refine_masks
 from em_core.images import open_image, open_mask
 from em_core.masks import iou
 from em_core.metrics import attention_like
-from em_core.provenance import command, commit, machine
+from em_core.provenance import begin, command, machine
 
 SCENES = Path(__file__).resolve().parents[2] / "shared" / "data" / "scenes"
 
@@ -51,6 +51,7 @@ def tiny_world_scenes(n: int, side: int):
 
 
 def main() -> None:
+    started = begin()
     ap = argparse.ArgumentParser()
     ap.add_argument("--sides", type=int, nargs="+", default=[512, 256, 128])
     ap.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
@@ -98,7 +99,7 @@ def main() -> None:
                      "crf_s_median": float(np.median(times)), "masks": len(before)})
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "command": command(), "commit": commit(),
+            "command": command(), "commit": started,
             "preset": args.preset, "params": params.to_dict(), "seeds": args.seeds, "sides": args.sides,
             "data": f"tiny world, scenes 0..{args.tiny_world - 1}" if args.tiny_world else "photographs",
             "machine": machine(), "rows": rows}, indent=1) + "\n")

@@ -30,7 +30,7 @@ from em_core.em_loop import learn, start_state
 from em_core.atomic import write_json
 from em_core.metrics import mean_iou_curve
 from em_core.model_io import load_bundle
-from em_core.provenance import provenance
+from em_core.provenance import begin, provenance
 from em_core.tiny_world.evaluate import concept_task, eval_set, interchangeable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,7 @@ def _split_top(body: str) -> list[str]:
 
 
 def main() -> None:
+    begin()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "research" / "tiny_world_binding"))
     ap.add_argument("--scenes", type=int, default=8)

@@ -30,7 +30,7 @@ from em_core.em_loop import learn, start_state
 from em_core.tiny_world.evaluate import concept_task, eval_set
 from em_core.masks import attention_maps
 from em_core.model_io import load_bundle
-from em_core.provenance import provenance
+from em_core.provenance import begin, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,7 @@ def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def main() -> None:
+    begin()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"))
     ap.add_argument("--scenes", type=int, default=30)

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from em_core.atomic import write_json
-from em_core.provenance import provenance
+from em_core.provenance import begin, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"full": ("full", False), "full+ckpt": ("full", True), "lora": ("lora", False), "lora+ckpt": ("lora", True)}
@@ -150,6 +150,7 @@ def _secs(s) -> str:
 
 
 def main() -> None:
+    begin()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"),
                     help="a diffusers folder, or 'sd15' / 'sdxl' for an SD-1.5- / SDXL-shaped model with random "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from em_core.atomic import write_json
-from em_core.provenance import provenance
+from em_core.provenance import begin, provenance
 
 from memory import LiveTensorBytes  # this folder's live-tensor counter
 from speed import _bundle
@@ -62,6 +62,7 @@ def one(shapes, kw: dict, repeats: int) -> dict:
 
 
 def main() -> None:
+    begin()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"),
                     help="a diffusers folder, or 'sd15' for an SD-1.5-shaped model")

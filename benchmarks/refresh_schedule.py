@@ -27,7 +27,7 @@ from em_core.dataset import prepare_image
 from em_core.atomic import write_json
 from em_core.metrics import mean_iou_curve
 from em_core.model_io import load_bundle
-from em_core.provenance import provenance
+from em_core.provenance import begin, provenance
 from em_core.tiny_world.evaluate import concept_task, eval_set, interchangeable
 from speed import interleaved_run  # a run with a plain step timed after each of its steps (this folder)
 
@@ -38,6 +38,7 @@ SCHEDULES = {"every 50 (default)": (50, 30), "every 25": (25, 30), "every 10": (
 
 
 def main() -> None:
+    begin()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "research" / "tiny_world_binding"))
     ap.add_argument("--scenes", type=int, default=12)

@@ -48,7 +48,7 @@ from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
 from em_core.masks import attention_maps, estimate_masks, latent_masks
 from em_core.model_io import load_bundle
-from em_core.provenance import provenance
+from em_core.provenance import begin, provenance
 from em_core.tiny_world.scenes import random_scene
 from em_core.training import concept_step_loss
 
@@ -298,6 +298,7 @@ def bench_text_side(bundle, concepts, repeats: int = 50) -> dict:
 
 
 def main() -> None:
+    begin()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "em_core" / "tiny_world" / "model"),
                     help="a diffusers folder, or 'sd15' / 'sdxl' for an SD-1.5- / SDXL-shaped model with random "

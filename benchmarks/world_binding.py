@@ -11,13 +11,14 @@ from pathlib import Path
 
 from em_core.atomic import write_json
 from em_core.model_io import load_bundle
-from em_core.provenance import provenance
+from em_core.provenance import begin, provenance
 from em_core.tiny_world.checker import load_checker
 from em_core.tiny_world.evaluate import caption_fidelity
 from em_core.tiny_world.world_probe import binding, text_use
 
 
 def main() -> None:
+    begin()
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="em_core/tiny_world/model")
     ap.add_argument("--scenes", type=int, default=24)

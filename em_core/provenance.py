@@ -48,6 +48,23 @@ def command(argv: list[str] | None = None) -> str:
     return " ".join([prog, *argv[1:]])
 
 
+_started: dict | None = None  # the code a run began on (`begin`)
+
+
+def begin() -> dict:
+    """Records the commit a run starts on. A run of an hour can see commits land before it writes
+    its JSON; the figures are the code's it began with, so that is the commit `provenance` names."""
+    global _started
+    _started = commit()
+    return _started
+
+
 def provenance(config: dict | None = None, argv: list[str] | None = None) -> dict:
-    """The block every quoted results JSON carries: command, commit, full configuration, machine."""
-    return {"command": command(argv), "commit": commit(), "config": config or {}, "machine": machine()}
+    """The block every quoted results JSON carries: command, commit, full configuration, machine.
+    `commit` is the one the run began on (`begin`), else HEAD now; when HEAD moved while it ran,
+    `commit_at_end` says where to."""
+    now = commit()
+    block = {"command": command(argv), "commit": _started or now, "config": config or {}, "machine": machine()}
+    if _started is not None and _started != now:
+        block["commit_at_end"] = now
+    return block

@@ -95,3 +95,18 @@ def test_a_generated_table_is_checked_and_rewritten(tmp_path):
     assert text.endswith("<!--/table-->\nafter\n") and figures.check(tmp_path, ["d.md"]) == []
     (tmp_path / "d.md").write_text(text.replace("+10.0", "+11.0"))
     assert figures.check(tmp_path, ["d.md"])
+
+
+def test_provenance_names_the_commit_a_run_began_on(monkeypatch):
+    from em_core import provenance as prov
+
+    heads = iter([{"head": "a" * 40, "modified": []}, {"head": "b" * 40, "modified": []},
+                  {"head": "b" * 40, "modified": []}])
+    monkeypatch.setattr(prov, "commit", lambda: next(heads))
+    monkeypatch.setattr(prov, "_started", None)
+    prov.begin()  # the run starts on a...
+    block = prov.provenance(config={"x": 1}, argv=["benchmarks/em_options.py"])  # ...and ends on b
+    assert block["commit"]["head"] == "a" * 40 and block["commit_at_end"]["head"] == "b" * 40
+    monkeypatch.setattr(prov, "_started", None)  # no begin(): HEAD at the end, nothing more
+    block = prov.provenance(argv=["x.py"])
+    assert block["commit"]["head"] == "b" * 40 and "commit_at_end" not in block

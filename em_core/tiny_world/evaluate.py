@@ -41,7 +41,7 @@ from ..generate import generate
 from ..masks import estimate_masks, iou, normalise
 from ..metrics import matched, mean_iou_curve
 from ..plot import line_chart
-from ..provenance import provenance
+from ..provenance import begin, provenance
 from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
 
 METHODS = ("baseline", "em", "em_50_independent", "em_no_crf", "em_background", "em_exclusive", "true_masks",
@@ -176,6 +176,7 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
     from .checker import judge, load_checker
     from ..model_io import load_bundle
 
+    begin()
     out = prepare_out(out)
     bundle = load_bundle(model)
     checker = load_checker(checker_path or Path(model) / "checker.safetensors")
