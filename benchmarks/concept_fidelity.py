@@ -12,7 +12,6 @@ nothing. Scenes, prompts and true masks are `evaluate.eval_set`'s; the checker i
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from em_core.model_io import load_bundle
 from em_core.provenance import begin, provenance
 from em_core.tiny_world.checker import judge, load_checker
 from em_core.tiny_world.evaluate import concept_task, eval_set
+from em_options import scene_arguments  # this folder, on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,10 +68,7 @@ def score(rows: list) -> dict:
 
 def main() -> None:
     begin()
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "research" / "tiny_world_binding"))
-    ap.add_argument("--scenes", type=int, default=8)
-    ap.add_argument("--first", type=int, default=0, help="index of the first scene of eval_set")
+    ap = scene_arguments()
     ap.add_argument("--inits", nargs="+", default=["shape", "random"], choices=["shape", "random"])
     ap.add_argument("--checkpoints", type=int, nargs="+", default=[100, 200, 400, 800])
     ap.add_argument("--stage2", nargs="*", default=["full"], choices=["full", "lora"],

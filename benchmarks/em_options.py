@@ -69,12 +69,18 @@ def _split_top(body: str) -> list[str]:
     return parts + [cur]
 
 
-def main() -> None:
-    begin()
+def scene_arguments() -> argparse.ArgumentParser:
+    """The model and the slice of the evaluation's held-out scenes, as the tiny-world benchmarks take them."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(ROOT / "research" / "tiny_world_binding"))
     ap.add_argument("--scenes", type=int, default=8)
     ap.add_argument("--first", type=int, default=0, help="index of the first scene of eval_set")
+    return ap
+
+
+def main() -> None:
+    begin()
+    ap = scene_arguments()
     ap.add_argument("--steps", type=int, default=LearnConfig.steps)
     ap.add_argument("--refresh", type=int, default=LearnConfig.refresh_every)
     ap.add_argument("--seed", type=int, default=0)

@@ -17,12 +17,17 @@ def _run(bundle, images, seed, prompts):
     return out.history["steps"]
 
 
-def test_the_concept_order_is_shuffled_per_step_from_the_steps_seeded_generator(bundle, scene_files, monkeypatch):
+def _spied(bundle, scene_files, monkeypatch):
+    """The scene's image, its names and the list every step's prompt is appended to."""
     images = [prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")]
-    names = images[0].names
     prompts = []
     encode = training.encode_text
     monkeypatch.setattr(training, "encode_text", lambda b, p: (prompts.append(p[0]), encode(b, p))[1])
+    return images, images[0].names, prompts
+
+
+def test_the_concept_order_is_shuffled_per_step_from_the_steps_seeded_generator(bundle, scene_files, monkeypatch):
+    images, names, prompts = _spied(bundle, scene_files, monkeypatch)
     random.seed(1)
     torch.manual_seed(1)
     first = _run(bundle, images, 3, prompts)
@@ -43,11 +48,7 @@ def test_the_concept_order_is_shuffled_per_step_from_the_steps_seeded_generator(
 
 
 def test_without_shuffle_the_same_concepts_are_drawn_in_the_image_prompts_order(bundle, scene_files, monkeypatch):
-    images = [prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")]
-    names = images[0].names
-    prompts = []
-    encode = training.encode_text
-    monkeypatch.setattr(training, "encode_text", lambda b, p: (prompts.append(p[0]), encode(b, p))[1])
+    images, names, prompts = _spied(bundle, scene_files, monkeypatch)
     shuffled = _run(bundle, images, 3, prompts)
     cfg = LearnConfig(steps=8, refresh_every=0, mask_timesteps=2, mask_batch=2, seed=3, use_crf=False, shuffle=False)
     ordered = learn(bundle, images, start_state(bundle, images, cfg), progress=False).history["steps"]
