@@ -12,7 +12,10 @@ nothing. Scenes, prompts and true masks are `evaluate.eval_set`'s; the checker i
 """
 from __future__ import annotations
 
+import json
+import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,8 +69,35 @@ def score(rows: list) -> dict:
             "shape_all": statistics.mean(r[1] for r in rows) if rows else None, "images": len(rows)}
 
 
+_LABEL = re.compile(r"^(?P<arm>\S+)(?: g(?P<g>[\d.]+))?(?: \[(?P<t>.*)\])?$")
+
+
+def rows_of(summary: dict, config: dict) -> list[dict]:
+    """The summary as a list of rows (arm, guidance, prompt template and its index), so the docs can cite
+    one (`rows[arm=shape@400,prompt_index=1].colour`): the summary's labels hold spaces and braces."""
+    scales = config.get("guidance", 4.0)
+    scales = scales if isinstance(scales, list) else [scales]
+    templates = config.get("prompts", ["a photo of {name}"])
+    rows = []
+    for label, score_ in summary.items():
+        m = _LABEL.match(label)
+        t = m.group("t") or templates[0]
+        rows.append({"arm": m.group("arm"), "guidance": float(m.group("g") or scales[0]), "prompt": t,
+                     "prompt_index": templates.index(t), **score_})
+    return rows
+
+
+def add_rows(path: str) -> None:
+    """Adds `rows` to a results JSON written before they existed (everything else kept as it was)."""
+    data = json.loads(Path(path).read_text())
+    data["rows"] = rows_of(data["summary"], data["config"])
+    write_json(path, data)
+
+
 def main() -> None:
     begin()
+    if len(sys.argv) == 3 and sys.argv[1] == "--add-rows":
+        return add_rows(sys.argv[2])
     ap = scene_arguments()
     ap.add_argument("--inits", nargs="+", default=["shape", "random"], choices=["shape", "random"])
     ap.add_argument("--checkpoints", type=int, nargs="+", default=[100, 200, 400, 800])
@@ -149,7 +179,7 @@ def main() -> None:
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
         settings["seconds"] = round(time.time() - t0)
-        write_json(args.json, {"summary": summary, **provenance(config=settings)})
+        write_json(args.json, {"summary": summary, "rows": rows_of(summary, settings), **provenance(config=settings)})
 
 
 if __name__ == "__main__":
