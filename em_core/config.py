@@ -43,8 +43,9 @@ class LearnConfig:
     # Weight of a refresh's previous masks in the score it thresholds (masks.binarise): 0 (the
     # paper) takes each refresh's maps alone.
     mask_stickiness: float = 0.0
-    # Pixels claimed by several thresholded maps go to the highest one, and a concept that loses
-    # most of its mask thresholds its map again where no other concept is (masks.claim_exclusively).
+    # A pixel claimed by several thresholded maps goes to the concept it attends to most (raw maps),
+    # and a concept that loses most of its mask thresholds its map again where no other concept is
+    # (masks.claim_exclusively).
     # False: each map thresholded on its own and DenseCRF settles overlaps (the paper).
     exclusive_masks: bool = False
     # Each step's prompt lists its drawn concepts in a random order (Break-A-Scene); False: in the

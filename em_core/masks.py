@@ -171,8 +171,8 @@ def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, c
     concept whose mask is the pixels no other concept claims (when the image has it and it is
     neither fixed nor kept). `previous`: the masks before this estimate (K_i, H, W), blended into
     the normalised maps with weight `stickiness` before the threshold (see `binarise`). `exclusive`:
-    overlaps go to the highest map before the CRF, and a concept left with little of its mask looks
-    again where no other concept is (`claim_exclusively`).
+    overlaps go to the concept a pixel attends to most, before the CRF, and a concept left with little of
+    its mask looks again where no other concept is (`claim_exclusively`).
     """
     fixed, keep = fixed or {}, keep or {}
     given = {**keep, **fixed}
