@@ -27,37 +27,13 @@ from em_core.config import LearnConfig
 from em_core.dataset import prepare_image
 from em_core.em_loop import learn, learn_more, start_state
 from em_core.finetune import FinetuneConfig, finetune
-from em_core.generate import generate
 from em_core.model_io import load_bundle
 from em_core.provenance import begin, provenance
-from em_core.tiny_world.checker import judge, load_checker
-from em_core.tiny_world.evaluate import concept_task, eval_set
+from em_core.tiny_world.checker import load_checker
+from em_core.tiny_world.evaluate import concept_task, eval_set, read_back
 from em_options import scene_arguments  # this folder, on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-BACKGROUNDS = ("grass", "sand", "snow")  # as evaluate.caption_fidelity draws them
-
-
-def read_back(bundle, checker, state, info: dict, n: int, steps: int, guidance: float, seed: int,
-              weights=None, template: str = "a photo of {name}", words: dict | None = None) -> list[tuple[bool, bool, bool]]:
-    """(colour right, shape right, held-out shape) per generated image of each object concept.
-    A template with {bg} puts image j on BACKGROUNDS[j % 3] (one image per call, seed + j).
-    `words`: concept -> its real words ("a red striped circle") in place of the token (the ceiling)."""
-    out = []
-    concepts = None if words else state.concepts
-    for name, facts in info.items():
-        text = words[name] if words else name
-        if "{bg}" in template:
-            images = [generate(bundle, template.format(name=text, bg=BACKGROUNDS[j % len(BACKGROUNDS)]),
-                               concepts=concepts, weights=weights, seed=seed + j, n=1, steps=steps,
-                               guidance=guidance, progress=False)[0] for j in range(n)]
-        else:
-            images = generate(bundle, template.format(name=text), concepts=concepts, weights=weights,
-                              seed=seed, n=n, steps=steps, guidance=guidance, progress=False)
-        out += [(c == facts["colour"], s == facts["shape"], facts["held_out"]) for c, s in judge(checker, images)]
-    return out
 
 
 def score(rows: list) -> dict:
@@ -95,9 +71,9 @@ def add_rows(path: str) -> None:
 
 
 def main() -> None:
-    begin()
     if len(sys.argv) == 3 and sys.argv[1] == "--add-rows":
         return add_rows(sys.argv[2])
+    begin()
     ap = scene_arguments()
     ap.add_argument("--inits", nargs="+", default=["shape", "random"], choices=["shape", "random"])
     ap.add_argument("--checkpoints", type=int, nargs="+", default=[100, 200, 400, 800])

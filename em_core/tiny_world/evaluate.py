@@ -152,6 +152,9 @@ def word_attention_iou(bundle, scenes, timesteps: int = 20, threshold: float = 0
     return {"iou": _mean(ious), "chance": _mean(chance), "objects": len(ious)}
 
 
+READBACK_BACKGROUNDS = ("grass", "sand", "snow")  # what generated images for the checker stand on
+
+
 def caption_fidelity(bundle, checker, n: int = 48, seed: int = 50_000, steps: int = 25, guidance: float = 4.0) -> dict:
     """Single-object captions of seen shapes, generated, read back by the checker."""
     from .checker import judge
@@ -161,19 +164,45 @@ def caption_fidelity(bundle, checker, n: int = 48, seed: int = 50_000, steps: in
     ok_c, ok_s = [], []
     for i in range(n):
         colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(list(TRAIN_SHAPES)))
-        img = generate(bundle, f"a {colour} {shape} on {rng.choice(['grass', 'sand', 'snow'])}", seed=seed + i,
-                       steps=steps, guidance=guidance, progress=False)[0]
+        bg = rng.choice(list(READBACK_BACKGROUNDS))
+        img = generate(bundle, f"a {colour} {shape} on {bg}", seed=seed + i, steps=steps, guidance=guidance,
+                       progress=False)[0]
         c, s = judge(checker, [img])[0]
         ok_c.append(c == colour)
         ok_s.append(s == shape)
     return {"colour": float(np.mean(ok_c)), "shape": float(np.mean(ok_s)), "n": n}
 
 
+def read_back(bundle, checker, state, info: dict, n: int, steps: int, guidance: float, seed: int,
+              weights=None, template: str = "a photo of {name}",
+              words: dict | None = None) -> list[tuple[bool, bool, bool]]:
+    """(colour right, shape right, held-out shape) per generated image of each object concept, as the
+    checker reads them: the evaluation's fidelity, and benchmarks/concept_fidelity.py's other forms.
+    A template with {bg} puts image j on READBACK_BACKGROUNDS[j % 3] (one image per call, seed + j).
+    `words`: concept -> its real words ("a red striped circle") in place of the token (the ceiling)."""
+    from .checker import judge
+
+    out = []
+    concepts = None if words else state.concepts
+    for name, facts in info.items():
+        text = words[name] if words else name
+        if "{bg}" in template:
+            bgs = READBACK_BACKGROUNDS
+            images = [generate(bundle, template.format(name=text, bg=bgs[j % len(bgs)]),
+                               concepts=concepts, weights=weights, seed=seed + j, n=1, steps=steps,
+                               guidance=guidance, progress=False)[0] for j in range(n)]
+        else:
+            images = generate(bundle, template.format(name=text), concepts=concepts, weights=weights,
+                              seed=seed, n=n, steps=steps, guidance=guidance, progress=False)
+        out += [(c == facts["colour"], s == facts["shape"], facts["held_out"]) for c, s in judge(checker, images)]
+    return out
+
+
 def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, refresh: int = 25,
              timesteps: int = 50, refresh_timesteps: int = LearnConfig.refresh_timesteps, gen_images: int = 2,
              gen_steps: int = 25, guidance: float = 4.0, checker_path: str | None = None, seed: int = 0,
              quality_images: int = 48, methods=METHODS, log=print) -> dict:
-    from .checker import judge, load_checker
+    from .checker import load_checker
     from ..model_io import load_bundle
 
     begin()
@@ -224,12 +253,8 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
             results[method]["final_iou_any_match"].append(mean_iou_curve(state, true, [list(info)])[-1][1])
             results[method]["curves"].append(means)
             results[method]["final_iou"].append(means[-1][1])
-            fid = []
-            for name, facts in info.items():
-                images = generate(bundle, f"a photo of {name}", concepts=state.concepts, seed=seed, n=gen_images,
-                                  steps=gen_steps, guidance=guidance, progress=False)
-                for c, s in judge(checker, images):
-                    fid.append((c == facts["colour"], s == facts["shape"], facts["held_out"]))
+            fid = read_back(bundle, checker, state, info, n=gen_images, steps=gen_steps, guidance=guidance,
+                            seed=seed)
             results[method]["fid_colour"] += [f[0] for f in fid]
             results[method]["fid_shape"] += [f[1] for f in fid if not f[2]]
             results[method]["fid_held_out_shape"] += [f[1] for f in fid if f[2]]
