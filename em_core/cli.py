@@ -121,7 +121,8 @@ def cmd_learn(args) -> int:
             mask_layers=args.mask_layers or args.layers or d.mask_layers,
             loss_layers=args.loss_layers or args.layers or d.loss_layers, background=args.background,
             mask_t_range=tuple(args.mask_t_range) if args.mask_t_range else None, eval_every=args.eval_every,
-            mask_stickiness=args.mask_stickiness, exclusive_masks=args.exclusive_masks, shuffle=not args.no_shuffle,
+            mask_stickiness=args.mask_stickiness, exclusive_masks=args.exclusive_masks, fill_lost=args.fill_lost,
+            shuffle=not args.no_shuffle,
             resolution=args.resolution, seed=args.seed, save_every=args.save_every,
         )
     images = [prepare_image(bundle, Path(i).resolve(), p, config.resolution, config.flip)
@@ -472,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--exclusive-masks", action="store_true",
                    help="a pixel several thresholded maps claim goes to the concept it attends to most; a concept "
                         "left with little looks again where no other is (default: the CRF settles overlaps)")
+    l.add_argument("--fill-lost", action="store_true",
+                   help="a concept whose mask comes out under 1%% of the image takes the object-sized region no "
+                        "concept claims (default: it keeps its few pixels)")
     l.add_argument("--no-shuffle", action="store_true",
                    help="each step's prompt keeps the image prompt's concept order (default: shuffled, as BaS)")
     l.add_argument("--eval-every", type=int, default=d.eval_every,

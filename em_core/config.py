@@ -48,6 +48,10 @@ class LearnConfig:
     # (masks.claim_exclusively).
     # False: each map thresholded on its own and DenseCRF settles overlaps (the paper).
     exclusive_masks: bool = False
+    # After the CRF, a concept whose mask is under 1% of the image takes the object-sized region
+    # (4-connected, >= 1%) no concept claims that its raw map covers most (unclaimed.give_unclaimed):
+    # every concept the prompt names is in the image. False: such a concept keeps its few pixels.
+    fill_lost: bool = False
     # Each step's prompt lists its drawn concepts in a random order (Break-A-Scene); False: in the
     # image prompt's order, the order the mask estimates read them in.
     shuffle: bool = True

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .attention import AttentionCapture, concept_selector
 from .concepts import ConceptSet, encode_text, image_sizes, injected, unet_inputs
 from .crf import CRFParams, refine_masks
+from .unclaimed import give_unclaimed
 
 FALLBACK_FRACTION = 0.1  # a concept with an empty mask keeps its most attended 10% of pixels
 
@@ -145,25 +146,26 @@ def estimate_masks(bundle, concepts: ConceptSet, image, *, n_timesteps=50, batch
                    use_crf=True, crf_params: CRFParams = CRFParams(), fixed: dict | None = None,
                    generator=None, layers="all", stratified=True, t_range=None,
                    background: str | None = None, previous: np.ndarray | None = None,
-                   stickiness: float = 0.0, exclusive: bool = False) -> tuple[np.ndarray, torch.Tensor]:
+                   stickiness: float = 0.0, exclusive: bool = False,
+                   fill_lost: bool = False) -> tuple[np.ndarray, torch.Tensor]:
     """Image-size bool masks (K_i, H, W) and the raw maps they came from.
 
     `fixed` maps concept name -> a user mask (H, W) that is kept as it is; it still takes
     part in the CRF so the other concepts are pushed off it. `background`, `previous`,
-    `stickiness`, `exclusive`: see masks_from_maps.
+    `stickiness`, `exclusive`, `fill_lost`: see masks_from_maps.
     """
     maps = attention_maps(bundle, concepts, image, n_timesteps, batch, generator, layers, stratified=stratified,
                           t_range=t_range)
     masks = masks_from_maps(image, maps, threshold=threshold, use_crf=use_crf, crf_params=crf_params, fixed=fixed,
                             background=background, previous=previous, stickiness=stickiness,
-                            exclusive=exclusive)
+                            exclusive=exclusive, fill_lost=fill_lost)
     return masks, maps
 
 
 def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, crf_params: CRFParams = CRFParams(),
                     fixed: dict | None = None, keep: dict | None = None, background: str | None = None,
                     previous: np.ndarray | None = None, stickiness: float = 0.0,
-                    exclusive: bool = False) -> np.ndarray:
+                    exclusive: bool = False, fill_lost: bool = False) -> np.ndarray:
     """(K_i, H, W) bool masks from (K_i, h, w) averaged maps: threshold, then DenseCRF.
 
     `fixed`: user masks, kept as they are. `keep`: masks of concepts that have no new map (their
@@ -172,7 +174,9 @@ def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, c
     neither fixed nor kept). `previous`: the masks before this estimate (K_i, H, W), blended into
     the normalised maps with weight `stickiness` before the threshold (see `binarise`). `exclusive`:
     overlaps go to the concept a pixel attends to most, before the CRF, and a concept left with little of
-    its mask looks again where no other concept is (`claim_exclusively`).
+    its mask looks again where no other concept is (`claim_exclusively`). `fill_lost`: after the CRF,
+    a concept left with (nearly) nothing takes an object-sized region no concept claims
+    (`unclaimed.give_unclaimed`).
     """
     fixed, keep = fixed or {}, keep or {}
     given = {**keep, **fixed}
@@ -196,6 +200,11 @@ def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, c
                           stacklevel=2)
     if use_crf:
         masks = refine_keeping(image, masks, crf_params, fixed)
+    if fill_lost and rows:
+        raw = F.interpolate(maps[None].float(), size=(image.size[1], image.size[0]), mode="bilinear",
+                            align_corners=False)[0]
+        masks, _ = give_unclaimed(masks, torch.nan_to_num(raw, nan=0.0).numpy(),
+                                  [k for k, n in enumerate(image.names) if n not in given])
     return masks
 
 

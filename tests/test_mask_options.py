@@ -166,3 +166,114 @@ def test_exclusive_masks_reach_the_estimate_from_the_config(bundle, scene_files,
     img = prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")
     learn(bundle, [img], start_state(bundle, [img], _cfg(exclusive_masks=True)), progress=False)
     assert seen == [True, True]
+
+
+def test_components_label_each_four_connected_part():
+    from em_core.unclaimed import components
+
+    region = np.array([[1, 1, 0, 0, 1],
+                       [0, 1, 0, 1, 1],
+                       [1, 0, 0, 0, 0],
+                       [1, 1, 0, 1, 0]], dtype=bool)
+    lab = components(region)
+    assert lab[~region].tolist() == [0] * int((~region).sum())
+    # Four parts; the diagonal touch of (1, 1) and (2, 0) does not join them.
+    parts = {int(v) for v in lab[region]}
+    assert parts == {1, 2, 3, 4}
+    assert lab[0, 0] == lab[0, 1] == lab[1, 1]
+    assert lab[0, 4] == lab[1, 3] == lab[1, 4]
+    assert lab[2, 0] == lab[3, 0] == lab[3, 1] != lab[1, 1]
+    assert lab[3, 3] not in (lab[0, 0], lab[0, 4], lab[2, 0])
+
+
+def test_components_match_scipy_and_join_a_serpentine():
+    from scipy import ndimage
+
+    from em_core.unclaimed import components
+
+    rng = np.random.default_rng(0)
+    for density in (0.3, 0.5, 0.6):
+        region = rng.random((40, 50)) < density
+        ours, (theirs, n) = components(region), ndimage.label(region)  # 4-connected by default
+        assert ours.max() == n
+        pairs = set(zip(ours[region].tolist(), theirs[region].tolist()))
+        assert len(pairs) == n  # the same partition, whatever the numbering
+    snake = np.zeros((64, 64), dtype=bool)
+    snake[::4] = True
+    for i in range(0, 60, 8):
+        snake[i:i + 5, -1] = True
+        snake[i + 4:i + 9, 0] = True
+    assert components(snake).max() == 1
+
+
+def test_a_lost_concept_takes_the_unclaimed_region_its_map_covers_most():
+    from em_core.unclaimed import give_unclaimed
+
+    # 10 x 10: [v1] holds the left object, [v2] came out with one pixel (lost: under 1% would be
+    # < 1 pixel, so ask for 5%), [v3] the background; two regions nobody claims: the right (rows
+    # 0-3, cols 7-9) and the bottom (rows 8-9, cols 3-6). [v2]'s map is higher on the bottom one.
+    masks = np.zeros((3, 10, 10), dtype=bool)
+    masks[0, 0:5, 0:5] = True
+    masks[1, 5, 5] = True
+    masks[2] = True
+    masks[2, 0:5, 0:5] = masks[2, 5, 5] = False
+    masks[2, 0:4, 7:10] = masks[2, 8:10, 3:7] = False
+    attention = np.zeros((3, 10, 10), dtype=np.float32)
+    attention[1, 0:4, 7:10] = 0.2
+    attention[1, 8:10, 3:7] = 0.5
+    out, took = give_unclaimed(masks, attention, [0, 1, 2], min_area=0.05)
+    assert took == [1]
+    assert out[1].sum() == 8 and out[1, 8:10, 3:7].all()
+    assert (out[0] == masks[0]).all() and (out[2] == masks[2]).all()
+    # Two lost concepts share the regions, the more attended choosing first; no region is
+    # given twice, and a concept with a real mask is left as it is.
+    masks[0] = False
+    masks[0, 5, 6] = True
+    attention[0, 8:10, 3:7] = 0.9
+    out, took = give_unclaimed(masks, attention, [0, 1, 2], min_area=0.05)
+    assert took == [0, 1]
+    assert out[0, 8:10, 3:7].all() and out[1, 0:4, 7:10].all() and not (out[0] & out[1]).any()
+    # Free parts under min_area are no region (the largest now is [v1]'s old 25 pixels): nothing to give.
+    out, took = give_unclaimed(masks, attention, [0, 1, 2], min_area=0.3)
+    assert took == [] and (out == masks).all()
+
+
+def test_fill_lost_reaches_the_estimate_and_gives_a_lost_concept_the_free_object(bundle, scene_files, monkeypatch):
+    import em_core.masks as masks_mod
+
+    img = prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")
+    h, w = img.size[1] // 8, img.size[0] // 8
+    maps = torch.zeros(3, h, w)
+    maps[0, : h // 2, : w // 2] = 1.0  # [v1] top left
+    maps[1, : h // 2, : w // 2] = 0.5  # [v2] peaks on [v1]'s object too
+    maps[2, :, :] = 1.0
+    maps[2, : h // 2, : w // 2] = 0.0
+    maps[2, -h // 4:, -w // 4:] = 0.0  # the object [v2] stands for: nobody's
+
+    def crf_keeps_one_pixel_of_v2(image, masks, params, fixed):  # as DenseCRF does to a mask on another's object
+        out = masks.copy()
+        out[1] = False
+        out[1, 0, 0] = True
+        out[0, 0, 0] = False
+        return out
+
+    monkeypatch.setattr(masks_mod, "refine_keeping", crf_keeps_one_pixel_of_v2)
+    plain = masks_from_maps(img, maps, exclusive=True)
+    corner = np.zeros_like(plain[1])
+    corner[-img.size[1] // 4:, -img.size[0] // 4:] = True
+    free = ~plain.any(0)
+    assert plain[1].sum() == 1 and (free & corner).sum() >= 0.8 * corner.sum()
+    filled = masks_from_maps(img, maps, exclusive=True, fill_lost=True)
+    assert (filled[1] & corner).sum() >= 0.8 * corner.sum() and not (filled[1] & ~free).any()
+    assert (filled[[0, 2]] == plain[[0, 2]]).all()
+    monkeypatch.undo()
+    seen = []
+    real = em_loop.estimate_masks
+
+    def spy(*a, **kw):
+        seen.append(kw.get("fill_lost"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(em_loop, "estimate_masks", spy)
+    learn(bundle, [img], start_state(bundle, [img], _cfg(fill_lost=True)), progress=False)
+    assert seen == [True, True]
