@@ -9,6 +9,7 @@ included), concepts are learned with
               sampling, and this pack's default before issue 6)
   em_no_crf   the same without DenseCRF
   em_exclusive  EM with exclusive masks and the image prompt's concept order (options, not defaults)
+  em_exclusive_fill  the same, a lost concept taking the region no concept claims (`fill_lost`)
   true_masks  the scenes' exact masks, fixed (Break-A-Scene; the upper bound)
 
 (em_step_maps, refreshes from the maps the token steps already computed, was measured worse, 0.279
@@ -44,12 +45,13 @@ from ..plot import line_chart
 from ..provenance import begin, provenance
 from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
 
-METHODS = ("baseline", "em", "em_50_independent", "em_no_crf", "em_background", "em_exclusive", "true_masks",
-           "true_masks_random_init")
+METHODS = ("baseline", "em", "em_50_independent", "em_no_crf", "em_background", "em_exclusive",
+           "em_exclusive_fill", "true_masks", "true_masks_random_init")
 # true_masks_random_init: the true masks with every token started at random rather than from its shape word;
 # em_background: EM with the background concept taken as what no object claims (LearnConfig.background);
 # em_exclusive: EM with exclusive masks and each step's concepts in the image prompt's order
-# (LearnConfig.exclusive_masks, shuffle=False), the best pair measured on the research world (issue 14).
+# (LearnConfig.exclusive_masks, shuffle=False), the best pair measured on the research world (issue 14);
+# em_exclusive_fill: the pair with LearnConfig.fill_lost.
 
 
 def entangled_scene(seed: int):
@@ -106,9 +108,9 @@ def _method_config(method: str, steps: int, refresh: int, timesteps: int, seed: 
         return LearnConfig(refresh_every=0, **kw)
     if method == "em_background":
         return LearnConfig(refresh_every=refresh, refresh_timesteps=refresh_timesteps, background=background, **kw)
-    if method == "em_exclusive":
+    if method in ("em_exclusive", "em_exclusive_fill"):
         return LearnConfig(refresh_every=refresh, refresh_timesteps=refresh_timesteps, exclusive_masks=True,
-                           shuffle=False, **kw)
+                           shuffle=False, fill_lost=method == "em_exclusive_fill", **kw)
     if method == "em_50_independent":
         return LearnConfig(refresh_every=refresh, refresh_timesteps=timesteps, timestep_sampling="uniform", **kw)
     return LearnConfig(refresh_every=refresh, use_crf=(method != "em_no_crf"), refresh_timesteps=refresh_timesteps,
