@@ -67,3 +67,13 @@ def test_transformers_4_is_told_which_files_a_folder_lacks(tmp_path, monkeypatch
 def test_a_missing_vocabulary_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.json does not exist"):
         clip_tokenizer_from_files(tmp_path / "nowhere.json", tmp_path / "merges.txt")
+
+
+def test_every_word_a_tiny_tokenizer_knows_is_one_token(tmp_path):
+    # "red" first gives the merge "r e", which BPE applies inside "green" before any merge of a
+    # g-r-e-e-n chain; merges must chain on from those pieces or "green" splits into four.
+    from em_core.tiny_world.scenes import WORDS
+
+    tok = save_tokenizer(tmp_path / "t", words=WORDS, max_length=32)
+    assert [w for w in WORDS if tok.tokenize(w) != [w + "</w>"]] == []
+    assert tok.tokenize("a red green") == ["a</w>", "red</w>", "green</w>"]

@@ -45,3 +45,21 @@ def test_the_binding_loss_prefers_words_on_their_own_objects():
     s = _scene()
     right, swapped = _loss(s, False), _loss(s, True)
     assert right < 0.2 < swapped
+
+
+def test_photo_forms_shift_the_supervised_positions_and_may_drop_the_background():
+    from em_core.tiny_world.world_train import caption_forms, caption_in_form
+
+    s = _scene()
+    assert caption_in_form(s, "scene") == s.caption
+    assert caption_in_form(s, "photo") == "a photo of " + s.caption
+    assert caption_in_form(s, "photo_no_background") == "a photo of a red striped circle and a blue square"
+    sel, masks, present = word_targets([s, s], [True, True], 32, (16, 16), ["photo", "photo_no_background"])
+    # bos a photo of a red striped circle and a blue square on grass: 5, 6, 7 | 10, 11 | 13
+    assert [int(sel[0, :, t].argmax()) for t in range(int(present[0].sum()))] == [5, 6, 7, 10, 11, 13]
+    assert [int(sel[1, :, t].argmax()) for t in range(int(present[1].sum()))] == [5, 6, 7, 10, 11]
+    assert torch.equal(masks[0, :5], masks[1, :5])
+    forms = caption_forms(7, 400, 0.5)
+    assert forms == caption_forms(7, 400, 0.5) and set(forms) == {"scene", "photo", "photo_no_background"}
+    assert 0.4 < forms.count("scene") / 400 < 0.6
+    assert set(caption_forms(7, 50, 0.0)) == {"scene"}

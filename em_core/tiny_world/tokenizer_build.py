@@ -29,22 +29,41 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: merge the lowest-ranked adjacent pair until none is known."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks) + 1), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank > len(ranks):
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2:]
+    return pieces
+
+
 def build_vocab(words=DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
     """Vocabulary and merges in CLIP's layout: bytes, bytes ending a word, whole words, specials."""
     chars = list(_bytes_to_unicode().values())
     vocab: list[str] = chars + [c + "</w>" for c in chars]
     merges: list[str] = []
     seen = set(vocab)
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(w.lower() for w in words):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        chars = list(word[:-1]) + [word[-1] + "</w>"]
+        for k in range(2, len(chars) + 1):  # every prefix is a token (the ids tokenizers built before keep)
+            prefix = "".join(chars[:k])
+            if prefix not in seen:
+                vocab.append(prefix)
+                seen.add(prefix)
+        # Merges chain on from what the merges so far make of the word: BPE applies them by rank,
+        # so a chain that ignored earlier words' merges never fired ("red"'s "r e" left "green"
+        # as g|re|e|n in the tokenizers built before this).
+        pieces = _bpe(chars, ranks)
         left = pieces[0]
         for right in pieces[1:]:
-            merged = left + right
-            if merged not in seen:
+            if (left, right) not in ranks:
+                ranks[(left, right)] = len(merges)
                 merges.append(f"{left} {right}")
-                vocab.append(merged)
-                seen.add(merged)
-            left = merged
+            left = left + right
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(vocab)}, merges
 

@@ -57,32 +57,62 @@ def scene_pixels(scenes) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def scene_batch(first_seed: int, n: int, with_scenes: bool = False):
+# How a scene's objects may be captioned: (words before the first object, background named).
+# The scene form is every caption the world saw up to step 6; the "a photo of" forms are the
+# ones a concept's tokens are trained and generated in (Break-A-Scene's "a photo of [v1] and
+# [v3]", the evaluation's "a photo of [vN]"), which a world that never read them draws badly.
+CAPTION_FORMS = {"scene": (0, True), "photo": (3, True), "photo_no_background": (3, False)}
+
+
+def caption_in_form(scene, form: str) -> str:
+    prefix, background = CAPTION_FORMS[form]
+    text = " and ".join(o.phrase for o in scene.objects)
+    return ("a photo of " if prefix else "") + text + (f" on {scene.background}" if background else "")
+
+
+def caption_forms(first_seed: int, n: int, photo_share: float) -> list[str]:
+    """Seeded per-item forms: `photo_share` of the captions in one of the "a photo of" forms."""
+    if not 0.0 <= photo_share <= 1.0:
+        raise ValueError(f"photo_share: {photo_share} is outside [0, 1]")
+    rng = np.random.default_rng(first_seed)
+    photo = rng.random(n) < photo_share
+    kind = rng.integers(0, 2, n)
+    return ["scene" if not p else ("photo", "photo_no_background")[k] for p, k in zip(photo, kind)]
+
+
+def scene_batch(first_seed: int, n: int, with_scenes: bool = False, photo_share: float = 0.0):
+    """Pixels and captions of `n` seeded scenes; with_scenes also gives the scenes and each caption's form."""
     scenes = [random_scene(first_seed + i, size=WORLD["size"], shapes=TRAIN_SHAPES) for i in range(n)]
     x = scene_pixels(scenes)
-    return (x, [s.caption for s in scenes], scenes) if with_scenes else (x, [s.caption for s in scenes])
+    forms = caption_forms(first_seed, n, photo_share)
+    captions = [caption_in_form(s, f) for s, f in zip(scenes, forms)]
+    return (x, captions, scenes, forms) if with_scenes else (x, captions)
 
 
-def word_targets(scenes, keep: list[bool], max_length: int, latent_hw: tuple[int, int]):
+def word_targets(scenes, keep: list[bool], max_length: int, latent_hw: tuple[int, int],
+                 forms: list[str] | None = None):
     """Which caption position each object's colour, pattern and shape words (and the background
     word) sit at, and the visible mask each should attend to.
 
     The world tokenizer gives one token per word after the start token, so word j of a caption
     is position j + 1. Returns select (B, L, T), masks (B, T, h, w) at the latent grid (area
-    fractions), present (B, T); dropped captions (keep False) supervise nothing.
+    fractions), present (B, T); dropped captions (keep False) supervise nothing. `forms`: each
+    caption's CAPTION_FORMS key (default "scene").
     """
     per_item = []
-    for scene, k in zip(scenes, keep):
+    for i, (scene, k) in enumerate(zip(scenes, keep)):
         pairs = []
         if k:
+            prefix, background = CAPTION_FORMS[forms[i] if forms else "scene"]
             keys = [m for m in scene.masks if m != scene.background]
-            pos = 1
+            pos = 1 + prefix
             for obj, key in zip(scene.objects, keys):
                 words = obj.phrase.split(" ")  # "a", colour, [pattern], shape
                 for j, _ in enumerate(words[1:], start=1):
                     pairs.append((pos + j, scene.masks[key]))
                 pos += len(words) + 1  # the phrase and the "and" / "on" after it
-            pairs.append((pos, scene.masks[scene.background]))
+            if background:
+                pairs.append((pos, scene.masks[scene.background]))
         per_item.append([(p, m) for p, m in pairs if p < max_length - 1])
     n_tok = max(1, max(len(p) for p in per_item))
     b = len(scenes)
@@ -165,7 +195,7 @@ def latent_scale(vae, seed: int, n: int = 256) -> float:
 
 def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, log, lr: float = 3e-4,
                    ema_decay: float = 0.999, attn_weight: float = 0.0, checkpoint=None,
-                   checkpoint_seconds: float = 600.0) -> list:
+                   checkpoint_seconds: float = 600.0, photo_share: float = 0.0) -> list:
     """Epsilon loss on U-Net + text encoder; the saved weights are an exponential moving average
     (diffusers' EMAModel), which samples much better than the last step's weights.
 
@@ -174,7 +204,8 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
     (BindingStore). It stands in for what Stable Diffusion learns from scale (words bound to
     their objects), which this small model does not learn from captions alone; it trains the
     world model only, never the concept tokens learned later. `checkpoint(losses)` is called with
-    the EMA weights in place every `checkpoint_seconds`.
+    the EMA weights in place every `checkpoint_seconds`. `photo_share`: the share of captions in
+    an "a photo of" form (CAPTION_FORMS), supervised at their shifted word positions.
     """
     from diffusers.training_utils import EMAModel
 
@@ -193,7 +224,8 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
         capture.__enter__()
     losses, step, start, last_save = [], 0, time.time(), time.time()
     while time.time() - start < seconds:
-        x, captions, scenes = scene_batch(seed * 10_000_000 + 5_000_000 + step * batch, batch, with_scenes=True)
+        x, captions, scenes, forms = scene_batch(seed * 10_000_000 + 5_000_000 + step * batch, batch,
+                                                 with_scenes=True, photo_share=photo_share)
         drop = torch.rand(batch, generator=gen) < 0.1
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
@@ -204,7 +236,7 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
                   return_tensors="pt").input_ids
         store = None
         if capture is not None:
-            sel, masks, present = word_targets(scenes, (~drop).tolist(), ids.shape[1], tuple(z.shape[-2:]))
+            sel, masks, present = word_targets(scenes, (~drop).tolist(), ids.shape[1], tuple(z.shape[-2:]), forms)
             store = BindingStore(capture.layers, tuple(z.shape[-2:]), sel, masks, present)
             capture.slot[0] = store
         pred = unet(sched.add_noise(z, noise, t), t, encoder_hidden_states=text(ids)[0]).sample
@@ -248,6 +280,25 @@ def _previous(init_from) -> tuple[ModelBundle | None, dict | None]:
     return load_bundle(init_from), record
 
 
+def _whole_word_tokenizer(tok, log):
+    """The world's tokenizer rebuilt when it splits a world word and the rebuild keeps every id.
+
+    word_targets supervises word j of a caption at position j + 1; tokenizers built before
+    tokenizer_build's merge fix split "green" into four pieces, shifting every word after it.
+    The rebuild only reorders merges, so "green" gets its own (so far untrained) embedding row.
+    """
+    split = [w for w in WORDS if len(tok.tokenize(w)) != 1]
+    if not split:
+        return tok
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = save_tokenizer(tmp, words=WORDS, max_length=tok.model_max_length)
+    if fresh.get_vocab() != tok.get_vocab():
+        log(f"tokenizer: {split} split into pieces; its vocabulary differs from a rebuild, kept as it is")
+        return tok
+    log(f"tokenizer: {split} now one token each (merges rebuilt, every id kept)")
+    return fresh
+
+
 def _past_runs(before: dict | None) -> list:
     """The runs a training record holds; a record from before runs were listed is one run."""
     if before is None:
@@ -279,20 +330,23 @@ def _save_world(bundle, out: Path, record: dict, extras_from: Path | None = None
 
 def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 0.15, batch: int = 64,
                      seed: int = 0, log=print, init_from: str | Path | None = None, attn_weight: float = 0.0,
-                     lr: float = 3e-4, checkpoint_minutes: float = 10.0) -> dict:
+                     lr: float = 3e-4, checkpoint_minutes: float = 10.0, photo_share: float = 0.0) -> dict:
     """Trains the world's model within `minutes` and saves it (diffusers format) with a card.
 
     `init_from`: a folder this script wrote before; training goes on from its weights (the
     data seeds move on, so it sees new scenes) and the stats add up both runs. `vae_share` 0
     keeps the VAE (and its latent scale) as it was. The EMA weights are saved every
     `checkpoint_minutes`, so a run cut off keeps what it learned; resume with `init_from=out`.
-    `attn_weight`: see `train_denoiser`.
+    `attn_weight`, `photo_share`: see `train_denoiser`.
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     command = (f"python -m em_core train-tiny-world --out {out} --minutes {minutes} --batch {batch} --vae-share "
                f"{vae_share} --attn-weight {attn_weight} --lr {lr} --seed {seed}"
+               + (f" --photo-share {photo_share}" if photo_share else "")
                + (f" --init-from {init_from}" if init_from else ""))
     bundle, before = _previous(init_from)
+    if bundle is not None:
+        bundle.tokenizers = (_whole_word_tokenizer(bundle.tokenizer, log),)
     bundle = bundle or build_world_model(seed)
     past = _past_runs(before)
     run = len(past)
@@ -307,7 +361,7 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
     def record(den_losses: list) -> dict:
         this = {"seconds": round(time.time() - t0), "vae_steps": len(vae_losses), "command": command,
                 "denoiser_steps": len(den_losses), "warm_start": str(init_from) if init_from else None,
-                "attn_weight": attn_weight, "lr": lr}
+                "attn_weight": attn_weight, "lr": lr, "photo_share": photo_share}
         runs = past + [this]
         stats = {
             "seconds": sum(r["seconds"] for r in runs), "vae_steps": sum(r["vae_steps"] for r in runs),
@@ -328,7 +382,7 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
 
     den_losses = train_denoiser(bundle, total - (time.time() - t0), batch, seed + 1000 * run, log, lr=lr,
                                 attn_weight=attn_weight, checkpoint=checkpoint,
-                                checkpoint_seconds=checkpoint_minutes * 60)
+                                checkpoint_seconds=checkpoint_minutes * 60, photo_share=photo_share)
     final = record(den_losses)
     _save_world(bundle, out, final, Path(init_from) if init_from else None)
     log(json.dumps(final["stats"]))
