@@ -86,7 +86,10 @@ def test_sigint_mid_run_leaves_the_last_good_state_on_disk(tiny_dir, scene_files
     out = tmp_path / "out"
     args = _learn_args(tiny_dir, scene_files, out, steps=100000, extra=["--save-every", "2"])
     env = dict(os.environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-m", "em_core", *args], env=env, stderr=subprocess.PIPE, text=True)
+    # A suite started in the background (`pytest &`) inherits SIGINT ignored, and so would the child,
+    # which then never sees the signal: give it the default disposition, as a terminal's process has.
+    proc = subprocess.Popen([sys.executable, "-m", "em_core", *args], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while not (out / "state.safetensors").exists() and time.time() < deadline and proc.poll() is None:
