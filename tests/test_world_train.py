@@ -63,3 +63,13 @@ def test_photo_forms_shift_the_supervised_positions_and_may_drop_the_background(
     assert forms == caption_forms(7, 400, 0.5) and set(forms) == {"scene", "photo", "photo_no_background"}
     assert 0.4 < forms.count("scene") / 400 < 0.6
     assert set(caption_forms(7, 50, 0.0)) == {"scene"}
+
+
+def test_the_card_names_caption_forms_and_the_tokenizer_fix_only_for_runs_that_had_them(tmp_path):
+    from em_core.tiny_world.world_train import _card_extras
+
+    old = [{"command": "c1", "attn_weight": 0.5}]
+    assert "Caption forms" not in _card_extras(old, tmp_path) and "Tokenizer" not in _card_extras(old, tmp_path)
+    new = old + [{"command": "c2", "attn_weight": 0.5, "photo_share": 0.5, "whole_words": True}]
+    card = _card_extras(new, tmp_path)
+    assert "`--photo-share` (0.5)" in card and '"green" in four' in card

@@ -361,7 +361,8 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
     def record(den_losses: list) -> dict:
         this = {"seconds": round(time.time() - t0), "vae_steps": len(vae_losses), "command": command,
                 "denoiser_steps": len(den_losses), "warm_start": str(init_from) if init_from else None,
-                "attn_weight": attn_weight, "lr": lr, "photo_share": photo_share}
+                "attn_weight": attn_weight, "lr": lr, "photo_share": photo_share,
+                "whole_words": all(len(bundle.tokenizer.tokenize(w)) == 1 for w in WORDS)}
         runs = past + [this]
         stats = {
             "seconds": sum(r["seconds"] for r in runs), "vae_steps": sum(r["vae_steps"] for r in runs),
@@ -423,6 +424,16 @@ def _card_extras(runs: list, model_dir: Path) -> str:
         out += "\nLater runs:\n\n" + "\n".join(f"    {c}" for c in commands) + "\n"
     if any(r.get("attn_weight") for r in runs):
         out += BINDING_NOTE
+    shares = sorted({r["photo_share"] for r in runs if r.get("photo_share")})
+    if shares:
+        out += (f"- Caption forms: runs with `--photo-share` ({', '.join(f'{x:g}' for x in shares)}) put that share of "
+                "captions in \"a photo of a red circle and a blue square on grass\" or, without the background, "
+                "\"a photo of a red circle and a blue square\" (`world_train.CAPTION_FORMS`), the forms the concept "
+                "tokens are trained and generated in.\n")
+    if any(r.get("whole_words") for r in runs):
+        out += ("- Tokenizer: since the first run marked `whole_words` in training.json, every world word is one "
+                "token (earlier tokenizers split \"green\" in four, shifting the binding loss's word positions "
+                "after it); every id is unchanged.\n")
     path = model_dir / "world_binding.json"
     if path.is_file():
         g = json.loads(path.read_text())
