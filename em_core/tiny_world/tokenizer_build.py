@@ -48,16 +48,16 @@ def build_vocab(words=DEFAULT_WORDS) -> tuple[dict[str, int], list[str]]:
     seen = set(vocab)
     ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(w.lower() for w in words):
-        chars = list(word[:-1]) + [word[-1] + "</w>"]
-        for k in range(2, len(chars) + 1):  # every prefix is a token (the ids tokenizers built before keep)
-            prefix = "".join(chars[:k])
+        letters = list(word[:-1]) + [word[-1] + "</w>"]
+        for k in range(2, len(letters) + 1):  # every prefix is a token (the ids tokenizers built before keep)
+            prefix = "".join(letters[:k])
             if prefix not in seen:
                 vocab.append(prefix)
                 seen.add(prefix)
         # Merges chain on from what the merges so far make of the word: BPE applies them by rank,
         # so a chain that ignored earlier words' merges never fired ("red"'s "r e" left "green"
         # as g|re|e|n in the tokenizers built before this).
-        pieces = _bpe(chars, ranks)
+        pieces = _bpe(letters, ranks)
         left = pieces[0]
         for right in pieces[1:]:
             if (left, right) not in ranks:

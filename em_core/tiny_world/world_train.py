@@ -57,17 +57,17 @@ def scene_pixels(scenes) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-# How a scene's objects may be captioned: (words before the first object, background named).
+# How a scene's objects may be captioned: (the text before the first object, background named).
 # The scene form is every caption the world saw up to step 6; the "a photo of" forms are the
 # ones a concept's tokens are trained and generated in (Break-A-Scene's "a photo of [v1] and
 # [v3]", the evaluation's "a photo of [vN]"), which a world that never read them draws badly.
-CAPTION_FORMS = {"scene": (0, True), "photo": (3, True), "photo_no_background": (3, False)}
+CAPTION_FORMS = {"scene": ("", True), "photo": ("a photo of ", True), "photo_no_background": ("a photo of ", False)}
 
 
 def caption_in_form(scene, form: str) -> str:
     prefix, background = CAPTION_FORMS[form]
     text = " and ".join(o.phrase for o in scene.objects)
-    return ("a photo of " if prefix else "") + text + (f" on {scene.background}" if background else "")
+    return prefix + text + (f" on {scene.background}" if background else "")
 
 
 def caption_forms(first_seed: int, n: int, photo_share: float) -> list[str]:
@@ -105,7 +105,7 @@ def word_targets(scenes, keep: list[bool], max_length: int, latent_hw: tuple[int
         if k:
             prefix, background = CAPTION_FORMS[forms[i] if forms else "scene"]
             keys = [m for m in scene.masks if m != scene.background]
-            pos = 1 + prefix
+            pos = 1 + len(prefix.split())
             for obj, key in zip(scene.objects, keys):
                 words = obj.phrase.split(" ")  # "a", colour, [pattern], shape
                 for j, _ in enumerate(words[1:], start=1):
@@ -280,6 +280,11 @@ def _previous(init_from) -> tuple[ModelBundle | None, dict | None]:
     return load_bundle(init_from), record
 
 
+def _split_words(tok) -> list[str]:
+    """The world's words this tokenizer does not keep whole."""
+    return [w for w in WORDS if len(tok.tokenize(w)) != 1]
+
+
 def _whole_word_tokenizer(tok, log):
     """The world's tokenizer rebuilt when it splits a world word and the rebuild keeps every id.
 
@@ -287,7 +292,7 @@ def _whole_word_tokenizer(tok, log):
     tokenizer_build's merge fix split "green" into four pieces, shifting every word after it.
     The rebuild only reorders merges, so "green" gets its own (so far untrained) embedding row.
     """
-    split = [w for w in WORDS if len(tok.tokenize(w)) != 1]
+    split = _split_words(tok)
     if not split:
         return tok
     with tempfile.TemporaryDirectory() as tmp:
@@ -362,7 +367,7 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
         this = {"seconds": round(time.time() - t0), "vae_steps": len(vae_losses), "command": command,
                 "denoiser_steps": len(den_losses), "warm_start": str(init_from) if init_from else None,
                 "attn_weight": attn_weight, "lr": lr, "photo_share": photo_share,
-                "whole_words": all(len(bundle.tokenizer.tokenize(w)) == 1 for w in WORDS)}
+                "whole_words": not _split_words(bundle.tokenizer)}
         runs = past + [this]
         stats = {
             "seconds": sum(r["seconds"] for r in runs), "vae_steps": sum(r["vae_steps"] for r in runs),
