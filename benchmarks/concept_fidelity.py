@@ -81,6 +81,9 @@ def main() -> None:
                     help="joint fine-tunes (default settings) run from the 400-step tokens")
     ap.add_argument("--stage2-from", type=int, default=LearnConfig.steps)
     ap.add_argument("--stage2-steps", type=int, default=FinetuneConfig.steps)
+    ap.add_argument("--stage2-lr", type=float, default=None,
+                    help="the joint fine-tune's learning rate (default: FinetuneConfig's per mode); "
+                         "set, it is named in the arm's label")
     ap.add_argument("--lr", type=float, default=LearnConfig.lr, help="token learning rate")
     ap.add_argument("--gen-images", type=int, default=4)
     ap.add_argument("--gen-steps", type=int, default=25)
@@ -99,8 +102,9 @@ def main() -> None:
         raise SystemExit(f"--stage2-from {args.stage2_from} must be one of --checkpoints {checkpoints}")
     bundle = load_bundle(args.model)
     checker = load_checker(Path(args.model) / "checker.safetensors")
+    lr2 = "" if args.stage2_lr is None else f"lr{args.stage2_lr:g}"
     arms = (["words"] if args.words else []) + [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
-           [f"{i}@{args.stage2_from}+{m}{args.stage2_steps}" for i in args.inits for m in args.stage2]
+           [f"{i}@{args.stage2_from}+{m}{args.stage2_steps}{lr2}" for i in args.inits for m in args.stage2]
     scales, templates = args.guidance, args.prompts
     for t in templates:
         if "{name}" not in t:
@@ -141,8 +145,9 @@ def main() -> None:
                     if c == args.stage2_from:
                         for mode in args.stage2:
                             tuned = finetune(bundle, [img], state, FinetuneConfig(steps=args.stage2_steps, mode=mode,
-                                                                                  seed=args.seed), progress=False)
-                            read(f"{which}@{c}+{mode}{args.stage2_steps}", tuned, tuned.weights)
+                                                                                  lr=args.stage2_lr, seed=args.seed),
+                                             progress=False)
+                            read(f"{which}@{c}+{mode}{args.stage2_steps}{lr2}", tuned, tuned.weights)
             print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(
                 f"{a} {score(r)['colour']:.2f}/{score(r)['shape_all']:.2f}" for a, r in rows.items()), flush=True)
     summary = {a: score(r) for a, r in rows.items()}
