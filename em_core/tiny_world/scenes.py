@@ -109,6 +109,11 @@ def _background(kind: str, size: int, rng) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.float32)
 
 
+def objects_text(objects) -> str:
+    """The objects' part of a caption, shared by every caption form so they name objects alike."""
+    return " and ".join(o.phrase for o in objects)
+
+
 def render(objects: list[SceneObject], background: str = "grass", size: int = 64, seed: int = 0,
            boxes: list | None = None) -> Scene:
     """Draws `objects` (later on top) at `boxes` or at random sizes and places; exact visible masks."""
@@ -133,7 +138,7 @@ def render(objects: list[SceneObject], background: str = "grass", size: int = 64
             key += "'"
         masks[key] = m
     masks[background] = ~np.any(np.stack(list(masks.values())), axis=0) if masks else np.ones((size, size), bool)
-    caption = " and ".join(o.phrase for o in objects) + f" on {background}"
+    caption = objects_text(objects) + f" on {background}"
     image = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8), "RGB")
     return Scene(image, masks, caption, list(objects), background)
 
