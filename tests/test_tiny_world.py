@@ -146,3 +146,9 @@ def test_a_stopped_evaluation_resumes_from_its_finished_scenes(tiny_dir, tmp_pat
     assert ev._resume(tmp_path / "ev", {**key, "steps": 3}, 2, said.append) is None and "another evaluation" in said[0]
     assert ev._resume(tmp_path / "ev", key, 1, said.append) is None  # fewer scenes than done: afresh
     assert ev._resume(tmp_path / "ev", key, 3, said.append)["scenes"][1]["scene"] == 1
+    assert "lr" not in key  # the default learning rate leaves the key as runs begun before --lr wrote it
+    runs.clear()
+    other = ev.evaluate(str(tiny_dir), tmp_path / "ev", scenes=1, log=said.append, **kw, lr=1e-3)
+    assert len(runs) == 1 and other["settings"]["lr"] == 1e-3  # another learning rate: nothing reused
+    assert ev._method_config("true_masks", 4, 0, 2, 0, lr=1e-3).lr == 1e-3
+    assert ev._method_config("em_exclusive_fill", 4, 2, 2, 0, lr=2e-3).lr == 2e-3

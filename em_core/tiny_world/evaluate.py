@@ -102,8 +102,9 @@ def interchangeable(init: dict, objects: list, random_init: bool) -> list:
 
 
 def _method_config(method: str, steps: int, refresh: int, timesteps: int, seed: int,
-                   refresh_timesteps: int = LearnConfig.refresh_timesteps, background: str | None = None) -> LearnConfig:
-    kw = dict(steps=steps, mask_timesteps=timesteps, seed=seed, save_every=10 ** 9)
+                   refresh_timesteps: int = LearnConfig.refresh_timesteps, background: str | None = None,
+                   lr: float = LearnConfig.lr) -> LearnConfig:
+    kw = dict(steps=steps, mask_timesteps=timesteps, seed=seed, lr=lr, save_every=10 ** 9)
     if method in ("baseline", "true_masks", "true_masks_random_init"):
         return LearnConfig(refresh_every=0, **kw)
     if method == "em_background":
@@ -203,7 +204,7 @@ def read_back(bundle, checker, state, info: dict, n: int, steps: int, guidance: 
 def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, refresh: int = 25,
              timesteps: int = 50, refresh_timesteps: int = LearnConfig.refresh_timesteps, gen_images: int = 2,
              gen_steps: int = 25, guidance: float = 4.0, checker_path: str | None = None, seed: int = 0,
-             quality_images: int = 48, methods=METHODS, log=print) -> dict:
+             quality_images: int = 48, methods=METHODS, lr: float = LearnConfig.lr, log=print) -> dict:
     from .checker import load_checker
     from ..model_io import load_bundle
 
@@ -222,6 +223,8 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
                methods=list(methods), steps=steps, refresh=refresh, timesteps=timesteps,
                refresh_timesteps=refresh_timesteps, gen_images=gen_images, gen_steps=gen_steps, guidance=guidance,
                seed=seed)
+    if lr != LearnConfig.lr:  # named only when set, so runs begun before the option still resume
+        key["lr"] = lr
     done = _resume(out, key, scenes, log)
     before = 0.0  # seconds an earlier, resumed run spent on its scenes
     if done:
@@ -239,7 +242,7 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
         for method in methods:
             oracle = method.startswith("true_masks")
             fixed = {(0, n): m for n, m in truth.items()} if oracle else None
-            cfg = _method_config(method, steps, refresh, timesteps, seed, refresh_timesteps, img.names[-1])
+            cfg = _method_config(method, steps, refresh, timesteps, seed, refresh_timesteps, img.names[-1], lr)
             words = {} if method == "true_masks_random_init" else init
             state = learn(bundle, [img], start_state(bundle, [img], cfg, words, fixed), progress=False)
             groups = interchangeable(init, list(info), method == "true_masks_random_init")
@@ -272,7 +275,7 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
                                 "caption_fidelity": caption_fidelity(bundle, checker, n=quality_images,
                                                                      steps=gen_steps, guidance=guidance)}
     summary["settings"] = dict(model=str(model), scenes=scenes, steps=steps, refresh=refresh, timesteps=timesteps,
-                               refresh_timesteps=refresh_timesteps,
+                               refresh_timesteps=refresh_timesteps, lr=lr,
                                gen_images=gen_images, gen_steps=gen_steps, guidance=guidance, seed=seed,
                                seconds=round(before + time.time() - t0))
     write_json(inside(out, "results.json"), {"summary": summary, "scenes": per_scene,
