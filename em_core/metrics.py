@@ -19,20 +19,30 @@ def iou_curve(state, truth: dict, groups=None) -> list[dict]:
     """
     curve = []
     for entry in state.mask_history:
-        scores = {}
-        for i in sorted({i for i, _ in truth}):
-            names = state.images[i]["names"]
-            est, ref = {}, {}
-            for (j, name), true in truth.items():
-                if j != i:
-                    continue
-                if name not in names:
-                    raise KeyError(f"truth: {name} is not a concept of image {i + 1} ({names})")
-                est[name] = entry["masks"][i][names.index(name)].numpy() > 0.5
-                ref[name] = latent_masks(np.asarray(true)[None], est[name].shape)[0].numpy() > 0.5
-            scores[f"img{i + 1}"] = matched(est, ref, groups or [])
+        scores = {f"img{i + 1}": matched(*_est_ref(state, entry, truth, i), groups or [])
+                  for i in sorted({i for i, _ in truth})}
         curve.append({"step": entry["step"], "iou": scores})
     return curve
+
+
+def final_matching(state, truth: dict, groups=None, image: int = 0) -> dict:
+    """name -> the true name its last mask is scored against (`best_matching`): a concept read back
+    from generated images is judged against the object its mask ended on, as its IoU is."""
+    return best_matching(*_est_ref(state, state.mask_history[-1], truth, image), groups or [])
+
+
+def _est_ref(state, entry: dict, truth: dict, i: int) -> tuple[dict, dict]:
+    """Image i's estimated masks (one history entry) and true masks, on the latent grid, by name."""
+    names = state.images[i]["names"]
+    est, ref = {}, {}
+    for (j, name), true in truth.items():
+        if j != i:
+            continue
+        if name not in names:
+            raise KeyError(f"truth: {name} is not a concept of image {i + 1} ({names})")
+        est[name] = entry["masks"][i][names.index(name)].numpy() > 0.5
+        ref[name] = latent_masks(np.asarray(true)[None], est[name].shape)[0].numpy() > 0.5
+    return est, ref
 
 
 def mean_iou_curve(state, truth: dict, groups=None, image: int = 0) -> list[tuple[int, float]]:
@@ -45,13 +55,19 @@ def mean_iou_curve(state, truth: dict, groups=None, image: int = 0) -> list[tupl
 def matched(est: dict, ref: dict, groups) -> dict:
     """IoU per name; within each group of interchangeable names, under the best one-to-one
     assignment of the group's estimated masks to its true masks (highest mean IoU)."""
-    out = {n: iou(est[n], ref[n]) for n in ref}
+    match = best_matching(est, ref, groups)
+    return {n: iou(est[n], ref[match[n]]) for n in ref}
+
+
+def best_matching(est: dict, ref: dict, groups) -> dict:
+    """name -> true name: itself, or within a group of interchangeable names the one-to-one assignment
+    of estimated to true masks with the highest total IoU."""
+    out = {n: n for n in ref}
     for group in groups:
         group = [n for n in group if n in ref]
         best = max(itertools.permutations(group),
                    key=lambda perm: sum(iou(est[a], ref[b]) for a, b in zip(group, perm)), default=())
-        for a, b in zip(group, best):
-            out[a] = iou(est[a], ref[b])
+        out.update(zip(group, best))
     return out
 
 

@@ -164,6 +164,30 @@ def test_matched_scores_interchangeable_concepts_under_their_best_assignment():
     assert matched(ref, ref, [["[v1]", "[v2]"]]) == {"[v1]": 1.0, "[v2]": 1.0, "[v3]": 1.0}
 
 
+def test_a_swapped_pair_is_read_back_against_the_objects_its_masks_ended_on():
+    from types import SimpleNamespace
+
+    import torch
+
+    from em_core.metrics import best_matching, final_matching
+
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = ~a
+    ref = {"[v1]": a, "[v2]": b, "[v3]": a}
+    swapped = {"[v1]": b, "[v2]": a, "[v3]": a}
+    assert best_matching(swapped, ref, [["[v1]", "[v2]"]]) == {"[v1]": "[v2]", "[v2]": "[v1]", "[v3]": "[v3]"}
+    assert best_matching(swapped, ref, []) == {"[v1]": "[v1]", "[v2]": "[v2]", "[v3]": "[v3]"}
+    names = ["[v1]", "[v2]", "[v3]"]
+    masks = lambda d: [torch.tensor(np.stack([d[n] for n in names]), dtype=torch.float32)]
+    # The last entry decides: the first one had the pair the right way round.
+    state = SimpleNamespace(images=[{"names": names}], mask_history=[{"step": 0, "masks": masks(ref)},
+                                                                     {"step": 50, "masks": masks(swapped)}])
+    truth = {(0, n): m for n, m in ref.items()}
+    assert final_matching(state, truth, [["[v1]", "[v2]"]]) == {"[v1]": "[v2]", "[v2]": "[v1]", "[v3]": "[v3]"}
+    assert final_matching(state, truth) == {n: n for n in names}
+
+
 def test_interchangeable_groups_follow_the_init_words():
     from em_core.tiny_world.evaluate import interchangeable
 

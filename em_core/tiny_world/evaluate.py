@@ -40,7 +40,7 @@ from ..dataset import prepare_image
 from ..em_loop import learn, start_state
 from ..generate import generate
 from ..masks import estimate_masks, iou, normalise
-from ..metrics import matched, mean_iou_curve
+from ..metrics import final_matching, matched, mean_iou_curve
 from ..plot import line_chart
 from ..provenance import begin, provenance
 from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
@@ -92,7 +92,8 @@ def concept_task(scene):
 def interchangeable(init: dict, objects: list, random_init: bool) -> list:
     """Groups of object concepts nothing tells apart (one init word for several, or random init
     for all): which of them lands on which object is arbitrary, so their IoU is scored under the
-    best matching (`metrics.matched`); every other concept keeps the identity its init word gave it."""
+    best matching (`metrics.matched`), and their generated images read back against the objects that
+    matching gives them; every other concept keeps the identity its init word gave it."""
     if random_init:
         return [list(objects)] if len(objects) > 1 else []
     by_word = {}
@@ -222,7 +223,7 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
     key = dict(weights=weights_fingerprint(model), checker=weights_fingerprint(checker_path or Path(model) / "checker.safetensors"),
                methods=list(methods), steps=steps, refresh=refresh, timesteps=timesteps,
                refresh_timesteps=refresh_timesteps, gen_images=gen_images, gen_steps=gen_steps, guidance=guidance,
-               seed=seed)
+               seed=seed, readback="as matched")  # scenes read back by identity (before 2026-12-06) are not reused
     if lr != LearnConfig.lr:  # named only when set, so runs begun before the option still resume
         key["lr"] = lr
     done = _resume(out, key, scenes, log)
@@ -258,8 +259,10 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
             results[method]["final_iou_any_match"].append(mean_iou_curve(state, true, [list(info)])[-1][1])
             results[method]["curves"].append(means)
             results[method]["final_iou"].append(means[-1][1])
-            fid = read_back(bundle, checker, state, info, n=gen_images, steps=gen_steps, guidance=guidance,
-                            seed=seed)
+            # Judged against the object its mask ended on: in a group nothing tells apart, as its IoU is.
+            match = final_matching(state, true, groups)
+            fid = read_back(bundle, checker, state, {n: info[match[n]] for n in info}, n=gen_images,
+                            steps=gen_steps, guidance=guidance, seed=seed)
             results[method]["fid_colour"] += [f[0] for f in fid]
             results[method]["fid_shape"] += [f[1] for f in fid if not f[2]]
             results[method]["fid_held_out_shape"] += [f[1] for f in fid if f[2]]
@@ -368,7 +371,8 @@ def report_markdown(summary: dict) -> str:
         f"{s['gen_images']} images per object concept ({s['gen_steps']} DDIM steps, guidance {s['guidance']}), "
         f"read back by the checker. Took {s['seconds']} s.",
         "Mask IoU keeps the identity each concept's init word gives it, except among concepts nothing tells "
-        "apart (one init word for two objects, or random init), scored under their best matching; "
+        "apart (one init word for two objects, or random init), scored under their best matching, and each "
+        "concept's images are read back against the object that matching gives it; "
         "\"any matching\" scores every scene's object concepts under their best matching.",
         "", "| method | mask IoU | mask IoU, any matching | colour right | shape right (seen shapes) | "
         "shape right (held-out shapes) |",
