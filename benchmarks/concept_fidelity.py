@@ -94,6 +94,8 @@ def main() -> None:
                          "each arm is read back with each")
     ap.add_argument("--words", action="store_true",
                     help="also read back each object's real caption words in the templates (the world's ceiling)")
+    ap.add_argument("--no-shuffle", action="store_true",
+                    help="each step's prompt keeps the image prompt's concept order (EM's --no-shuffle option)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -133,7 +135,7 @@ def main() -> None:
                 read("words", None, words={n: o.phrase for n, o in zip(info, scene.objects)})
             for which in args.inits:
                 cfg = LearnConfig(steps=checkpoints[0], refresh_every=0, lr=args.lr, seed=args.seed,
-                                  save_every=10 ** 9)
+                                  shuffle=not args.no_shuffle, save_every=10 ** 9)
                 state = learn(bundle, [img], start_state(bundle, [img], cfg, init if which == "shape" else {}, fixed),
                               progress=False)
                 done = checkpoints[0]
