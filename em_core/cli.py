@@ -122,7 +122,7 @@ def cmd_learn(args) -> int:
             loss_layers=args.loss_layers or args.layers or d.loss_layers, background=args.background,
             mask_t_range=tuple(args.mask_t_range) if args.mask_t_range else None, eval_every=args.eval_every,
             mask_stickiness=args.mask_stickiness, exclusive_masks=args.exclusive_masks, fill_lost=args.fill_lost,
-            shuffle=not args.no_shuffle,
+            share_parts=args.share_parts, shuffle=not args.no_shuffle,
             resolution=args.resolution, seed=args.seed, save_every=args.save_every,
         )
     images = [prepare_image(bundle, Path(i).resolve(), p, config.resolution, config.flip)
@@ -480,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--fill-lost", action="store_true",
                    help="a concept whose mask comes out under 1%% of the image takes the object-sized region no "
                         "concept claims (default: it keeps its few pixels)")
+    l.add_argument("--share-parts", action="store_true",
+                   help="a concept still under 1%% of the image takes a spare part of a mask that holds several "
+                        "object-sized parts (default: it stays empty)")
     l.add_argument("--no-shuffle", action="store_true",
                    help="each step's prompt keeps the image prompt's concept order (default: shuffled, as BaS)")
     l.add_argument("--eval-every", type=int, default=d.eval_every,

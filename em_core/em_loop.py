@@ -146,7 +146,8 @@ class _Run:
                 generator=gen, layers=cfg.mask_layers, stratified=cfg.timestep_sampling == "stratified",
                 t_range=cfg.mask_t_range, background=cfg.background,
                 previous=old if kind == "refresh" else None, stickiness=cfg.mask_stickiness,
-                exclusive=cfg.exclusive_masks, fill_lost=cfg.fill_lost)
+                exclusive=cfg.exclusive_masks, fill_lost=cfg.fill_lost,
+                share_parts=cfg.share_parts)
             new_masks.append(masks)
         return new_masks
 

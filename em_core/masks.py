@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .attention import AttentionCapture, concept_selector
 from .concepts import ConceptSet, encode_text, image_sizes, injected, unet_inputs
 from .crf import CRFParams, refine_masks
-from .unclaimed import give_unclaimed
+from .unclaimed import give_parts, give_unclaimed
 
 FALLBACK_FRACTION = 0.1  # a concept with an empty mask keeps its most attended 10% of pixels
 
@@ -147,25 +147,25 @@ def estimate_masks(bundle, concepts: ConceptSet, image, *, n_timesteps=50, batch
                    generator=None, layers="all", stratified=True, t_range=None,
                    background: str | None = None, previous: np.ndarray | None = None,
                    stickiness: float = 0.0, exclusive: bool = False,
-                   fill_lost: bool = False) -> tuple[np.ndarray, torch.Tensor]:
+                   fill_lost: bool = False, share_parts: bool = False) -> tuple[np.ndarray, torch.Tensor]:
     """Image-size bool masks (K_i, H, W) and the raw maps they came from.
 
     `fixed` maps concept name -> a user mask (H, W) that is kept as it is; it still takes
     part in the CRF so the other concepts are pushed off it. `background`, `previous`,
-    `stickiness`, `exclusive`, `fill_lost`: see masks_from_maps.
+    `stickiness`, `exclusive`, `fill_lost`, `share_parts`: see masks_from_maps.
     """
     maps = attention_maps(bundle, concepts, image, n_timesteps, batch, generator, layers, stratified=stratified,
                           t_range=t_range)
     masks = masks_from_maps(image, maps, threshold=threshold, use_crf=use_crf, crf_params=crf_params, fixed=fixed,
                             background=background, previous=previous, stickiness=stickiness,
-                            exclusive=exclusive, fill_lost=fill_lost)
+                            exclusive=exclusive, fill_lost=fill_lost, share_parts=share_parts)
     return masks, maps
 
 
 def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, crf_params: CRFParams = CRFParams(),
                     fixed: dict | None = None, keep: dict | None = None, background: str | None = None,
                     previous: np.ndarray | None = None, stickiness: float = 0.0,
-                    exclusive: bool = False, fill_lost: bool = False) -> np.ndarray:
+                    exclusive: bool = False, fill_lost: bool = False, share_parts: bool = False) -> np.ndarray:
     """(K_i, H, W) bool masks from (K_i, h, w) averaged maps: threshold, then DenseCRF.
 
     `fixed`: user masks, kept as they are. `keep`: masks of concepts that have no new map (their
@@ -176,7 +176,8 @@ def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, c
     overlaps go to the concept a pixel attends to most, before the CRF, and a concept left with little of
     its mask looks again where no other concept is (`claim_exclusively`). `fill_lost`: after the CRF,
     a concept left with (nearly) nothing takes an object-sized region no concept claims
-    (`unclaimed.give_unclaimed`).
+    (`unclaimed.give_unclaimed`). `share_parts`: after that, a concept still left with nothing takes a
+    spare part of a mask that holds several object-sized parts (`unclaimed.give_parts`).
     """
     fixed, keep = fixed or {}, keep or {}
     given = {**keep, **fixed}
@@ -200,11 +201,15 @@ def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, c
                           stacklevel=2)
     if use_crf:
         masks = refine_keeping(image, masks, crf_params, fixed)
-    if fill_lost and rows:
+    if (fill_lost or share_parts) and rows:
         raw = F.interpolate(maps[None].float(), size=(image.size[1], image.size[0]), mode="bilinear",
                             align_corners=False)[0]
-        masks, _ = give_unclaimed(masks, torch.nan_to_num(raw, nan=0.0).numpy(),
-                                  [k for k, n in enumerate(image.names) if n not in given])
+        raw = torch.nan_to_num(raw, nan=0.0).numpy()
+        free = [k for k, n in enumerate(image.names) if n not in given]
+        if fill_lost:
+            masks, _ = give_unclaimed(masks, raw, free)
+        if share_parts:
+            masks, _ = give_parts(masks, raw, free)
     return masks
 
 

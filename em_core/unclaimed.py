@@ -72,3 +72,38 @@ def give_unclaimed(masks: np.ndarray, attention: np.ndarray, rows: list[int],
         masks[k] = lab == best
         took.append(k)
     return masks, took
+
+
+
+def give_parts(masks: np.ndarray, attention: np.ndarray, rows: list[int],
+               min_area: float = MIN_AREA) -> tuple[np.ndarray, list[int]]:
+    """Each concept of `rows` still under `min_area` takes the part of another concept's mask where
+    its own share of the two raw maps is highest: within that mask, its share a_k / (a_k + a_j)
+    rescaled to [0, 1] and cut at 0.5. Of the concepts whose masks so split into two object-sized
+    parts, the one whose part its raw map covers most on average gives. Two tokens from one word,
+    or a token whose word the model does not know, otherwise leave one mask over two objects (or
+    the background over an object) and the other concept empty for good, trained on nothing.
+    Returns the masks and the rows that took a part."""
+    masks = masks.copy()
+    n = masks.shape[1] * masks.shape[2]
+    took = []
+    lost = [k for k in rows if masks[k].sum() < min_area * n]
+    for k in sorted(lost, key=lambda k: -float(attention[k].max())):
+        spare = []  # (owner, part)
+        for j in rows:
+            if j == k or j in took or masks[j].sum() < 2 * min_area * n:
+                continue
+            share = attention[k] / np.maximum(attention[k] + attention[j], 1e-12)
+            lo, hi = share[masks[j]].min(), share[masks[j]].max()
+            if hi - lo < 1e-6:
+                continue
+            part = masks[j] & ((share - lo) / (hi - lo) > 0.5)
+            if part.sum() >= min_area * n and (masks[j] & ~part).sum() >= min_area * n:
+                spare.append((j, part))
+        if not spare:
+            continue
+        j, part = max(spare, key=lambda s: float(attention[k][s[1]].mean()))
+        masks[j] &= ~part
+        masks[k] = part
+        took.append(k)
+    return masks, took

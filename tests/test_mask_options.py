@@ -277,3 +277,46 @@ def test_fill_lost_reaches_the_estimate_and_gives_a_lost_concept_the_free_object
     monkeypatch.setattr(em_loop, "estimate_masks", spy)
     learn(bundle, [img], start_state(bundle, [img], _cfg(fill_lost=True)), progress=False)
     assert seen == [True, True]
+
+
+def test_a_concept_still_lost_takes_the_part_of_a_mask_where_its_share_is_highest():
+    from em_core.unclaimed import give_parts
+
+    # 10 x 10: [v2]'s mask covers two touching objects (rows 0-4, cols 0-9), [v1] came out empty,
+    # [v3] is the rest. [v1]'s map is high on both objects but, against [v2]'s, highest on the right one.
+    masks = np.zeros((3, 10, 10), dtype=bool)
+    masks[1, 0:5, :] = True
+    masks[2, 5:, :] = True
+    attention = np.full((3, 10, 10), 0.1, dtype=np.float32)
+    attention[0, 0:5, :] = 0.4
+    attention[1, 0:5, 0:5] = 0.8  # [v2]'s own object: the left one
+    attention[1, 0:5, 5:] = 0.4
+    out, took = give_parts(masks, attention, [0, 1, 2], min_area=0.05)
+    assert took == [0]
+    assert out[0, 0:5, 5:].all() and out[0].sum() == 25
+    assert out[1, 0:5, 0:5].all() and out[1].sum() == 25 and (out[2] == masks[2]).all()
+    # A mask that would be left under min_area gives nothing; nor does any mask when nobody is lost.
+    out, took = give_parts(masks, attention, [0, 1, 2], min_area=0.3)
+    assert took == [] and (out == masks).all()
+    masks[0, 9, 9] = masks[0, 8, 9] = masks[0, 9, 8] = masks[0, 8, 8] = masks[0, 7, 9] = True
+    masks[2] &= ~masks[0]
+    out, took = give_parts(masks, attention, [0, 1, 2], min_area=0.05)
+    assert took == [] and (out == masks).all()
+    # Only the concepts in rows give or take (a user's mask is neither).
+    masks[0] = False
+    out, took = give_parts(masks, attention, [0, 2], min_area=0.05)
+    assert (out[1] == masks[1]).all()
+
+
+def test_share_parts_reaches_the_estimate_from_the_config(bundle, scene_files, monkeypatch):
+    img = prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")
+    seen = []
+    real = em_loop.estimate_masks
+
+    def spy(*a, **kw):
+        seen.append(kw.get("share_parts"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(em_loop, "estimate_masks", spy)
+    learn(bundle, [img], start_state(bundle, [img], _cfg(share_parts=True)), progress=False)
+    assert seen == [True, True]

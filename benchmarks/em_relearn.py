@@ -1,0 +1,90 @@
+"""How much of EM's fidelity gap is the tokens' history (issue 14, gate 4): EM's tokens spend their
+first refreshes on wrong masks, so tokens started afresh on EM's final masks (Break-A-Scene
+stage 1 with those masks fixed, what `learn --mask` does with EM's mask PNGs) are read back
+beside EM's own, on the evaluation's held-out scenes, prompts, init words, seed and read-back.
+
+    python benchmarks/em_relearn.py --model research/tiny_world_photo --first 0 --scenes 15 \
+        --method em_exclusive_fill --json runs/em_relearn_0_14.json
+
+Each concept is read back against the object its final mask is matched to (as `evaluate`); the
+relearned tokens use the same matching, since they share EM's masks. Prints the per-scene and the
+overall read-back; --json writes them with the command, commit and machine.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from em_core.atomic import write_json
+from em_core.config import LearnConfig
+from em_core.dataset import prepare_image
+from em_core.em_loop import learn, start_state
+from em_core.metrics import final_matching, mean_iou_curve
+from em_core.model_io import load_bundle
+from em_core.provenance import begin, provenance
+from em_core.tiny_world.checker import load_checker
+from em_core.tiny_world.evaluate import METHODS, _method_config, concept_task, eval_set, interchangeable, read_back
+
+from em_options import scene_arguments
+
+
+def rates(rows: list, run: str) -> dict:
+    colour = [c for r in rows for c in r[run]["colour"]]
+    seen = [s for r in rows for s, h in zip(r[run]["shape"], r["held_out"]) if not h]
+    held = [s for r in rows for s, h in zip(r[run]["shape"], r["held_out"]) if h]
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    return {"colour": mean(colour), "shape_seen": mean(seen), "shape_held_out": mean(held), "images": len(colour)}
+
+
+def main() -> None:
+    begin()
+    ap = scene_arguments()
+    ap.add_argument("--method", default="em_exclusive_fill", choices=[m for m in METHODS if m.startswith("em")])
+    ap.add_argument("--steps", type=int, default=LearnConfig.steps)
+    ap.add_argument("--refresh", type=int, default=50)
+    ap.add_argument("--gen-images", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    bundle = load_bundle(args.model)
+    checker = load_checker(Path(args.model) / "checker.safetensors")
+    rows, t0 = [], time.time()
+    scenes = eval_set(args.first + args.scenes)[args.first:]
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, scene in enumerate(scenes, start=args.first):
+            prompt, init, truth, info = concept_task(scene)
+            path = Path(tmp) / f"scene{k}.png"
+            scene.image.save(path)
+            img = prepare_image(bundle, path, prompt)
+            em_cfg = _method_config(args.method, args.steps, args.refresh, 50, args.seed)
+            em = learn(bundle, [img], start_state(bundle, [img], em_cfg, init), progress=False)
+            groups = interchangeable(init, list(info), False)
+            true = {(0, n): m for n, m in truth.items()}
+            final = {(0, n): em.masks[0][j] for j, n in enumerate(img.names) if em.masks[0][j].any()}
+            re_cfg = _method_config("baseline", args.steps, args.refresh, 50, args.seed)
+            again = learn(bundle, [img], start_state(bundle, [img], re_cfg, init, final), progress=False)
+            match = final_matching(em, true, groups)
+            row = {"scene": k, "mask_iou": mean_iou_curve(em, true, groups)[-1][1]}
+            for run, state in (("em", em), ("relearned", again)):
+                fid = read_back(bundle, checker, state, {n: info[match[n]] for n in info}, n=args.gen_images,
+                                steps=25, guidance=4.0, seed=args.seed)
+                row[run] = {"colour": [f[0] for f in fid], "shape": [f[1] for f in fid]}
+                row["held_out"] = [f[2] for f in fid]
+            rows.append(row)
+            print(f"scene {k} ({time.time() - t0:.0f}s): mask IoU {row['mask_iou']:.3f}, colour right "
+                  f"EM {sum(row['em']['colour'])} relearned {sum(row['relearned']['colour'])} "
+                  f"of {len(row['em']['colour'])}", flush=True)
+    summary = {run: rates(rows, run) for run in ("em", "relearned")}
+    for run, s in summary.items():
+        print(f"{run:<10} colour {s['colour']:.3f}  shape (seen) {s['shape_seen']:.3f}  "
+              f"shape (held out) {s['shape_held_out']:.3f}  ({s['images']} images)")
+    if args.json:
+        settings = dict(model=args.model, scenes=args.scenes, first=args.first, method=args.method, steps=args.steps,
+                        refresh=args.refresh, gen_images=args.gen_images, seed=args.seed,
+                        seconds=round(time.time() - t0))
+        write_json(args.json, {"summary": summary, "scenes": rows, **provenance(config=settings)})
+
+
+if __name__ == "__main__":
+    main()
