@@ -8,10 +8,12 @@ beside EM's own, on the evaluation's held-out scenes, prompts, init words, seed 
 
 Each concept is read back against the object its final mask is matched to (as `evaluate`); the
 relearned tokens use the same matching, since they share EM's masks. Prints the per-scene and the
-overall read-back; --json writes them with the command, commit and machine.
+read-back over all scenes and over those whose final masks EM got right and wrong; --json writes
+them with the command, commit and machine; `--report JSON` prints an earlier run's summary again.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,9 +39,61 @@ def rates(rows: list, run: str) -> dict:
     return {"colour": mean(colour), "shape_seen": mean(seen), "shape_held_out": mean(held), "images": len(colour)}
 
 
+RIGHT = 0.95  # a scene whose EM masks end at least this close to the truth counts as "masks right"
+
+
+def with_true_masks(rows: list, partial: str) -> list:
+    """Each row with the true-mask tokens' read-back of its scene, from an `evaluate` run's partial.json
+    that ran `true_masks` over the same scenes from 0 with the same images per concept."""
+    res = json.loads(Path(partial).read_text())["results"]["true_masks"]
+    colour = res["fid_colour"]
+    need = [sum(len(r["held_out"]) for r in rows), sum(not h for r in rows for h in r["held_out"])]
+    if need != [len(colour), len(res["fid_shape"])]:
+        raise SystemExit(f"--true-masks: {partial} holds {len(colour)} images ({len(res['fid_shape'])} of seen "
+                         f"shapes), these rows {need[0]} ({need[1]})")
+    out, i, seen, held = [], 0, 0, 0
+    for r in sorted(rows, key=lambda r: r["scene"]):
+        k = len(r["em"]["colour"])
+        if r["scene"] != len(out):
+            raise SystemExit(f"--true-masks: the rows must be scenes 0.. in order; scene {r['scene']} is row {len(out)}")
+        sh = []
+        for h in r["held_out"]:  # evaluate keeps seen and held-out shapes in two lists, each in scene order
+            sh.append(res["fid_held_out_shape"][held] if h else res["fid_shape"][seen])
+            held, seen = held + h, seen + (not h)
+        out.append({**r, "true_masks": {"colour": colour[i:i + k], "shape": sh}})
+        i += k
+    return out
+
+
+def summarise(rows: list) -> dict:
+    """Read-back rates of both runs over all scenes, and over the scenes whose final masks EM got right
+    (mean IoU >= RIGHT) and wrong: where the relearned tokens gain is where the tokens' history costs."""
+    right = [r for r in rows if r["mask_iou"] >= RIGHT]
+    wrong = [r for r in rows if r["mask_iou"] < RIGHT]
+    runs = [run for run in ("em", "relearned", "true_masks") if rows and run in rows[0]]
+    split = {part: {run: rates(sub, run) for run in runs} | {"scenes": len(sub)}
+             for part, sub in (("masks_right", right), ("masks_wrong", wrong))}
+    return {run: rates(rows, run) for run in runs} | {"scenes": len(rows)} | split
+
+
+def show(summary: dict) -> None:
+    parts = {"all": {k: v for k, v in summary.items() if not k.startswith("masks_")}}
+    parts.update({k: v for k, v in summary.items() if k.startswith("masks_")})
+    for part, runs in parts.items():
+        print(f"{part} ({runs['scenes']} scenes)")
+        for run in [r for r in runs if r != "scenes"]:
+            s = runs[run]
+            print(f"  {run:<10} colour {s['colour']:.3f}  shape (seen) {s['shape_seen']:.3f}  "
+                  f"shape (held out) {s['shape_held_out']:.3f}  ({s['images']} images)")
+
+
 def main() -> None:
     begin()
     ap = scene_arguments()
+    ap.add_argument("--report", default=None, help="print the summary of an earlier run's JSON and stop")
+    ap.add_argument("--true-masks", default=None,
+                    help="with --report: an evaluate partial.json with true_masks over the same scenes, read back "
+                         "over the same subsets")
     ap.add_argument("--method", default="em_exclusive_fill", choices=[m for m in METHODS if m.startswith("em")])
     ap.add_argument("--steps", type=int, default=LearnConfig.steps)
     ap.add_argument("--refresh", type=int, default=50)
@@ -47,6 +101,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.report:
+        rows = json.loads(Path(args.report).read_text())["scenes"]
+        show(summarise(with_true_masks(rows, args.true_masks) if args.true_masks else rows))
+        return
     bundle = load_bundle(args.model)
     checker = load_checker(Path(args.model) / "checker.safetensors")
     rows, t0 = [], time.time()
@@ -75,10 +133,8 @@ def main() -> None:
             print(f"scene {k} ({time.time() - t0:.0f}s): mask IoU {row['mask_iou']:.3f}, colour right "
                   f"EM {sum(row['em']['colour'])} relearned {sum(row['relearned']['colour'])} "
                   f"of {len(row['em']['colour'])}", flush=True)
-    summary = {run: rates(rows, run) for run in ("em", "relearned")}
-    for run, s in summary.items():
-        print(f"{run:<10} colour {s['colour']:.3f}  shape (seen) {s['shape_seen']:.3f}  "
-              f"shape (held out) {s['shape_held_out']:.3f}  ({s['images']} images)")
+    summary = summarise(rows)
+    show(summary)
     if args.json:
         settings = dict(model=args.model, scenes=args.scenes, first=args.first, method=args.method, steps=args.steps,
                         refresh=args.refresh, gen_images=args.gen_images, seed=args.seed,
