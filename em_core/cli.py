@@ -271,7 +271,8 @@ def cmd_train_tiny_world(args) -> int:
     if not args.card_only:
         train_tiny_world(out, minutes=args.minutes, batch=args.batch, seed=args.seed, vae_share=args.vae_share,
                          init_from=args.init_from, attn_weight=args.attn_weight, lr=args.lr,
-                         checkpoint_minutes=args.checkpoint_minutes, photo_share=args.photo_share)
+                         checkpoint_minutes=args.checkpoint_minutes, photo_share=args.photo_share,
+                         unnamed_share=args.unnamed_share)
         if args.checker_seconds > 0 or not (out / "checker.safetensors").is_file():
             train_and_save_checker(out / "checker.safetensors", args.checker_seconds or 150, args.seed)
     print(write_model_card(out))
@@ -411,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the EMA weights this often")
     tw.add_argument("--photo-share", type=float, default=0.0,
                     help='share of captions in an "a photo of ..." form (with or without "on <background>")')
+    tw.add_argument("--unnamed-share", type=float, default=0.0,
+                    help="share of scenes drawn from every shape, the held-out shapes (star, cross) in the image "
+                         "but never in the caption")
     tw.add_argument("--card-only", action="store_true", help="only (re)write samples.png and README.md")
     tw.set_defaults(func=cmd_train_tiny_world)
 

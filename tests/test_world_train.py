@@ -73,3 +73,30 @@ def test_the_card_names_caption_forms_and_the_tokenizer_fix_only_for_runs_that_h
     new = old + [{"command": "c2", "attn_weight": 0.5, "photo_share": 0.5, "whole_words": True}]
     card = _card_extras(new, tmp_path)
     assert "`--photo-share` (0.5)" in card and '"green" in four' in card
+
+
+def test_unnamed_objects_are_drawn_but_neither_captioned_nor_supervised():
+    import numpy as np
+
+    from em_core.tiny_world.scenes import HELD_OUT_SHAPES, unnamed
+    from em_core.tiny_world.world_train import scene_batch
+
+    objs = [SceneObject("red", "circle"), SceneObject("blue", "star")]
+    s = render(objs, "grass", 64, seed=0, boxes=[(2, 2, 26, 26), (36, 36, 62, 62)])
+    u = unnamed(s)
+    assert u.caption == "a red circle on grass" and [o.shape for o in u.objects] == ["circle"]
+    assert list(u.masks) == ["a red circle", "grass"] and u.image is s.image
+    star = s.masks["a blue star"]
+    assert star.any() and not (u.masks["grass"] & star).any()  # the star's pixels are nobody's
+    sel, masks, present = word_targets([u], [True], 32, (16, 16))
+    assert int(present[0].sum()) == 3  # red, circle, grass
+    assert unnamed(_scene()) is not None and unnamed(_scene()).caption == _scene().caption
+    x, captions, scenes, _ = scene_batch(11, 48, with_scenes=True, unnamed_share=1.0)
+    assert not any(w in c for c in captions for w in HELD_OUT_SHAPES)
+    drawn = [sc for sc in scenes if (~np.any(np.stack(list(sc.masks.values())), axis=0)).any()]
+    assert drawn and all(sc.objects for sc in scenes)  # some scenes hold an unnamed object; every one names one
+    from em_core.tiny_world.scenes import TRAIN_SHAPES, random_scene
+    from em_core.tiny_world.world_train import WORLD
+
+    _, plain = scene_batch(11, 48)  # off: the scenes of before
+    assert plain == [random_scene(11 + i, size=WORLD["size"], shapes=TRAIN_SHAPES).caption for i in range(48)]

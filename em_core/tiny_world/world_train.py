@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..attention import selected_maps
 from ..model_io import ModelBundle
-from .scenes import TRAIN_SHAPES, WORDS, objects_text, random_scene
+from .scenes import SHAPES, TRAIN_SHAPES, WORDS, objects_text, random_scene, unnamed
 from .tiny_model import SD_SCHEDULER, save_bundle
 from .tokenizer_build import save_tokenizer
 
@@ -79,13 +79,27 @@ def caption_forms(first_seed: int, n: int, photo_share: float) -> list[str]:
     return ["scene" if not p else ("photo", "photo_no_background")[k] for p, k in zip(photo, kind)]
 
 
-def scene_batch(first_seed: int, n: int, with_scenes: bool = False, photo_share: float = 0.0):
-    """Pixels and captions of `n` seeded scenes; with_scenes also gives the scenes and each caption's form."""
-    scenes = [random_scene(first_seed + i, size=WORLD["size"], shapes=TRAIN_SHAPES) for i in range(n)]
+def scene_batch(first_seed: int, n: int, with_scenes: bool = False, photo_share: float = 0.0,
+                unnamed_share: float = 0.0):
+    """Pixels and captions of `n` seeded scenes; with_scenes also gives the scenes and each caption's form.
+    `unnamed_share`: the share of scenes drawn from every shape, the held-out ones left unnamed."""
+    if not 0.0 <= unnamed_share <= 1.0:
+        raise ValueError(f"unnamed_share: {unnamed_share} is outside [0, 1]")
+    every = np.random.default_rng(first_seed + 1).random(n) < unnamed_share
+    scenes = [_with_unnamed(first_seed + i) if e else random_scene(first_seed + i, size=WORLD["size"],
+                                                                     shapes=TRAIN_SHAPES)
+              for i, e in enumerate(every)]
     x = scene_pixels(scenes)
     forms = caption_forms(first_seed, n, photo_share)
     captions = [caption_in_form(s, f) for s, f in zip(scenes, forms)]
     return (x, captions, scenes, forms) if with_scenes else (x, captions)
+
+
+def _with_unnamed(seed: int):
+    """A scene of every shape with the held-out ones unnamed; one whose objects are all held out is
+    drawn again from the named shapes (a caption must name something)."""
+    scene = unnamed(random_scene(seed, size=WORLD["size"], shapes=SHAPES))
+    return scene if scene.objects else random_scene(seed, size=WORLD["size"], shapes=TRAIN_SHAPES)
 
 
 def word_targets(scenes, keep: list[bool], max_length: int, latent_hw: tuple[int, int],
@@ -194,7 +208,7 @@ def latent_scale(vae, seed: int, n: int = 256) -> float:
 
 def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, log, lr: float = 3e-4,
                    ema_decay: float = 0.999, attn_weight: float = 0.0, checkpoint=None,
-                   checkpoint_seconds: float = 600.0, photo_share: float = 0.0) -> list:
+                   checkpoint_seconds: float = 600.0, photo_share: float = 0.0, unnamed_share: float = 0.0) -> list:
     """Epsilon loss on U-Net + text encoder; the saved weights are an exponential moving average
     (diffusers' EMAModel), which samples much better than the last step's weights.
 
@@ -204,7 +218,8 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
     their objects), which this small model does not learn from captions alone; it trains the
     world model only, never the concept tokens learned later. `checkpoint(losses)` is called with
     the EMA weights in place every `checkpoint_seconds`. `photo_share`: the share of captions in
-    an "a photo of" form (CAPTION_FORMS), supervised at their shifted word positions.
+    an "a photo of" form (CAPTION_FORMS), supervised at their shifted word positions. `unnamed_share`:
+    the share of scenes that may hold held-out shapes, drawn but never named (`scene_batch`).
     """
     from diffusers.training_utils import EMAModel
 
@@ -224,7 +239,8 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
     losses, step, start, last_save = [], 0, time.time(), time.time()
     while time.time() - start < seconds:
         x, captions, scenes, forms = scene_batch(seed * 10_000_000 + 5_000_000 + step * batch, batch,
-                                                 with_scenes=True, photo_share=photo_share)
+                                                 with_scenes=True, photo_share=photo_share,
+                                                 unnamed_share=unnamed_share)
         drop = torch.rand(batch, generator=gen) < 0.1
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
@@ -334,19 +350,21 @@ def _save_world(bundle, out: Path, record: dict, extras_from: Path | None = None
 
 def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 0.15, batch: int = 64,
                      seed: int = 0, log=print, init_from: str | Path | None = None, attn_weight: float = 0.0,
-                     lr: float = 3e-4, checkpoint_minutes: float = 10.0, photo_share: float = 0.0) -> dict:
+                     lr: float = 3e-4, checkpoint_minutes: float = 10.0, photo_share: float = 0.0,
+                     unnamed_share: float = 0.0) -> dict:
     """Trains the world's model within `minutes` and saves it (diffusers format) with a card.
 
     `init_from`: a folder this script wrote before; training goes on from its weights (the
     data seeds move on, so it sees new scenes) and the stats add up both runs. `vae_share` 0
     keeps the VAE (and its latent scale) as it was. The EMA weights are saved every
     `checkpoint_minutes`, so a run cut off keeps what it learned; resume with `init_from=out`.
-    `attn_weight`, `photo_share`: see `train_denoiser`.
+    `attn_weight`, `photo_share`, `unnamed_share`: see `train_denoiser`.
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     command = (f"python -m em_core train-tiny-world --out {out} --minutes {minutes} --batch {batch} --vae-share "
                f"{vae_share} --attn-weight {attn_weight} --lr {lr} --seed {seed}"
                + (f" --photo-share {photo_share}" if photo_share else "")
+               + (f" --unnamed-share {unnamed_share}" if unnamed_share else "")
                + (f" --init-from {init_from}" if init_from else ""))
     bundle, before = _previous(init_from)
     if bundle is not None:
@@ -365,7 +383,7 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
     def record(den_losses: list) -> dict:
         this = {"seconds": round(time.time() - t0), "vae_steps": len(vae_losses), "command": command,
                 "denoiser_steps": len(den_losses), "warm_start": str(init_from) if init_from else None,
-                "attn_weight": attn_weight, "lr": lr, "photo_share": photo_share,
+                "attn_weight": attn_weight, "lr": lr, "photo_share": photo_share, "unnamed_share": unnamed_share,
                 "whole_words": not _split_words(bundle.tokenizer)}
         runs = past + [this]
         stats = {
@@ -387,7 +405,8 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
 
     den_losses = train_denoiser(bundle, total - (time.time() - t0), batch, seed + 1000 * run, log, lr=lr,
                                 attn_weight=attn_weight, checkpoint=checkpoint,
-                                checkpoint_seconds=checkpoint_minutes * 60, photo_share=photo_share)
+                                checkpoint_seconds=checkpoint_minutes * 60, photo_share=photo_share,
+                                unnamed_share=unnamed_share)
     final = record(den_losses)
     _save_world(bundle, out, final, Path(init_from) if init_from else None)
     log(json.dumps(final["stats"]))
@@ -434,6 +453,13 @@ def _card_extras(runs: list, model_dir: Path) -> str:
                 "captions in \"a photo of a red circle and a blue square on grass\" or, without the background, "
                 "\"a photo of a red circle and a blue square\" (`world_train.CAPTION_FORMS`), the forms the concept "
                 "tokens are trained and generated in.\n")
+    unnamed_shares = sorted({r["unnamed_share"] for r in runs if r.get("unnamed_share")})
+    if unnamed_shares:
+        out += (f"- Unnamed objects: runs with `--unnamed-share` ({', '.join(f'{x:g}' for x in unnamed_shares)}) drew "
+                "that share of scenes from every shape and left the held-out shapes (star, cross) out of the "
+                "caption and the binding loss: the world sees them, never their names, as Stable Diffusion has "
+                "seen far more than it can name. For this world the evaluation's held-out shapes are "
+                "unnamed, not unseen.\n")
     if any(r.get("whole_words") for r in runs):
         out += ("- Tokenizer: since the first run marked `whole_words` in training.json, every world word is one "
                 "token (earlier tokenizers split \"green\" in four, shifting the binding loss's word positions "
