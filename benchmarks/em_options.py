@@ -78,6 +78,17 @@ def scene_arguments() -> argparse.ArgumentParser:
     return ap
 
 
+def held_out_images(bundle, first: int, n: int):
+    """(index, scene, init words, true masks, object facts, prepared image) for scenes first.. of the
+    evaluation's held-out set, each image written to a temporary folder while it is in use."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, scene in enumerate(eval_set(first + n)[first:], start=first):
+            prompt, init, truth, info = concept_task(scene)
+            path = Path(tmp) / f"scene{k}.png"
+            scene.image.save(path)
+            yield k, scene, init, truth, info, prepare_image(bundle, path, prompt)
+
+
 def main() -> None:
     begin()
     ap = scene_arguments()
@@ -93,25 +104,19 @@ def main() -> None:
     bundle = load_bundle(args.model)
     rows = {name: {"iou": [], "curves": []} for name in variants}
     t0 = time.time()
-    scenes = eval_set(args.first + args.scenes)[args.first:]
-    with tempfile.TemporaryDirectory() as tmp:
-        for k, scene in enumerate(scenes, start=args.first):
-            prompt, init, truth, info = concept_task(scene)
-            path = Path(tmp) / f"scene{k}.png"
-            scene.image.save(path)
-            img = prepare_image(bundle, path, prompt)
-            groups = interchangeable(init, list(info), False)
-            for name, over in variants.items():
-                cfg = LearnConfig(**{"steps": args.steps, "refresh_every": args.refresh, "seed": args.seed,
-                                     "save_every": 10 ** 9, "background": img.names[-1]
-                                     if over.get("background") == "last" else None,
-                                     **{k2: v for k2, v in over.items() if k2 != "background"}})
-                state = learn(bundle, [img], start_state(bundle, [img], cfg, init), progress=False)
-                means = mean_iou_curve(state, {(0, n): m for n, m in truth.items()}, groups)
-                rows[name]["iou"].append(means[-1][1])
-                rows[name]["curves"].append(means)
-            print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(
-                f"{n} {r['iou'][-1]:.3f}" for n, r in rows.items()), flush=True)
+    for k, scene, init, truth, info, img in held_out_images(bundle, args.first, args.scenes):
+        groups = interchangeable(init, list(info), False)
+        for name, over in variants.items():
+            cfg = LearnConfig(**{"steps": args.steps, "refresh_every": args.refresh, "seed": args.seed,
+                                 "save_every": 10 ** 9, "background": img.names[-1]
+                                 if over.get("background") == "last" else None,
+                                 **{k2: v for k2, v in over.items() if k2 != "background"}})
+            state = learn(bundle, [img], start_state(bundle, [img], cfg, init), progress=False)
+            means = mean_iou_curve(state, {(0, n): m for n, m in truth.items()}, groups)
+            rows[name]["iou"].append(means[-1][1])
+            rows[name]["curves"].append(means)
+        print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(
+            f"{n} {r['iou'][-1]:.3f}" for n, r in rows.items()), flush=True)
     summary = {name: {"mask_iou": statistics.mean(r["iou"]), "per_scene": r["iou"],
                       "curve": [statistics.mean(c[i][1] for c in r["curves"]) for i in range(len(r["curves"][0]))],
                       "curve_steps": [s for s, _ in r["curves"][0]], "overrides": variants[name]}

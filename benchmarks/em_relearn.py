@@ -14,21 +14,19 @@ them with the command, commit and machine; `--report JSON` prints an earlier run
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 
 from em_core.atomic import write_json
 from em_core.config import LearnConfig
-from em_core.dataset import prepare_image
 from em_core.em_loop import learn, start_state
 from em_core.metrics import final_matching, mean_iou_curve
 from em_core.model_io import load_bundle
 from em_core.provenance import begin, provenance
 from em_core.tiny_world.checker import load_checker
-from em_core.tiny_world.evaluate import METHODS, _method_config, concept_task, eval_set, interchangeable, read_back
+from em_core.tiny_world.evaluate import METHODS, _method_config, interchangeable, read_back
 
-from em_options import scene_arguments
+from em_options import held_out_images, scene_arguments
 
 
 def rates(rows: list, run: str) -> dict:
@@ -108,31 +106,25 @@ def main() -> None:
     bundle = load_bundle(args.model)
     checker = load_checker(Path(args.model) / "checker.safetensors")
     rows, t0 = [], time.time()
-    scenes = eval_set(args.first + args.scenes)[args.first:]
-    with tempfile.TemporaryDirectory() as tmp:
-        for k, scene in enumerate(scenes, start=args.first):
-            prompt, init, truth, info = concept_task(scene)
-            path = Path(tmp) / f"scene{k}.png"
-            scene.image.save(path)
-            img = prepare_image(bundle, path, prompt)
-            em_cfg = _method_config(args.method, args.steps, args.refresh, 50, args.seed)
-            em = learn(bundle, [img], start_state(bundle, [img], em_cfg, init), progress=False)
-            groups = interchangeable(init, list(info), False)
-            true = {(0, n): m for n, m in truth.items()}
-            final = {(0, n): em.masks[0][j] for j, n in enumerate(img.names) if em.masks[0][j].any()}
-            re_cfg = _method_config("baseline", args.steps, args.refresh, 50, args.seed)
-            again = learn(bundle, [img], start_state(bundle, [img], re_cfg, init, final), progress=False)
-            match = final_matching(em, true, groups)
-            row = {"scene": k, "mask_iou": mean_iou_curve(em, true, groups)[-1][1]}
-            for run, state in (("em", em), ("relearned", again)):
-                fid = read_back(bundle, checker, state, {n: info[match[n]] for n in info}, n=args.gen_images,
-                                steps=25, guidance=4.0, seed=args.seed)
-                row[run] = {"colour": [f[0] for f in fid], "shape": [f[1] for f in fid]}
-                row["held_out"] = [f[2] for f in fid]
-            rows.append(row)
-            print(f"scene {k} ({time.time() - t0:.0f}s): mask IoU {row['mask_iou']:.3f}, colour right "
-                  f"EM {sum(row['em']['colour'])} relearned {sum(row['relearned']['colour'])} "
-                  f"of {len(row['em']['colour'])}", flush=True)
+    for k, scene, init, truth, info, img in held_out_images(bundle, args.first, args.scenes):
+        em_cfg = _method_config(args.method, args.steps, args.refresh, 50, args.seed)
+        em = learn(bundle, [img], start_state(bundle, [img], em_cfg, init), progress=False)
+        groups = interchangeable(init, list(info), False)
+        true = {(0, n): m for n, m in truth.items()}
+        final = {(0, n): em.masks[0][j] for j, n in enumerate(img.names) if em.masks[0][j].any()}
+        re_cfg = _method_config("baseline", args.steps, args.refresh, 50, args.seed)
+        again = learn(bundle, [img], start_state(bundle, [img], re_cfg, init, final), progress=False)
+        match = final_matching(em, true, groups)
+        row = {"scene": k, "mask_iou": mean_iou_curve(em, true, groups)[-1][1]}
+        for run, state in (("em", em), ("relearned", again)):
+            fid = read_back(bundle, checker, state, {n: info[match[n]] for n in info}, n=args.gen_images,
+                            steps=25, guidance=4.0, seed=args.seed)
+            row[run] = {"colour": [f[0] for f in fid], "shape": [f[1] for f in fid]}
+            row["held_out"] = [f[2] for f in fid]
+        rows.append(row)
+        print(f"scene {k} ({time.time() - t0:.0f}s): mask IoU {row['mask_iou']:.3f}, colour right "
+              f"EM {sum(row['em']['colour'])} relearned {sum(row['relearned']['colour'])} "
+              f"of {len(row['em']['colour'])}", flush=True)
     summary = summarise(rows)
     show(summary)
     if args.json:

@@ -267,16 +267,7 @@ def test_fill_lost_reaches_the_estimate_and_gives_a_lost_concept_the_free_object
     assert (filled[1] & corner).sum() >= 0.8 * corner.sum() and not (filled[1] & ~free).any()
     assert (filled[[0, 2]] == plain[[0, 2]]).all()
     monkeypatch.undo()
-    seen = []
-    real = em_loop.estimate_masks
-
-    def spy(*a, **kw):
-        seen.append(kw.get("fill_lost"))
-        return real(*a, **kw)
-
-    monkeypatch.setattr(em_loop, "estimate_masks", spy)
-    learn(bundle, [img], start_state(bundle, [img], _cfg(fill_lost=True)), progress=False)
-    assert seen == [True, True]
+    assert _estimate_settings(bundle, img, monkeypatch, "fill_lost", fill_lost=True) == [True, True]
 
 
 def test_a_concept_still_lost_takes_the_part_of_a_mask_where_its_share_is_highest():
@@ -310,13 +301,18 @@ def test_a_concept_still_lost_takes_the_part_of_a_mask_where_its_share_is_highes
 
 def test_share_parts_reaches_the_estimate_from_the_config(bundle, scene_files, monkeypatch):
     img = prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2] on [v3]")
+    assert _estimate_settings(bundle, img, monkeypatch, "share_parts", share_parts=True) == [True, True]
+
+
+def _estimate_settings(bundle, img, monkeypatch, key: str, **config) -> list:
+    """The `key` argument each mask estimate of a short run with `config` was given."""
     seen = []
     real = em_loop.estimate_masks
 
     def spy(*a, **kw):
-        seen.append(kw.get("share_parts"))
+        seen.append(kw.get(key))
         return real(*a, **kw)
 
     monkeypatch.setattr(em_loop, "estimate_masks", spy)
-    learn(bundle, [img], start_state(bundle, [img], _cfg(share_parts=True)), progress=False)
-    assert seen == [True, True]
+    learn(bundle, [img], start_state(bundle, [img], _cfg(**config)), progress=False)
+    return seen
