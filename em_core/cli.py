@@ -485,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a concept whose mask comes out under 1%% of the image takes the object-sized region no "
                         "concept claims (default: it keeps its few pixels)")
     l.add_argument("--share-parts", action="store_true",
-                   help="a concept still under 1%% of the image takes a spare part of a mask that holds several "
-                        "object-sized parts (default: it stays empty)")
+                   help="a concept still under 1%% of the image takes the part of another concept's mask where its "
+                        "share of the two maps is highest (default: it stays empty)")
     l.add_argument("--no-shuffle", action="store_true",
                    help="each step's prompt keeps the image prompt's concept order (default: shuffled, as BaS)")
     l.add_argument("--eval-every", type=int, default=d.eval_every,

@@ -52,9 +52,9 @@ class LearnConfig:
     # (4-connected, >= 1%) no concept claims that its raw map covers most (unclaimed.give_unclaimed):
     # every concept the prompt names is in the image. False: such a concept keeps its few pixels.
     fill_lost: bool = False
-    # After that, a concept still under 1% takes a spare part of a mask that holds several
-    # object-sized parts, the part its raw map covers most (unclaimed.give_parts): one token's mask
-    # over two objects and another token's empty. False: the empty concept stays empty.
+    # After that, a concept still under 1% takes the part of another concept's mask where its share
+    # of the two raw maps is highest, if both parts are object-sized (unclaimed.give_parts): one
+    # token's mask over two objects and another token's empty. False: the empty concept stays empty.
     share_parts: bool = False
     # Each step's prompt lists its drawn concepts in a random order (Break-A-Scene); False: in the
     # image prompt's order, the order the mask estimates read them in.

@@ -176,8 +176,8 @@ def masks_from_maps(image, maps: torch.Tensor, *, threshold=0.5, use_crf=True, c
     overlaps go to the concept a pixel attends to most, before the CRF, and a concept left with little of
     its mask looks again where no other concept is (`claim_exclusively`). `fill_lost`: after the CRF,
     a concept left with (nearly) nothing takes an object-sized region no concept claims
-    (`unclaimed.give_unclaimed`). `share_parts`: after that, a concept still left with nothing takes a
-    spare part of a mask that holds several object-sized parts (`unclaimed.give_parts`).
+    (`unclaimed.give_unclaimed`). `share_parts`: after that, a concept still left with nothing takes the
+    part of another concept's mask where its share of the two raw maps is highest (`unclaimed.give_parts`).
     """
     fixed, keep = fixed or {}, keep or {}
     given = {**keep, **fixed}

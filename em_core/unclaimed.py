@@ -74,7 +74,6 @@ def give_unclaimed(masks: np.ndarray, attention: np.ndarray, rows: list[int],
     return masks, took
 
 
-
 def give_parts(masks: np.ndarray, attention: np.ndarray, rows: list[int],
                min_area: float = MIN_AREA) -> tuple[np.ndarray, list[int]]:
     """Each concept of `rows` still under `min_area` takes the part of another concept's mask where

@@ -10,7 +10,7 @@ included), concepts are learned with
   em_no_crf   the same without DenseCRF
   em_exclusive  EM with exclusive masks and the image prompt's concept order (options, not defaults)
   em_exclusive_fill  the same, a lost concept taking the region no concept claims (`fill_lost`)
-  em_exclusive_share  the same, a concept still lost taking a spare part of another's mask (`share_parts`)
+  em_exclusive_share  the same, a concept still lost taking the part of another's mask it attends to most (`share_parts`)
   true_masks  the scenes' exact masks, fixed (Break-A-Scene; the upper bound)
 
 (em_step_maps, refreshes from the maps the token steps already computed, was measured worse, 0.279
