@@ -50,6 +50,13 @@ def components(region: np.ndarray) -> np.ndarray:
     return out
 
 
+def lost_rows(masks: np.ndarray, attention: np.ndarray, rows: list[int], min_area: float) -> list[int]:
+    """The rows of `rows` whose masks are under `min_area` of the image, the most attended first
+    (the order in which they choose)."""
+    n = masks.shape[1] * masks.shape[2]
+    return sorted((k for k in rows if masks[k].sum() < min_area * n), key=lambda k: -float(attention[k].max()))
+
+
 def give_unclaimed(masks: np.ndarray, attention: np.ndarray, rows: list[int],
                    min_area: float = MIN_AREA) -> tuple[np.ndarray, list[int]]:
     """Each concept of `rows` whose mask is under `min_area` of the image takes a part of the
@@ -58,13 +65,13 @@ def give_unclaimed(masks: np.ndarray, attention: np.ndarray, rows: list[int],
     masks and the rows that took a part."""
     masks = masks.copy()
     n = masks.shape[1] * masks.shape[2]
-    lost = [k for k in rows if masks[k].sum() < min_area * n]
+    lost = lost_rows(masks, attention, rows, min_area)
     if not lost:
         return masks, []
     lab = components(~masks.any(0))
     parts = [p for p in range(1, int(lab.max()) + 1) if (lab == p).sum() >= min_area * n]
     took = []
-    for k in sorted(lost, key=lambda k: -float(attention[k].max())):
+    for k in lost:
         if not parts:
             break
         best = max(parts, key=lambda p: float(attention[k][lab == p].mean()))
@@ -86,8 +93,7 @@ def give_parts(masks: np.ndarray, attention: np.ndarray, rows: list[int],
     masks = masks.copy()
     n = masks.shape[1] * masks.shape[2]
     took = []
-    lost = [k for k in rows if masks[k].sum() < min_area * n]
-    for k in sorted(lost, key=lambda k: -float(attention[k].max())):
+    for k in lost_rows(masks, attention, rows, min_area):
         spare = []  # (owner, part)
         for j in rows:
             if j == k or j in took or masks[j].sum() < 2 * min_area * n:

@@ -116,6 +116,11 @@ def objects_text(objects) -> str:
     return " and ".join(o.phrase for o in objects)
 
 
+def scene_caption(objects, background: str) -> str:
+    """A scene's caption: its objects' phrases, then where they are."""
+    return objects_text(objects) + f" on {background}"
+
+
 def render(objects: list[SceneObject], background: str = "grass", size: int = 64, seed: int = 0,
            boxes: list | None = None) -> Scene:
     """Draws `objects` (later on top) at `boxes` or at random sizes and places; exact visible masks."""
@@ -140,7 +145,7 @@ def render(objects: list[SceneObject], background: str = "grass", size: int = 64
             key += "'"
         masks[key] = m
     masks[background] = ~np.any(np.stack(list(masks.values())), axis=0) if masks else np.ones((size, size), bool)
-    caption = objects_text(objects) + f" on {background}"
+    caption = scene_caption(objects, background)
     image = Image.fromarray(canvas.round().clip(0, 255).astype(np.uint8), "RGB")
     return Scene(image, masks, caption, list(objects), background)
 
@@ -170,7 +175,7 @@ def unnamed(scene: Scene, shapes=HELD_OUT_SHAPES) -> Scene:
     masks = {k: scene.masks[k] for _, k in keep}
     masks[scene.background] = scene.masks[scene.background]
     objects = [o for o, _ in keep]
-    return Scene(scene.image, masks, objects_text(objects) + f" on {scene.background}", objects, scene.background)
+    return Scene(scene.image, masks, scene_caption(objects, scene.background), objects, scene.background)
 
 
 def make_scene(objects=(("red", "circle"), ("blue", "square")), background: str = "grass", size: int = 64,

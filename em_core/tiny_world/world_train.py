@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..attention import selected_maps
 from ..model_io import ModelBundle
-from .scenes import SHAPES, TRAIN_SHAPES, WORDS, objects_text, random_scene, unnamed
+from .scenes import SHAPES, TRAIN_SHAPES, WORDS, objects_text, random_scene, scene_caption, unnamed
 from .tiny_model import SD_SCHEDULER, save_bundle
 from .tokenizer_build import save_tokenizer
 
@@ -66,7 +66,7 @@ CAPTION_FORMS = {"scene": ("", True), "photo": ("a photo of ", True), "photo_no_
 
 def caption_in_form(scene, form: str) -> str:
     prefix, background = CAPTION_FORMS[form]
-    return prefix + objects_text(scene.objects) + (f" on {scene.background}" if background else "")
+    return prefix + (scene_caption(scene.objects, scene.background) if background else objects_text(scene.objects))
 
 
 def caption_forms(first_seed: int, n: int, photo_share: float) -> list[str]:
