@@ -56,6 +56,10 @@ class LearnConfig:
     # of the two raw maps is highest, if both parts are object-sized (unclaimed.give_parts): one
     # token's mask over two objects and another token's empty. False: the empty concept stays empty.
     share_parts: bool = False
+    # At a refresh, a concept whose mask moved (1 - IoU with its mask before above this, on any
+    # image) starts again from its initial vector with its momentum cleared: what it learned was
+    # learned from the wrong pixels. 0: never (the paper: tokens carry on).
+    restart_moved: float = 0.0
     # Each step's prompt lists its drawn concepts in a random order (Break-A-Scene); False: in the
     # image prompt's order, the order the mask estimates read them in.
     shuffle: bool = True
@@ -83,6 +87,7 @@ class LearnConfig:
             "mask_t_range": self.mask_t_range is None or (len(self.mask_t_range) == 2
                                                           and 0 <= self.mask_t_range[0] < self.mask_t_range[1]),
             "eval_every": self.eval_every >= 0, "mask_stickiness": 0.0 <= self.mask_stickiness < 1.0,
+            "restart_moved": 0.0 <= self.restart_moved < 1.0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

@@ -163,8 +163,33 @@ class _Run:
         st.masks = new_masks
         self.latent = [latent_masks(m, img.latent_hw) for m, img in zip(new_masks, self.images)]
         st.mask_history.append({"step": st.step, "masks": [m.clone() for m in self.latent]})
-        st.history["refreshes"].append({"step": st.step, "kind": kind, "source": "fresh", "change": change,
-                                        "seconds": round(time.perf_counter() - started, 6)})
+        record = {"step": st.step, "kind": kind, "source": "fresh", "change": change,
+                  "seconds": round(time.perf_counter() - started, 6)}
+        if kind == "refresh" and self.cfg.restart_moved > 0:
+            record["restarted"] = self.restart_moved(change)
+        st.history["refreshes"].append(record)
+
+    def restart_moved(self, change: dict) -> list[str]:
+        """Puts each concept whose mask moved by more than `restart_moved` back at its initial
+        vector, its first moment cleared (the second kept, so its first steps are not outsized);
+        the names restarted."""
+        st = self.state
+        moved = sorted({n for per in change.values() for n, c in per.items()
+                        if c > self.cfg.restart_moved and n in st.concepts.names})
+        if moved:
+            start = ConceptSet.create(self.bundle, st.concepts.names, st.concepts.init_words, seed=self.cfg.seed)
+            moments = self.opt.state.get(self.vectors, {})
+            with torch.no_grad():
+                for n in moved:
+                    k = st.concepts.index(n)
+                    self.vectors[k] = start.vectors[k].to(self.vectors)
+                    if "exp_avg" in moments:
+                        moments["exp_avg"][k] = 0
+            # The state too, so a run stopped before its next step resumes from the restart.
+            st.concepts = ConceptSet(st.concepts.names, st.concepts.init_words, self.vectors.detach().cpu().clone())
+            if st.optimizer is not None and "exp_avg" in moments:
+                st.optimizer = dict(st.optimizer, exp_avg=moments["exp_avg"].detach().cpu().clone())
+        return moved
 
     # --- the fixed-noise evaluation ------------------------------------------------------------
     def log_eval(self) -> None:
