@@ -122,7 +122,7 @@ def cmd_learn(args) -> int:
             loss_layers=args.loss_layers or args.layers or d.loss_layers, background=args.background,
             mask_t_range=tuple(args.mask_t_range) if args.mask_t_range else None, eval_every=args.eval_every,
             mask_stickiness=args.mask_stickiness, exclusive_masks=args.exclusive_masks, fill_lost=args.fill_lost,
-            share_parts=args.share_parts, shuffle=not args.no_shuffle,
+            share_parts=args.share_parts, restart_moved=args.restart_moved, shuffle=not args.no_shuffle,
             resolution=args.resolution, seed=args.seed, save_every=args.save_every,
         )
     images = [prepare_image(bundle, Path(i).resolve(), p, config.resolution, config.flip)
@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--share-parts", action="store_true",
                    help="a concept still under 1%% of the image takes the part of another concept's mask where its "
                         "share of the two maps is highest (default: it stays empty)")
+    l.add_argument("--restart-moved", type=float, default=d.restart_moved,
+                   help="at a refresh, a concept whose mask moved by more than this (1 - IoU, in [0, 1)) starts again "
+                        "from its initial vector (default 0: never)")
     l.add_argument("--no-shuffle", action="store_true",
                    help="each step's prompt keeps the image prompt's concept order (default: shuffled, as BaS)")
     l.add_argument("--eval-every", type=int, default=d.eval_every,

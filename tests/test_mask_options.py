@@ -316,3 +316,42 @@ def _estimate_settings(bundle, img, monkeypatch, key: str, **config) -> list:
     monkeypatch.setattr(em_loop, "estimate_masks", spy)
     learn(bundle, [img], start_state(bundle, [img], _cfg(**config)), progress=False)
     return seen
+
+
+def test_a_concept_whose_mask_moved_starts_again_from_its_initial_vector(bundle, scene_files, monkeypatch):
+    img = prepare_image(bundle, scene_files[0][0], "a photo of [v1] and [v2]")
+    h, w = img.size[1], img.size[0]
+    first = np.zeros((2, h, w), dtype=bool)
+    first[0, : h // 2, : w // 2] = True  # [v1] top left, then bottom right: moved
+    first[1, h // 2:, : w // 2] = True  # [v2] stays
+    moved = first.copy()
+    moved[0] = False
+    moved[0, h // 2:, w // 2:] = True
+    estimates = iter([first, moved])
+    monkeypatch.setattr(em_loop, "estimate_masks", lambda *a, **kw: (next(estimates), None))
+    seen = []
+    real_step = em_loop._Run.token_step
+
+    def spy(self, capture):
+        seen.append((self.state.step, self.vectors.detach().clone(), self.state.concepts.vectors.clone()))
+        return real_step(self, capture)
+
+    monkeypatch.setattr(em_loop._Run, "token_step", spy)
+    cfg = _cfg(steps=3, restart_moved=0.5, lr=1e-2)
+    start = start_state(bundle, [img], cfg)
+    state = learn(bundle, [img], start, progress=False)
+    refresh = state.history["refreshes"][-1]
+    assert refresh["step"] == 2 and refresh["restarted"] == ["[v1]"]
+    step, vectors, saved = seen[2]
+    assert step == 2
+    init = start.concepts.vectors
+    assert torch.equal(vectors[0].cpu(), init[0]) and torch.equal(saved[0], init[0])  # a resume starts there too
+    assert not torch.allclose(vectors[1].cpu(), init[1])  # [v2] kept what it learned
+    # Off (the default): nothing restarts, and the record says nothing of it.
+    estimates = iter([first, moved])
+    seen.clear()
+    state = learn(bundle, [img], start_state(bundle, [img], _cfg(steps=3, lr=1e-2)), progress=False)
+    assert "restarted" not in state.history["refreshes"][-1]
+    assert not torch.allclose(seen[2][1][0].cpu(), init[0])
+    with pytest.raises(ValueError, match="restart_moved"):
+        _cfg(restart_moved=1.0)
