@@ -272,7 +272,7 @@ def cmd_train_tiny_world(args) -> int:
         train_tiny_world(out, minutes=args.minutes, batch=args.batch, seed=args.seed, vae_share=args.vae_share,
                          init_from=args.init_from, attn_weight=args.attn_weight, lr=args.lr,
                          checkpoint_minutes=args.checkpoint_minutes, photo_share=args.photo_share,
-                         unnamed_share=args.unnamed_share)
+                         unnamed_share=args.unnamed_share, unnamed_colour=args.unnamed_colour)
         if args.checker_seconds > 0 or not (out / "checker.safetensors").is_file():
             train_and_save_checker(out / "checker.safetensors", args.checker_seconds or 150, args.seed)
     print(write_model_card(out))
@@ -415,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--unnamed-share", type=float, default=0.0,
                     help="share of scenes drawn from every shape, the held-out shapes (star, cross) in the image "
                          "but never in the caption")
+    tw.add_argument("--unnamed-colour", action="store_true",
+                    help="with --unnamed-share: such objects stay in the caption by colour and pattern, their shape "
+                         "unsaid (\"a purple striped and a red circle on grass\")")
     tw.add_argument("--card-only", action="store_true", help="only (re)write samples.png and README.md")
     tw.set_defaults(func=cmd_train_tiny_world)
 

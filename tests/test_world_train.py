@@ -100,3 +100,30 @@ def test_unnamed_objects_are_drawn_but_neither_captioned_nor_supervised():
 
     _, plain = scene_batch(11, 48)  # off: the scenes of before
     assert plain == [random_scene(11 + i, size=WORLD["size"], shapes=TRAIN_SHAPES).caption for i in range(48)]
+
+
+def test_unnamed_objects_may_keep_their_colour_in_the_caption():
+    import numpy as np
+
+    from em_core.tiny_world.scenes import HELD_OUT_SHAPES, unnamed
+    from em_core.tiny_world.world_train import scene_batch
+
+    objs = [SceneObject("red", "circle"), SceneObject("blue", "star", "striped")]
+    s = render(objs, "grass", 64, seed=0, boxes=[(2, 2, 26, 26), (36, 36, 62, 62)])
+    u = unnamed(s, colour=True)
+    assert u.caption == "a red circle and a blue striped on grass"
+    assert list(u.masks) == list(s.masks) and [o.shape for o in u.objects] == ["circle", "star"]
+    # The binding loss ties "blue" and "striped" (words 5 and 6, positions 6 and 7) to the star's pixels.
+    sel, masks, present = word_targets([u], [True], 32, (16, 16))
+    assert int(present[0].sum()) == 5  # red, circle, blue, striped, grass
+    star = torch.from_numpy(s.masks["a blue striped star"].astype(np.float32))[None, None]
+    star = torch.nn.functional.interpolate(star, size=(16, 16), mode="area")[0, 0]
+    for pos in (6, 7):
+        t = int(sel[0, pos].argmax())
+        assert sel[0, pos, t] == 1 and torch.allclose(masks[0, t], star)
+    assert sel[0, 8].sum() == 0 and sel[0, 9].sum() == 1  # "on" at 8 supervises nothing, "grass" at 9 does
+    _, captions, scenes, _ = scene_batch(11, 48, with_scenes=True, unnamed_share=1.0, unnamed_colour=True)
+    assert not any(w in c for c in captions for w in HELD_OUT_SHAPES)
+    held = [o for sc in scenes for o in sc.objects if o.shape in HELD_OUT_SHAPES]
+    assert held and all(not o.shape_named for o in held)
+    assert all(any(o.shape_named for o in sc.objects) for sc in scenes)  # every caption names a shape

@@ -6,7 +6,7 @@ are held out of the model's training so they can serve as new concepts to learn.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -28,11 +28,12 @@ class SceneObject:
     colour: str
     shape: str
     pattern: str = "plain"
+    shape_named: bool = True  # False: the caption says "a purple striped", not which shape
 
     @property
     def phrase(self) -> str:
         pat = "" if self.pattern == "plain" else f"{self.pattern} "
-        return f"a {self.colour} {pat}{self.shape}"
+        return f"a {self.colour} {pat}{self.shape}" if self.shape_named else f"a {self.colour} {pat}".rstrip()
 
 
 @dataclass
@@ -165,10 +166,15 @@ def random_scene(seed: int, size: int = 64, n_objects: int | None = None, shapes
     return scene
 
 
-def unnamed(scene: Scene, shapes=HELD_OUT_SHAPES) -> Scene:
+def unnamed(scene: Scene, shapes=HELD_OUT_SHAPES, colour: bool = False) -> Scene:
     """The scene with its objects of `shapes` left out of its caption, objects and masks: their pixels
-    stay drawn and stay out of the background's mask, so nothing the caption says covers them."""
+    stay drawn and stay out of the background's mask, so nothing the caption says covers them.
+    `colour`: such objects stay, their colour and pattern named and their shape not ("a purple
+    striped and a red circle on grass"), so every colour the image shows is still said."""
     keys = [k for k in scene.masks if k != scene.background]
+    if colour:
+        objects = [o if o.shape not in shapes else replace(o, shape_named=False) for o in scene.objects]
+        return Scene(scene.image, scene.masks, scene_caption(objects, scene.background), objects, scene.background)
     keep = [(o, k) for o, k in zip(scene.objects, keys) if o.shape not in shapes]
     if len(keep) == len(scene.objects):
         return scene
