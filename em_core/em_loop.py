@@ -174,8 +174,7 @@ class _Run:
         vector, its first moment cleared (the second kept, so its first steps are not outsized);
         the names restarted."""
         st = self.state
-        moved = sorted({n for per in change.values() for n, c in per.items()
-                        if c > self.cfg.restart_moved and n in st.concepts.names})
+        moved = sorted({n for per in change.values() for n, c in per.items() if c > self.cfg.restart_moved})
         if moved:
             start = ConceptSet.create(self.bundle, st.concepts.names, st.concepts.init_words, seed=self.cfg.seed)
             moments = self.opt.state.get(self.vectors, {})

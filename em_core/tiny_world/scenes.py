@@ -171,10 +171,10 @@ def unnamed(scene: Scene, shapes=HELD_OUT_SHAPES, colour: bool = False) -> Scene
     stay drawn and stay out of the background's mask, so nothing the caption says covers them.
     `colour`: such objects stay, their colour and pattern named and their shape not ("a purple
     striped and a red circle on grass"), so every colour the image shows is still said."""
-    keys = [k for k in scene.masks if k != scene.background]
     if colour:
         objects = [o if o.shape not in shapes else replace(o, shape_named=False) for o in scene.objects]
         return Scene(scene.image, scene.masks, scene_caption(objects, scene.background), objects, scene.background)
+    keys = [k for k in scene.masks if k != scene.background]
     keep = [(o, k) for o, k in zip(scene.objects, keys) if o.shape not in shapes]
     if len(keep) == len(scene.objects):
         return scene

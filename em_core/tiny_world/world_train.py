@@ -100,7 +100,9 @@ def _with_unnamed(seed: int, colour: bool = False):
     """A scene of every shape with the held-out ones unnamed; one whose objects are all held out is
     drawn again from the named shapes (a caption must name a shape)."""
     scene = unnamed(random_scene(seed, size=WORLD["size"], shapes=SHAPES), colour=colour)
-    return scene if any(o.shape_named for o in scene.objects) else random_scene(seed, size=WORLD["size"], shapes=TRAIN_SHAPES)
+    if any(o.shape_named for o in scene.objects):
+        return scene
+    return random_scene(seed, size=WORLD["size"], shapes=TRAIN_SHAPES)
 
 
 def word_targets(scenes, keep: list[bool], max_length: int, latent_hw: tuple[int, int],
