@@ -42,6 +42,18 @@ def scene_files(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def sd15_model():
+    """One SD-1.5-shaped random model for the tests where real shapes and key names matter (its
+    random init alone takes ~14 s); tests only read it: learning keeps its vectors in the state."""
+    import torch
+
+    from em_core.tiny_world.tiny_model import build_model
+
+    torch.set_num_threads(2)
+    return build_model("sd15", seed=0)
+
+
 def real_scenes():
     if not SHARED_SCENES.is_dir():
         return []

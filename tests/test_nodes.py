@@ -206,17 +206,15 @@ def test_concept_text_for_comfy_tokenizer():
 
 
 @pytest.mark.slow
-def test_bridge_from_comfyui_layout_state_dicts_of_an_sd15_shaped_model():
+def test_bridge_from_comfyui_layout_state_dicts_of_an_sd15_shaped_model(sd15_model):
     """What Load Checkpoint gives, faked with the layouts ComfyUI uses (MODEL: LDM names; CLIP:
     clip_l.transformer.* Hugging Face names; VAE: LDM names)."""
     from types import SimpleNamespace
 
     from em_core.model_io.ldm_layout import unet_to_ldm, vae_to_ldm
-    from em_core.tiny_world.tiny_model import build_model
     from nodes.model_nodes import ConceptModelFromCheckpoint
 
-    torch.set_num_threads(2)
-    ref = build_model("sd15", seed=1)
+    ref = sd15_model
     unet = {k[len("model.diffusion_model."):]: v for k, v in unet_to_ldm(ref.unet.state_dict(),
                                                                       ref.unet.config).items()}
     vae = {k[len("first_stage_model."):]: v for k, v in vae_to_ldm(ref.vae.state_dict(), ref.vae.config).items()}

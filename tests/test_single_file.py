@@ -11,9 +11,8 @@ from em_core.tiny_world.tiny_model import build_model
 
 
 @pytest.mark.slow
-def test_sd15_shaped_checkpoint_round_trips_both_ways(tmp_path):
-    torch.set_num_threads(2)
-    model = build_model("sd15", seed=0)
+def test_sd15_shaped_checkpoint_round_trips_both_ways(tmp_path, sd15_model):
+    model = sd15_model
     ldm = bundle_to_ldm(model)
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in ldm
     assert "first_stage_model.encoder.mid.attn_1.q.weight" in ldm and ldm[
