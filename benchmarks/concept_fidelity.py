@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--no-shuffle", action="store_true",
                     help="each step's prompt keeps the image prompt's concept order (EM's --no-shuffle option)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only-held-out", action="store_true",
+                    help="skip the scenes in the slice that hold no held-out shape (their other objects still count)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     checkpoints = sorted(set(args.checkpoints))
@@ -127,6 +129,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for k, scene in enumerate(eval_set(args.first + args.scenes)[args.first:], start=args.first):
             prompt, init, truth, info = concept_task(scene)
+            if args.only_held_out and not any(f["held_out"] for f in info.values()):
+                continue
             path = Path(tmp) / f"scene{k}.png"
             scene.image.save(path)
             img = prepare_image(bundle, path, prompt)
