@@ -81,6 +81,11 @@ def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
                        gen_steps=2, checker_path=str(tmp_path / "checker.safetensors"), quality_images=2,
                        log=lambda *a: None)
     assert set(summary["table"]) == set(METHODS)
+    from em_core.tiny_world.evaluate import _method_config
+
+    for m in ("baseline", "em_exclusive_fill", "true_masks"):  # same run settings; only the start differs
+        assert _method_config(m + "_random_init", 2, 1, 2, 0) == _method_config(m, 2, 1, 2, 0)
+    assert summary["table"]["baseline_random_init"]["first_iou"] != summary["table"]["baseline"]["first_iou"]
     assert summary["table"]["true_masks"]["mask_iou"] == 1.0
     for m in ("true_masks", "true_masks_random_init"):
         assert 0.0 <= summary["table"][m]["own_attention_iou"] <= 1.0

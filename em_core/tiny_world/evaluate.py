@@ -47,9 +47,12 @@ from ..plot import line_chart
 from ..provenance import begin, provenance
 from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
 
+RANDOM_INIT = "_random_init"
 METHODS = ("baseline", "em", "em_50_independent", "em_no_crf", "em_background", "em_exclusive",
-           "em_exclusive_fill", "em_exclusive_share", "em_exclusive_restart", "true_masks", "true_masks_random_init")
-# true_masks_random_init: the true masks with every token started at random rather than from its shape word;
+           "em_exclusive_fill", "em_exclusive_share", "em_exclusive_restart", "true_masks", "true_masks_random_init",
+           "baseline_random_init", "em_exclusive_fill_random_init")
+# X_random_init: method X with every token (the background's too) started at random rather than from
+# its word, so nothing tells the object concepts apart (gate 4's entangled case, gate 3's random init);
 # em_background: EM with the background concept taken as what no object claims (LearnConfig.background);
 # em_exclusive: EM with exclusive masks and each step's concepts in the image prompt's order
 # (LearnConfig.exclusive_masks, shuffle=False), the best pair measured on the research world (issue 14);
@@ -110,7 +113,8 @@ def _method_config(method: str, steps: int, refresh: int, timesteps: int, seed: 
                    refresh_timesteps: int = LearnConfig.refresh_timesteps, background: str | None = None,
                    lr: float = LearnConfig.lr) -> LearnConfig:
     kw = dict(steps=steps, mask_timesteps=timesteps, seed=seed, lr=lr, save_every=10 ** 9)
-    if method in ("baseline", "true_masks", "true_masks_random_init"):
+    method = method.removesuffix(RANDOM_INIT)
+    if method in ("baseline", "true_masks"):
         return LearnConfig(refresh_every=0, **kw)
     if method == "em_background":
         return LearnConfig(refresh_every=refresh, refresh_timesteps=refresh_timesteps, background=background, **kw)
@@ -249,9 +253,10 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
             oracle = method.startswith("true_masks")
             fixed = {(0, n): m for n, m in truth.items()} if oracle else None
             cfg = _method_config(method, steps, refresh, timesteps, seed, refresh_timesteps, img.names[-1], lr)
-            words = {} if method == "true_masks_random_init" else init
-            state = learn(bundle, [img], start_state(bundle, [img], cfg, words, fixed), progress=False)
-            groups = interchangeable(init, list(info), method == "true_masks_random_init")
+            random_init = method.endswith(RANDOM_INIT)
+            state = learn(bundle, [img], start_state(bundle, [img], cfg, {} if random_init else init, fixed),
+                          progress=False)
+            groups = interchangeable(init, list(info), random_init)
             if oracle:  # the headroom: masks from the trained tokens' own attention, as EM would estimate them
                 own, _ = estimate_masks(bundle, state.concepts, img, n_timesteps=timesteps, batch=cfg.mask_batch,
                                         crf_params=cfg.crf, generator=torch.Generator().manual_seed(seed),
