@@ -40,6 +40,14 @@ def rates(rows: list, run: str) -> dict:
 RIGHT = 0.95  # a scene whose EM masks end at least this close to the truth counts as "masks right"
 
 
+def per_scene(res: dict, flags: list[list[bool]]) -> list[dict]:
+    """One method's read-back from an `evaluate` run (flat lists in scene order, seen and held-out
+    shapes kept apart) cut into scenes, given each scene's held-out flag per image."""
+    colour, seen, held = iter(res["fid_colour"]), iter(res["fid_shape"]), iter(res["fid_held_out_shape"])
+    return [{"colour": [next(colour) for _ in f], "shape": [next(held) if h else next(seen) for h in f]}
+            for f in flags]
+
+
 def with_true_masks(rows: list, partial: str) -> list:
     """Each row with the true-mask tokens' read-back of its scene, from an `evaluate` run's partial.json
     that ran `true_masks` over the same scenes from 0 with the same images per concept."""
@@ -49,18 +57,11 @@ def with_true_masks(rows: list, partial: str) -> list:
     if need != [len(colour), len(res["fid_shape"])]:
         raise SystemExit(f"--true-masks: {partial} holds {len(colour)} images ({len(res['fid_shape'])} of seen "
                          f"shapes), these rows {need[0]} ({need[1]})")
-    out, i, seen, held = [], 0, 0, 0
-    for r in sorted(rows, key=lambda r: r["scene"]):
-        k = len(r["em"]["colour"])
-        if r["scene"] != len(out):
-            raise SystemExit(f"--true-masks: the rows must be scenes 0.. in order; scene {r['scene']} is row {len(out)}")
-        sh = []
-        for h in r["held_out"]:  # evaluate keeps seen and held-out shapes in two lists, each in scene order
-            sh.append(res["fid_held_out_shape"][held] if h else res["fid_shape"][seen])
-            held, seen = held + h, seen + (not h)
-        out.append({**r, "true_masks": {"colour": colour[i:i + k], "shape": sh}})
-        i += k
-    return out
+    rows = sorted(rows, key=lambda r: r["scene"])
+    for k, r in enumerate(rows):
+        if r["scene"] != k:
+            raise SystemExit(f"--true-masks: the rows must be scenes 0.. in order; scene {r['scene']} is row {k}")
+    return [{**r, "true_masks": cut} for r, cut in zip(rows, per_scene(res, [r["held_out"] for r in rows]))]
 
 
 def summarise(rows: list) -> dict:

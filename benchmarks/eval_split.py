@@ -16,39 +16,24 @@ from em_core.atomic import write_json
 from em_core.provenance import begin, provenance
 from em_core.tiny_world.evaluate import concept_task, eval_set
 
-from em_relearn import show, summarise  # this folder, on sys.path when run as a script
+from em_relearn import per_scene, show, summarise  # this folder, on sys.path when run as a script
 
 
-def rows_of(partial: dict, method: str, images: int) -> list[dict]:
+def rows_of(partial: dict, method: str) -> list[dict]:
     """em_relearn's rows (scene, mask_iou, and per image: held-out flag, each run's colour and shape)
-    from the flat, scene-ordered read-back lists `evaluate` keeps per method. A concept read back as
-    matched keeps its flag: only concepts of one init word, so of one shape, are matched."""
+    from an `evaluate` run. A concept read back as matched keeps its flag: only concepts of one init
+    word, so of one shape, are matched."""
     res = partial["results"]
     if method not in res or "true_masks" not in res:
         raise SystemExit(f"{method!r} and 'true_masks' must both be in the run; it holds {sorted(res)}")
-    n = len(res[method]["final_iou"])
-    flags = [[f["held_out"] for f in concept_task(s)[3].values()] for s in eval_set(n)]
-    cursor = {run: {"colour": 0, "seen": 0, "held": 0} for run in (method, "true_masks")}
-    rows = []
-    for k, held_out in enumerate(flags):
-        row = {"scene": k, "mask_iou": res[method]["final_iou"][k],
-               "held_out": [h for h in held_out for _ in range(images)]}  # per image, as em_relearn's rows
-        for run, name in ((method, "em"), ("true_masks", "true_masks")):
-            c, r = cursor[run], res[run]
-            colour = r["fid_colour"][c["colour"]:c["colour"] + images * len(held_out)]
-            c["colour"] += len(colour)
-            shape = []
-            for h in held_out:
-                key, at = ("fid_held_out_shape", "held") if h else ("fid_shape", "seen")
-                shape += r[key][c[at]:c[at] + images]
-                c[at] += images
-            row[name] = {"colour": colour, "shape": shape}
-        rows.append(row)
-    for run, c in cursor.items():
-        if c["colour"] != len(res[run]["fid_colour"]):
-            raise SystemExit(f"{run}: {len(res[run]['fid_colour'])} images in the run, {c['colour']} expected "
-                             f"from {n} scenes at {images} per concept (--images)")
-    return rows
+    n, images = len(res[method]["final_iou"]), partial["key"]["gen_images"]
+    flags = [[f["held_out"] for f in concept_task(s)[3].values() for _ in range(images)] for s in eval_set(n)]
+    for run in (method, "true_masks"):
+        if len(res[run]["fid_colour"]) != sum(map(len, flags)):
+            raise SystemExit(f"{run}: {len(res[run]['fid_colour'])} images in the run, {sum(map(len, flags))} "
+                             f"expected from {n} scenes at {images} per concept")
+    return [{"scene": k, "mask_iou": res[method]["final_iou"][k], "held_out": f, "em": e, "true_masks": t}
+            for k, (f, e, t) in enumerate(zip(flags, per_scene(res[method], flags), per_scene(res["true_masks"], flags)))]
 
 
 def main() -> None:
@@ -56,15 +41,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("partial", help="an evaluate run's partial.json")
     ap.add_argument("--method", default="em_exclusive_fill")
-    ap.add_argument("--images", type=int, default=4, help="the run's --gen-images")
     ap.add_argument("--true-masks", default=None,
                     help="another evaluate partial.json whose true_masks ran the same scenes and seed")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     partial = json.loads(Path(args.partial).read_text())
     if args.true_masks:
-        partial["results"]["true_masks"] = json.loads(Path(args.true_masks).read_text())["results"]["true_masks"]
-    summary = summarise(rows_of(partial, args.method, args.images))
+        other = json.loads(Path(args.true_masks).read_text())
+        differ = [k for k in ("gen_images", "seed") if other["key"][k] != partial["key"][k]]
+        if differ:
+            raise SystemExit(f"--true-masks: {args.true_masks} ran with other {', '.join(differ)} than {args.partial}")
+        partial["results"]["true_masks"] = other["results"]["true_masks"]
+    summary = summarise(rows_of(partial, args.method))
     show(summary)
     if args.json:
         write_json(args.json, {"summary": summary, **provenance(config=vars(args))})

@@ -67,7 +67,7 @@ def test_line_chart_draws_every_series():
 
 
 def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
-    from em_core.tiny_world.evaluate import METHODS, concept_task, eval_set, evaluate
+    from em_core.tiny_world.evaluate import METHODS, _method_config, concept_task, eval_set, evaluate
 
     scenes = eval_set(6)
     assert [len(s.objects) for s in scenes] == [1, 2, 3, 2, 2, 3]
@@ -81,8 +81,6 @@ def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
                        gen_steps=2, checker_path=str(tmp_path / "checker.safetensors"), quality_images=2,
                        log=lambda *a: None)
     assert set(summary["table"]) == set(METHODS)
-    from em_core.tiny_world.evaluate import _method_config
-
     for m in ("baseline", "em_exclusive_fill", "true_masks"):  # same run settings; only the start differs
         assert _method_config(m + "_random_init", 2, 1, 2, 0) == _method_config(m, 2, 1, 2, 0)
     assert summary["table"]["baseline_random_init"]["first_iou"] != summary["table"]["baseline"]["first_iou"]

@@ -125,20 +125,17 @@ def _assemble(family, unet_state, vae_state, text_state, prediction_type, source
     # that lacks one; SD 1.5's random init alone took 13 s on 2 CPU cores.
     with no_init_weights():
         unet = UNet2DConditionModel(**cfg["unet"]).to(dtype)
-    _load_strict(unet, unet_state(dict(unet.config)), "U-Net")
-    with no_init_weights():
+        _load_strict(unet, unet_state(dict(unet.config)), "U-Net")
         vae = AutoencoderKL(**cfg["vae"]).to(dtype)
-    _load_strict(vae, vae_state(dict(vae.config)), "VAE")
-    with no_init_weights():
+        _load_strict(vae, vae_state(dict(vae.config)), "VAE")
         text = CLIPTextModel(CLIPTextConfig(**cfg["text"])).to(dtype)
-    _load_strict(text, text_state(text), "text encoder")
-    tokenizers, encoders = [clip_tokenizer(cfg["pad_token"])], [text]
-    if "text_2" in cfg:  # SDXL: OpenCLIP ViT-bigG with its projection
-        with no_init_weights():
+        _load_strict(text, text_state(text), "text encoder")
+        tokenizers, encoders = [clip_tokenizer(cfg["pad_token"])], [text]
+        if "text_2" in cfg:  # SDXL: OpenCLIP ViT-bigG with its projection
             text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_2"])).to(dtype)
-        _load_strict(text_2, text_state_2(text_2), "second text encoder")
-        tokenizers.append(clip_tokenizer(cfg["pad_token_2"]))
-        encoders.append(text_2)
+            _load_strict(text_2, text_state_2(text_2), "second text encoder")
+            tokenizers.append(clip_tokenizer(cfg["pad_token_2"]))
+            encoders.append(text_2)
     bundle = ModelBundle(tuple(tokenizers), tuple(encoders), unet, vae, DDPMScheduler(**cfg["scheduler"]),
                          source=source)
     return bundle.freeze()
