@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--refresh", type=int, default=LearnConfig.refresh_every)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=["baseline", "em"])
+    ap.add_argument("--random-init", action="store_true",
+                    help="every token starts at random, its object concepts scored under their best matching")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     variants = dict(parse_variant(v) for v in args.variants)
@@ -105,13 +107,14 @@ def main() -> None:
     rows = {name: {"iou": [], "curves": []} for name in variants}
     t0 = time.time()
     for k, scene, init, truth, info, img in held_out_images(bundle, args.first, args.scenes):
-        groups = interchangeable(init, list(info), False)
+        groups = interchangeable(init, list(info), args.random_init)
         for name, over in variants.items():
             cfg = LearnConfig(**{"steps": args.steps, "refresh_every": args.refresh, "seed": args.seed,
                                  "save_every": 10 ** 9, "background": img.names[-1]
                                  if over.get("background") == "last" else None,
                                  **{k2: v for k2, v in over.items() if k2 != "background"}})
-            state = learn(bundle, [img], start_state(bundle, [img], cfg, init), progress=False)
+            state = learn(bundle, [img], start_state(bundle, [img], cfg, {} if args.random_init else init),
+                          progress=False)
             means = mean_iou_curve(state, {(0, n): m for n, m in truth.items()}, groups)
             rows[name]["iou"].append(means[-1][1])
             rows[name]["curves"].append(means)
@@ -126,7 +129,7 @@ def main() -> None:
         print(f"{name:<16} {s['mask_iou']:.3f}     " + " ".join(f"{v:.3f}" for v in s["curve"]))
     if args.json:
         settings = dict(model=args.model, scenes=args.scenes, first=args.first, steps=args.steps,
-                        refresh=args.refresh, seed=args.seed, seconds=round(time.time() - t0))
+                        refresh=args.refresh, seed=args.seed, random_init=args.random_init, seconds=round(time.time() - t0))
         write_json(args.json, {"summary": summary, **provenance(config=settings)})
 
 

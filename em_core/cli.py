@@ -123,6 +123,7 @@ def cmd_learn(args) -> int:
             mask_t_range=tuple(args.mask_t_range) if args.mask_t_range else None, eval_every=args.eval_every,
             mask_stickiness=args.mask_stickiness, exclusive_masks=args.exclusive_masks, fill_lost=args.fill_lost,
             share_parts=args.share_parts, restart_moved=args.restart_moved, shuffle=not args.no_shuffle,
+            step_prompt=args.step_prompt,
             resolution=args.resolution, seed=args.seed, save_every=args.save_every,
         )
     images = [prepare_image(bundle, Path(i).resolve(), p, config.resolution, config.flip)
@@ -495,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "from its initial vector (default 0: never)")
     l.add_argument("--no-shuffle", action="store_true",
                    help="each step's prompt keeps the image prompt's concept order (default: shuffled, as BaS)")
+    l.add_argument("--step-prompt", choices=("bas", "image"), default=d.step_prompt,
+                   help="each step's prompt: 'bas', \"a photo of [v1] and [v3]\" (default, as BaS), or 'image', the image "
+                        "prompt's words with the concepts not drawn cut out, in its order (\"a photo of [v1] on [v3]\")")
     l.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="log the loss on fixed noise and timesteps every N steps (0: never)")
     l.add_argument("--resolution", type=int, default=None,

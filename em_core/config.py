@@ -63,6 +63,9 @@ class LearnConfig:
     # Each step's prompt lists its drawn concepts in a random order (Break-A-Scene); False: in the
     # image prompt's order, the order the mask estimates read them in.
     shuffle: bool = True
+    # Each step's prompt wording: "bas" ("a photo of [v1] and [v3]", Break-A-Scene) or "image" (the image
+    # prompt's own words with the concepts not drawn cut out, in its order: step_prompt.py).
+    step_prompt: str = "bas"
     # Every this many steps, the loss on fixed noise and timesteps (the same each time) is logged
     # beside the training loss, so the curve shows learning rather than the draws. 0: never.
     eval_every: int = 0
@@ -87,7 +90,7 @@ class LearnConfig:
             "mask_t_range": self.mask_t_range is None or (len(self.mask_t_range) == 2
                                                           and 0 <= self.mask_t_range[0] < self.mask_t_range[1]),
             "eval_every": self.eval_every >= 0, "mask_stickiness": 0.0 <= self.mask_stickiness < 1.0,
-            "restart_moved": 0.0 <= self.restart_moved < 1.0,
+            "restart_moved": 0.0 <= self.restart_moved < 1.0, "step_prompt": self.step_prompt in ("bas", "image"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

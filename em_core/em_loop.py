@@ -204,7 +204,8 @@ class _Run:
         before = self.vectors.detach().clone()
         loss, info = concept_step_loss(self.bundle, self.images, st.concepts, self.vectors, self.latent,
                                        self.token_id, st.step, self.cfg.seed, self.cfg.flip, self.cfg.attn_weight,
-                                       capture, st.step < self.cfg.warmup_steps, self.cfg.shuffle)
+                                       capture, st.step < self.cfg.warmup_steps, self.cfg.shuffle,
+                                       self.cfg.step_prompt)
         if not math.isfinite(info["loss"]):
             st.status = "nan"
             st.message = f"loss was not finite at step {st.step}; kept the state of the step before"

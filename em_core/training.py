@@ -1,7 +1,7 @@
 """One training step shared by the EM token loop and the joint fine-tune.
 
 Per step: one image, a random non-empty subset of its concepts in random order ("a photo of
-[v3] and [v1]", as Break-A-Scene's `random.sample`), maybe a horizontal flip, a random timestep and noise; loss = masked diffusion loss under the
+[v3] and [v1]", as Break-A-Scene's `random.sample`; or the image prompt's own wording, `step_prompt`), maybe a horizontal flip, a random timestep and noise; loss = masked diffusion loss under the
 union of the subset's masks + w * cross-attention loss (Break-A-Scene). Randomness comes from
 (seed, step) alone, so a resumed run draws exactly what an unbroken one would.
 """
@@ -15,6 +15,7 @@ import torch
 from .attention import AttentionCapture, concept_selector
 from .concepts import ConceptSet, encode_text, image_sizes, injected, unet_inputs
 from .losses import attention_loss, masked_diffusion_loss
+from .step_prompt import step_prompt
 
 
 def step_rng(seed: int, step: int) -> tuple[torch.Generator, random.Random]:
@@ -33,12 +34,13 @@ def diffusion_target(scheduler, latents, noise, t):
 
 def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tensor, latent_masks: list, token_id: dict,
                       step: int, seed: int, flip: bool, attn_weight: float, capture: AttentionCapture,
-                      warmup: bool = False, shuffle: bool = True) -> tuple[torch.Tensor, dict]:
+                      warmup: bool = False, shuffle: bool = True, prompt_form: str = "bas") -> tuple[torch.Tensor, dict]:
     """The loss of step `step` and a record of what it drew.
 
     `warmup` is plain textual inversion: the image's own prompt, no masks, no attention loss.
     `capture` None: the masked diffusion loss alone, with the U-Net's own (fused) attention.
     `shuffle` False: the drawn concepts keep the image prompt's order (the same draws either way).
+    `prompt_form`: the step prompt's wording (`step_prompt`); "image" keeps the image prompt's order.
     """
     b = bundle
     gen, rnd = step_rng(seed, step)
@@ -49,9 +51,9 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
     else:
         k = rnd.randint(1, len(img.names))
         subset = rnd.sample(img.names, k)  # in the order drawn: each step shuffles the prompt, as BaS does
-        if not shuffle:
+        if not shuffle or prompt_form == "image":
             subset = sorted(subset, key=img.names.index)
-        prompt = "a photo of " + " and ".join(subset)
+        prompt = step_prompt(img.prompt, subset, prompt_form)
     flip = flip and img.latent_mean.shape[0] > 1 and rnd.random() < 0.5
     z0 = img.sample_latent(flip, gen).to(b.device, torch.float32)
     noise = torch.randn(z0.shape, generator=gen).to(z0.device)

@@ -50,14 +50,15 @@ from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
 RANDOM_INIT = "_random_init"
 METHODS = ("baseline", "em", "em_50_independent", "em_no_crf", "em_background", "em_exclusive",
            "em_exclusive_fill", "em_exclusive_share", "em_exclusive_restart", "true_masks", "true_masks_random_init",
-           "baseline_random_init", "em_exclusive_fill_random_init")
+           "baseline_random_init", "em_exclusive_fill_random_init", "em_image_prompt", "em_image_prompt_random_init")
 # X_random_init: method X with every token (the background's too) started at random rather than from
 # its word, so nothing tells the object concepts apart (gate 4's entangled case, gate 3's random init);
 # em_background: EM with the background concept taken as what no object claims (LearnConfig.background);
 # em_exclusive: EM with exclusive masks and each step's concepts in the image prompt's order
 # (LearnConfig.exclusive_masks, shuffle=False), the best pair measured on the research world (issue 14);
 # em_exclusive_fill: the pair with LearnConfig.fill_lost; em_exclusive_share: and LearnConfig.share_parts;
-# em_exclusive_restart: em_exclusive_fill with LearnConfig.restart_moved at RESTART_MOVED.
+# em_exclusive_restart: em_exclusive_fill with LearnConfig.restart_moved at RESTART_MOVED;
+# em_image_prompt: em_exclusive_fill with each step's prompt in the image prompt's wording (LearnConfig.step_prompt).
 RESTART_MOVED = 0.5
 
 
@@ -118,9 +119,10 @@ def _method_config(method: str, steps: int, refresh: int, timesteps: int, seed: 
         return LearnConfig(refresh_every=0, **kw)
     if method == "em_background":
         return LearnConfig(refresh_every=refresh, refresh_timesteps=refresh_timesteps, background=background, **kw)
-    if method in ("em_exclusive", "em_exclusive_fill", "em_exclusive_share", "em_exclusive_restart"):
+    if method in ("em_exclusive", "em_exclusive_fill", "em_exclusive_share", "em_exclusive_restart", "em_image_prompt"):
         return LearnConfig(refresh_every=refresh, refresh_timesteps=refresh_timesteps, exclusive_masks=True,
                            shuffle=False, fill_lost=method != "em_exclusive", share_parts=method == "em_exclusive_share",
+                           step_prompt="image" if method == "em_image_prompt" else "bas",
                            restart_moved=RESTART_MOVED if method == "em_exclusive_restart" else 0.0, **kw)
     if method == "em_50_independent":
         return LearnConfig(refresh_every=refresh, refresh_timesteps=timesteps, timestep_sampling="uniform", **kw)
