@@ -115,11 +115,13 @@ def test_sigint_mid_run_leaves_the_last_good_state_on_disk(tiny_dir, scene_files
 def test_learn_passes_the_mask_options_to_the_run(tiny_dir, scene_files, tmp_path, capsys):
     out = tmp_path / "opts"
     extra = ["--background", "[v3]", "--mask-t-range", "0", "600", "--mask-stickiness", "0.3", "--eval-every", "1",
-             "--exclusive-masks", "--fill-lost", "--share-parts", "--no-shuffle", "--restart-moved", "0.5"]
+             "--exclusive-masks", "--fill-lost", "--share-parts", "--no-shuffle", "--restart-moved", "0.5",
+             "--step-prompt", "image"]
     assert main(_learn_args(tiny_dir, scene_files, out, steps=2, extra=extra)) == 0
     cfg = load_state(out).config
     assert (cfg.background, cfg.mask_t_range, cfg.mask_stickiness, cfg.eval_every) == ("[v3]", (0, 600), 0.3, 1)
     assert cfg.exclusive_masks and cfg.fill_lost and cfg.share_parts and not cfg.shuffle and cfg.restart_moved == 0.5
+    assert cfg.step_prompt == "image"
     bad = _learn_args(tiny_dir, scene_files, tmp_path / "bad", steps=2, extra=["--mask-stickiness", "1.5"])
     assert main(bad) == 2
     assert "mask_stickiness" in capsys.readouterr().err
