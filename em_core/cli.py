@@ -296,7 +296,7 @@ def cmd_evaluate(args) -> int:
     s = evaluate(args.model, args.out, scenes=args.scenes, steps=args.steps, refresh=args.refresh,
                  timesteps=args.mask_timesteps, refresh_timesteps=args.refresh_timesteps, gen_images=args.gen_images,
                  checker_path=args.checker, seed=args.seed, methods=tuple(args.methods),
-                 quality_images=args.quality_images, lr=args.lr)
+                 quality_images=args.quality_images, lr=args.lr, step_prompt=args.step_prompt)
     for m, row in s["table"].items():
         print(f"{m:<17} mask IoU {row['mask_iou']:.3f}  colour {row['fid_colour']:.3f}  "
               f"shape {row['fid_shape_seen']:.3f} (held-out {row['fid_shape_held_out']:.3f})")
@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--lr", type=float, default=_defaults().lr, help="every method's token learning rate "
                     "(default: the engine's, Break-A-Scene's stage 1)")
+    ev.add_argument("--step-prompt", choices=("bas", "image"), default=_defaults().step_prompt,
+                    help="every method's step prompt wording (learn --step-prompt)")
     ev.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (default: all)")
     ev.add_argument("--quality-images", type=int, default=48, help="captions generated for the model's own quality")
     ev.set_defaults(func=cmd_evaluate)

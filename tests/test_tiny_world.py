@@ -83,6 +83,7 @@ def test_evaluation_runs_every_method_and_writes_its_report(tiny_dir, tmp_path):
     assert set(summary["table"]) == set(METHODS)
     for m in ("baseline", "em_exclusive_fill", "true_masks"):  # same run settings; only the start differs
         assert _method_config(m + "_random_init", 2, 1, 2, 0) == _method_config(m, 2, 1, 2, 0)
+    assert _method_config("em_exclusive_fill", 2, 1, 2, 0, step_prompt="image").step_prompt == "image"
     assert summary["table"]["baseline_random_init"]["first_iou"] != summary["table"]["baseline"]["first_iou"]
     assert summary["table"]["true_masks"]["mask_iou"] == 1.0
     for m in ("true_masks", "true_masks_random_init"):

@@ -50,15 +50,14 @@ from .scenes import HELD_OUT_SHAPES, SHAPES, random_scene
 RANDOM_INIT = "_random_init"
 METHODS = ("baseline", "em", "em_50_independent", "em_no_crf", "em_background", "em_exclusive",
            "em_exclusive_fill", "em_exclusive_share", "em_exclusive_restart", "true_masks", "true_masks_random_init",
-           "baseline_random_init", "em_exclusive_fill_random_init", "em_image_prompt", "em_image_prompt_random_init")
+           "baseline_random_init", "em_exclusive_fill_random_init")
 # X_random_init: method X with every token (the background's too) started at random rather than from
 # its word, so nothing tells the object concepts apart (gate 4's entangled case, gate 3's random init);
 # em_background: EM with the background concept taken as what no object claims (LearnConfig.background);
 # em_exclusive: EM with exclusive masks and each step's concepts in the image prompt's order
 # (LearnConfig.exclusive_masks, shuffle=False), the best pair measured on the research world (issue 14);
 # em_exclusive_fill: the pair with LearnConfig.fill_lost; em_exclusive_share: and LearnConfig.share_parts;
-# em_exclusive_restart: em_exclusive_fill with LearnConfig.restart_moved at RESTART_MOVED;
-# em_image_prompt: em_exclusive_fill with each step's prompt in the image prompt's wording (LearnConfig.step_prompt).
+# em_exclusive_restart: em_exclusive_fill with LearnConfig.restart_moved at RESTART_MOVED.
 RESTART_MOVED = 0.5
 
 
@@ -112,17 +111,16 @@ def interchangeable(init: dict, objects: list, random_init: bool) -> list:
 
 def _method_config(method: str, steps: int, refresh: int, timesteps: int, seed: int,
                    refresh_timesteps: int = LearnConfig.refresh_timesteps, background: str | None = None,
-                   lr: float = LearnConfig.lr) -> LearnConfig:
-    kw = dict(steps=steps, mask_timesteps=timesteps, seed=seed, lr=lr, save_every=10 ** 9)
+                   lr: float = LearnConfig.lr, step_prompt: str = LearnConfig.step_prompt) -> LearnConfig:
+    kw = dict(steps=steps, mask_timesteps=timesteps, seed=seed, lr=lr, step_prompt=step_prompt, save_every=10 ** 9)
     method = method.removesuffix(RANDOM_INIT)
     if method in ("baseline", "true_masks"):
         return LearnConfig(refresh_every=0, **kw)
     if method == "em_background":
         return LearnConfig(refresh_every=refresh, refresh_timesteps=refresh_timesteps, background=background, **kw)
-    if method in ("em_exclusive", "em_exclusive_fill", "em_exclusive_share", "em_exclusive_restart", "em_image_prompt"):
+    if method in ("em_exclusive", "em_exclusive_fill", "em_exclusive_share", "em_exclusive_restart"):
         return LearnConfig(refresh_every=refresh, refresh_timesteps=refresh_timesteps, exclusive_masks=True,
                            shuffle=False, fill_lost=method != "em_exclusive", share_parts=method == "em_exclusive_share",
-                           step_prompt="image" if method == "em_image_prompt" else "bas",
                            restart_moved=RESTART_MOVED if method == "em_exclusive_restart" else 0.0, **kw)
     if method == "em_50_independent":
         return LearnConfig(refresh_every=refresh, refresh_timesteps=timesteps, timestep_sampling="uniform", **kw)
@@ -216,7 +214,8 @@ def read_back(bundle, checker, state, info: dict, n: int, steps: int, guidance: 
 def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, refresh: int = 25,
              timesteps: int = 50, refresh_timesteps: int = LearnConfig.refresh_timesteps, gen_images: int = 2,
              gen_steps: int = 25, guidance: float = 4.0, checker_path: str | None = None, seed: int = 0,
-             quality_images: int = 48, methods=METHODS, lr: float = LearnConfig.lr, log=print) -> dict:
+             quality_images: int = 48, methods=METHODS, lr: float = LearnConfig.lr,
+             step_prompt: str = LearnConfig.step_prompt, log=print) -> dict:
     from .checker import load_checker
     from ..model_io import load_bundle
 
@@ -237,6 +236,8 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
                seed=seed, readback="as matched")  # scenes read back by identity (before 2026-12-06) are not reused
     if lr != LearnConfig.lr:  # named only when set, so runs begun before the option still resume
         key["lr"] = lr
+    if step_prompt != LearnConfig.step_prompt:
+        key["step_prompt"] = step_prompt
     done = _resume(out, key, scenes, log)
     before = 0.0  # seconds an earlier, resumed run spent on its scenes
     if done:
@@ -254,7 +255,7 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
         for method in methods:
             oracle = method.startswith("true_masks")
             fixed = {(0, n): m for n, m in truth.items()} if oracle else None
-            cfg = _method_config(method, steps, refresh, timesteps, seed, refresh_timesteps, img.names[-1], lr)
+            cfg = _method_config(method, steps, refresh, timesteps, seed, refresh_timesteps, img.names[-1], lr, step_prompt)
             random_init = method.endswith(RANDOM_INIT)
             state = learn(bundle, [img], start_state(bundle, [img], cfg, {} if random_init else init, fixed),
                           progress=False)
@@ -290,7 +291,7 @@ def evaluate(model: str, out: str | Path, scenes: int = 30, steps: int = 200, re
                                 "caption_fidelity": caption_fidelity(bundle, checker, n=quality_images,
                                                                      steps=gen_steps, guidance=guidance)}
     summary["settings"] = dict(model=str(model), scenes=scenes, steps=steps, refresh=refresh, timesteps=timesteps,
-                               refresh_timesteps=refresh_timesteps, lr=lr,
+                               refresh_timesteps=refresh_timesteps, lr=lr, step_prompt=step_prompt,
                                gen_images=gen_images, gen_steps=gen_steps, guidance=guidance, seed=seed,
                                seconds=round(before + time.time() - t0))
     write_json(inside(out, "results.json"), {"summary": summary, "scenes": per_scene,
