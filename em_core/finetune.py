@@ -1,5 +1,6 @@
 """Joint fine-tune (paper, end of section 3; Break-A-Scene stage 2): tokens and model weights
-together, masks fixed, same losses and concept-subset sampling.
+together, masks fixed, same losses and concept-subset sampling; each step's prompt is worded as
+the learned state's (`LearnConfig.step_prompt`), so tokens learned on one wording are tuned on it.
 
 The base model is never changed: full mode trains float32 copies of the weights swapped in
 for the run and keeps `trained - base` as a delta; LoRA mode trains peft adapters that are
@@ -380,7 +381,7 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
                     with _autocast(bundle, cfg):
                         loss, info = concept_step_loss(bundle, images, state.concepts, vectors, lat, token_id,
                                                        ft["step"], cfg.seed + 104729, cfg.flip, cfg.attn_weight,
-                                                       capture)
+                                                       capture, prompt_form=state.config.step_prompt)
                         if prior is not None:
                             lp = prior_loss(bundle, prior, cfg.class_prompt, ft["step"], cfg.seed + 15485863)
                             loss = loss + cfg.prior_weight * lp

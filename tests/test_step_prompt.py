@@ -55,3 +55,23 @@ def test_each_token_step_prompts_in_the_configured_form(bundle, scene_files, mon
             assert prompt == "a photo of " + " and ".join(subset)
     assert any("on [v3]" in p for p in prompts) == (form == "image" and any(
         len(s) > 1 and "[v3]" in s for s in drawn))
+
+
+def test_the_joint_fine_tune_words_its_steps_as_the_learned_state(bundle, scene_files, monkeypatch):
+    from em_core.finetune import FinetuneConfig, finetune
+
+    img = prepare_image(bundle, scene_files[0][0], IMAGE)
+    cfg = LearnConfig(steps=1, refresh_every=0, mask_timesteps=2, mask_batch=2, step_prompt="image", save_every=10 ** 9)
+    state = learn(bundle, [img], start_state(bundle, [img], cfg), progress=False)
+    prompts = []
+    real = training.encode_text
+
+    def spy(b, texts):
+        prompts.extend(texts)
+        return real(b, texts)
+
+    monkeypatch.setattr(training, "encode_text", spy)
+    out = finetune(bundle, [img], state, FinetuneConfig(steps=6, mode="lora", train_text_encoder=False), progress=False)
+    drawn = [s["concepts"] for s in out.history["finetune"]]
+    assert len(drawn) == 6 and len(prompts) == 6
+    assert prompts == [step_prompt(IMAGE, sorted(s, key=img.names.index), "image") for s in drawn]
