@@ -14,9 +14,9 @@ class LearnConfig:
     attn_weight: float = 1e-2
     refresh_every: int = 50  # re-estimate masks every this many EM steps (0: never)
     mask_timesteps: int = 50  # timesteps of the first estimate (the paper's 50)
-    # Timesteps of each later refresh. 30 stratified timesteps estimate the
-    # averaged map as closely as the paper's 50 independent ones (benchmarks/mask_estimate_error.py)
-    # at 60% of the U-Net passes.
+    # Timesteps of each later refresh. 30 stratified timesteps estimate the averaged map with a fifth of
+    # the error of the paper's 50 independent ones (benchmarks/mask_estimate_error.py) at 60% of the
+    # U-Net passes; fewer cost EM's final masks a little on both tiny worlds (docs/deviations.md).
     refresh_timesteps: int = 30
     # 'stratified': one random timestep in each of N equal slices of the schedule; 'uniform': N
     # independent draws (what the paper describes, and what runs saved before this setting used).
