@@ -32,8 +32,9 @@ def test_bad_forms_and_concepts_are_named():
         LearnConfig(step_prompt="poem")
 
 
-@pytest.mark.parametrize("form", ["bas", "image"])
-def test_each_token_step_prompts_in_the_configured_form(bundle, scene_files, monkeypatch, form):
+@pytest.fixture
+def step_prompts(monkeypatch):
+    """The prompts the training steps encode, in order, from the moment the fixture is set up."""
     prompts = []
     real = training.encode_text
 
@@ -42,6 +43,12 @@ def test_each_token_step_prompts_in_the_configured_form(bundle, scene_files, mon
         return real(b, texts)
 
     monkeypatch.setattr(training, "encode_text", spy)
+    return prompts
+
+
+@pytest.mark.parametrize("form", ["bas", "image"])
+def test_each_token_step_prompts_in_the_configured_form(bundle, scene_files, step_prompts, form):
+    prompts = step_prompts
     img = prepare_image(bundle, scene_files[0][0], IMAGE)
     cfg = LearnConfig(steps=6, refresh_every=0, mask_timesteps=2, mask_batch=2, step_prompt=form, save_every=10 ** 9)
     state = learn(bundle, [img], start_state(bundle, [img], cfg), progress=False)
@@ -57,20 +64,13 @@ def test_each_token_step_prompts_in_the_configured_form(bundle, scene_files, mon
         len(s) > 1 and "[v3]" in s for s in drawn))
 
 
-def test_the_joint_fine_tune_words_its_steps_as_the_learned_state(bundle, scene_files, monkeypatch):
+def test_the_joint_fine_tune_words_its_steps_as_the_learned_state(bundle, scene_files, request):
     from em_core.finetune import FinetuneConfig, finetune
 
     img = prepare_image(bundle, scene_files[0][0], IMAGE)
     cfg = LearnConfig(steps=1, refresh_every=0, mask_timesteps=2, mask_batch=2, step_prompt="image", save_every=10 ** 9)
     state = learn(bundle, [img], start_state(bundle, [img], cfg), progress=False)
-    prompts = []
-    real = training.encode_text
-
-    def spy(b, texts):
-        prompts.extend(texts)
-        return real(b, texts)
-
-    monkeypatch.setattr(training, "encode_text", spy)
+    prompts = request.getfixturevalue("step_prompts")  # spying from here: the fine-tune's steps only
     out = finetune(bundle, [img], state, FinetuneConfig(steps=6, mode="lora", train_text_encoder=False), progress=False)
     drawn = [s["concepts"] for s in out.history["finetune"]]
     assert len(drawn) == 6 and len(prompts) == 6
