@@ -296,7 +296,8 @@ def cmd_evaluate(args) -> int:
     s = evaluate(args.model, args.out, scenes=args.scenes, steps=args.steps, refresh=args.refresh,
                  timesteps=args.mask_timesteps, refresh_timesteps=args.refresh_timesteps, gen_images=args.gen_images,
                  checker_path=args.checker, seed=args.seed, methods=tuple(args.methods),
-                 quality_images=args.quality_images, lr=args.lr, step_prompt=args.step_prompt)
+                 quality_images=args.quality_images, lr=args.lr, step_prompt=args.step_prompt,
+                 guidance=args.guidance)
     for m, row in s["table"].items():
         print(f"{m:<17} mask IoU {row['mask_iou']:.3f}  colour {row['fid_colour']:.3f}  "
               f"shape {row['fid_shape_seen']:.3f} (held-out {row['fid_shape_held_out']:.3f})")
@@ -438,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mask-timesteps", type=int, default=50, help="timesteps of the first mask estimate")
     ev.add_argument("--refresh-timesteps", type=int, default=30, help="timesteps of each refresh (em methods)")
     ev.add_argument("--gen-images", type=int, default=2)
+    ev.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance of the read-back images "
+                    "(4.0, as the tiny worlds' own samples; `generate` and the nodes default to Break-A-Scene's 7.5)")
     ev.add_argument("--checker", default=None, help="default: MODEL/checker.safetensors")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--lr", type=float, default=_defaults().lr, help="every method's token learning rate "

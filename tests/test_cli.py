@@ -182,3 +182,20 @@ def test_finetune_steps_count_what_this_command_runs(tiny_dir, scene_files, tmp_
     assert finetune_steps(state, 1) == (1, 2) and finetune_steps(state, 4) == (1, 5)
     with pytest.raises(ValueError, match="steps 0: the unfinished run here started at step 1"):
         finetune_steps(state, 0)
+
+
+def test_evaluate_passes_its_read_back_and_step_settings(monkeypatch, tmp_path):
+    import em_core.tiny_world.evaluate as ev
+
+    seen = {}
+
+    def fake(model, out, **kw):
+        seen.update(kw, model=model, out=out)
+        return {"table": {}}
+
+    monkeypatch.setattr(ev, "evaluate", fake)
+    argv = ["evaluate", "--model", "M", "--out", str(tmp_path / "ev"), "--guidance", "7.5", "--lr", "4e-3",
+            "--step-prompt", "image", "--methods", "true_masks"]
+    assert main(argv) == 0
+    assert (seen["guidance"], seen["lr"], seen["step_prompt"], seen["methods"]) == (7.5, 4e-3, "image", ("true_masks",))
+    assert main(argv[:5]) == 0 and seen["guidance"] == 4.0  # the worlds' own sample guidance unless asked
