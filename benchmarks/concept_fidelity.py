@@ -84,6 +84,12 @@ def main() -> None:
     ap.add_argument("--stage2-lr", type=float, default=None,
                     help="the joint fine-tune's learning rate (default: FinetuneConfig's per mode); "
                          "set, it is named in the arm's label")
+    ap.add_argument("--stage2-prior-weight", type=float, default=FinetuneConfig.prior_weight,
+                    help="the joint fine-tune's prior preservation weight (Break-A-Scene's 1.0; 0: off); "
+                         "set, the arm's label ends in +priorW")
+    ap.add_argument("--class-prompt", default=FinetuneConfig.class_prompt,
+                    help="the prior's class prompt (its images are the base model's, made once per fine-tune)")
+    ap.add_argument("--class-images", type=int, default=FinetuneConfig.class_images)
     ap.add_argument("--lr", type=float, default=LearnConfig.lr, help="token learning rate")
     ap.add_argument("--gen-images", type=int, default=4)
     ap.add_argument("--gen-steps", type=int, default=25)
@@ -107,6 +113,8 @@ def main() -> None:
     bundle = load_bundle(args.model)
     checker = load_checker(Path(args.model) / "checker.safetensors")
     lr2 = "" if args.stage2_lr is None else f"lr{args.stage2_lr:g}"
+    lr2 += f"+prior{args.stage2_prior_weight:g}" if args.stage2_prior_weight > 0 else ""
+    prior = dict(prior_weight=args.stage2_prior_weight, class_prompt=args.class_prompt, class_images=args.class_images)
     arms = (["words"] if args.words else []) + [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
            [f"{i}@{args.stage2_from}+{m}{args.stage2_steps}{lr2}" for i in args.inits for m in args.stage2]
     scales, templates = args.guidance, args.prompts
@@ -127,6 +135,9 @@ def main() -> None:
                                                     template=t, words=words, **gen)
 
     with tempfile.TemporaryDirectory() as tmp:
+        # The prior's class images are the base model's, the same for every scene: a fine-tune run
+        # folder shared by all reads them back rather than making them again.
+        stage2_out = Path(tmp) / "stage2" if args.stage2_prior_weight > 0 else None
         for k, scene in enumerate(eval_set(args.first + args.scenes)[args.first:], start=args.first):
             prompt, init, truth, info = concept_task(scene)
             if args.only_held_out and not any(f["held_out"] for f in info.values()):
@@ -151,8 +162,9 @@ def main() -> None:
                     if c == args.stage2_from:
                         for mode in args.stage2:
                             tuned = finetune(bundle, [img], state, FinetuneConfig(steps=args.stage2_steps, mode=mode,
-                                                                                  lr=args.stage2_lr, seed=args.seed),
-                                             progress=False)
+                                                                                  lr=args.stage2_lr, seed=args.seed,
+                                                                                  **prior),
+                                             progress=False, out=stage2_out)
                             read(f"{which}@{c}+{mode}{args.stage2_steps}{lr2}", tuned, tuned.weights)
             print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(
                 f"{a} {score(r)['colour']:.2f}/{score(r)['shape_all']:.2f}" for a, r in rows.items()), flush=True)
