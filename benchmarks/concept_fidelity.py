@@ -88,7 +88,7 @@ def main() -> None:
                     help="the joint fine-tune's prior preservation weight (Break-A-Scene's 1.0; 0: off); "
                          "set, the arm's label ends in +priorW")
     ap.add_argument("--class-prompt", default=FinetuneConfig.class_prompt,
-                    help="the prior's class prompt (its images are the base model's, made once per fine-tune)")
+                    help="the prior's class prompt (its images are the base model's, made once per run)")
     ap.add_argument("--class-images", type=int, default=FinetuneConfig.class_images)
     ap.add_argument("--lr", type=float, default=LearnConfig.lr, help="token learning rate")
     ap.add_argument("--gen-images", type=int, default=4)
