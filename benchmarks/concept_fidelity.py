@@ -112,11 +112,14 @@ def main() -> None:
         raise SystemExit(f"--stage2-from {args.stage2_from} must be one of --checkpoints {checkpoints}")
     bundle = load_bundle(args.model)
     checker = load_checker(Path(args.model) / "checker.safetensors")
-    lr2 = "" if args.stage2_lr is None else f"lr{args.stage2_lr:g}"
-    lr2 += f"+prior{args.stage2_prior_weight:g}" if args.stage2_prior_weight > 0 else ""
+    tag = ("" if args.stage2_lr is None else f"lr{args.stage2_lr:g}") + \
+          (f"+prior{args.stage2_prior_weight:g}" if args.stage2_prior_weight > 0 else "")
+
+    def stage2_arm(init, mode):
+        return f"{init}@{args.stage2_from}+{mode}{args.stage2_steps}{tag}"
     prior = dict(prior_weight=args.stage2_prior_weight, class_prompt=args.class_prompt, class_images=args.class_images)
     arms = (["words"] if args.words else []) + [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
-           [f"{i}@{args.stage2_from}+{m}{args.stage2_steps}{lr2}" for i in args.inits for m in args.stage2]
+           [stage2_arm(i, m) for i in args.inits for m in args.stage2]
     scales, templates = args.guidance, args.prompts
     for t in templates:
         if "{name}" not in t:
@@ -165,7 +168,7 @@ def main() -> None:
                                                                                   lr=args.stage2_lr, seed=args.seed,
                                                                                   **prior),
                                              progress=False, out=stage2_out)
-                            read(f"{which}@{c}+{mode}{args.stage2_steps}{lr2}", tuned, tuned.weights)
+                            read(stage2_arm(which, mode), tuned, tuned.weights)
             print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(
                 f"{a} {score(r)['colour']:.2f}/{score(r)['shape_all']:.2f}" for a, r in rows.items()), flush=True)
     summary = {a: score(r) for a, r in rows.items()}
