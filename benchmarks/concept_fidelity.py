@@ -106,20 +106,26 @@ def main() -> None:
     ap.add_argument("--only-held-out", action="store_true",
                     help="skip the scenes in the slice that hold no held-out shape (their other objects still count)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--stage2-checkpoints", type=int, nargs="+", default=None,
+                    help="stage-2 step counts to read back at, of one run each (default: --stage2-steps only)")
     args = ap.parse_args()
     checkpoints = sorted(set(args.checkpoints))
     if args.stage2 and args.stage2_from not in checkpoints:
         raise SystemExit(f"--stage2-from {args.stage2_from} must be one of --checkpoints {checkpoints}")
+    stage2_at = sorted(set(args.stage2_checkpoints or [args.stage2_steps]))
+    if stage2_at[0] < 1 or stage2_at[-1] != args.stage2_steps:
+        raise SystemExit(f"--stage2-checkpoints {stage2_at}: each at least 1, the last one --stage2-steps "
+                         f"({args.stage2_steps})")
     bundle = load_bundle(args.model)
     checker = load_checker(Path(args.model) / "checker.safetensors")
     tag = ("" if args.stage2_lr is None else f"lr{args.stage2_lr:g}") + \
           (f"+prior{args.stage2_prior_weight:g}" if args.stage2_prior_weight > 0 else "")
 
-    def stage2_arm(init, mode):
-        return f"{init}@{args.stage2_from}+{mode}{args.stage2_steps}{tag}"
+    def stage2_arm(init, mode, steps):
+        return f"{init}@{args.stage2_from}+{mode}{steps}{tag}"
     prior = dict(prior_weight=args.stage2_prior_weight, class_prompt=args.class_prompt, class_images=args.class_images)
     arms = (["words"] if args.words else []) + [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
-           [stage2_arm(i, m) for i in args.inits for m in args.stage2]
+           [stage2_arm(i, m, n) for i in args.inits for m in args.stage2 for n in stage2_at]
     scales, templates = args.guidance, args.prompts
     for t in templates:
         if "{name}" not in t:
@@ -164,11 +170,13 @@ def main() -> None:
                     read(f"{which}@{c}", state)
                     if c == args.stage2_from:
                         for mode in args.stage2:
-                            tuned = finetune(bundle, [img], state, FinetuneConfig(steps=args.stage2_steps, mode=mode,
-                                                                                  lr=args.stage2_lr, seed=args.seed,
-                                                                                  **prior),
-                                             progress=False, out=stage2_out)
-                            read(stage2_arm(which, mode), tuned, tuned.weights)
+                            tuned = state  # one fine-tune, read at each count (a resumed one equals an unbroken one)
+                            for n in stage2_at:
+                                tuned = finetune(bundle, [img], tuned, FinetuneConfig(steps=n, mode=mode,
+                                                                                      lr=args.stage2_lr, seed=args.seed,
+                                                                                      **prior),
+                                                 progress=False, out=stage2_out)
+                                read(stage2_arm(which, mode, n), tuned, tuned.weights)
             print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(
                 f"{a} {score(r)['colour']:.2f}/{score(r)['shape_all']:.2f}" for a, r in rows.items()), flush=True)
     summary = {a: score(r) for a, r in rows.items()}
