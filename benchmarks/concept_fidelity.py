@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--only-held-out", action="store_true",
                     help="skip the scenes in the slice that hold no held-out shape (their other objects still count)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--stage2-unet-only", action="store_true",
+                    help="stage 2 leaves the text encoder as it is (BaS trains it too)")
     ap.add_argument("--stage2-checkpoints", type=int, nargs="+", default=None,
                     help="stage-2 step counts to read back at, of one run each (default: --stage2-steps only)")
     args = ap.parse_args()
@@ -119,11 +121,13 @@ def main() -> None:
     bundle = load_bundle(args.model)
     checker = load_checker(Path(args.model) / "checker.safetensors")
     tag = ("" if args.stage2_lr is None else f"lr{args.stage2_lr:g}") + \
-          (f"+prior{args.stage2_prior_weight:g}" if args.stage2_prior_weight > 0 else "")
+          (f"+prior{args.stage2_prior_weight:g}" if args.stage2_prior_weight > 0 else "") + \
+          ("+unet" if args.stage2_unet_only else "")
 
     def stage2_arm(init, mode, steps):
         return f"{init}@{args.stage2_from}+{mode}{steps}{tag}"
-    prior = dict(prior_weight=args.stage2_prior_weight, class_prompt=args.class_prompt, class_images=args.class_images)
+    stage2_cfg = dict(prior_weight=args.stage2_prior_weight, class_prompt=args.class_prompt, class_images=args.class_images,
+                      train_text_encoder=not args.stage2_unet_only)
     arms = (["words"] if args.words else []) + [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
            [stage2_arm(i, m, n) for i in args.inits for m in args.stage2 for n in stage2_at]
     scales, templates = args.guidance, args.prompts
@@ -174,7 +178,7 @@ def main() -> None:
                             for n in stage2_at:
                                 tuned = finetune(bundle, [img], tuned, FinetuneConfig(steps=n, mode=mode,
                                                                                       lr=args.stage2_lr, seed=args.seed,
-                                                                                      **prior),
+                                                                                      **stage2_cfg),
                                                  progress=False, out=stage2_out)
                                 read(stage2_arm(which, mode, n), tuned, tuned.weights)
             print(f"scene {k} ({time.time() - t0:.0f}s): " + "  ".join(
