@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--stage2-unet-only", action="store_true",
                     help="stage 2 leaves the text encoder as it is (BaS trains it too)")
     ap.add_argument("--stage2-checkpoints", type=int, nargs="+", default=None,
-                    help="stage-2 step counts to read back at, of one run each (default: --stage2-steps only)")
+                    help="stage-2 step counts at which one fine-tune is read back (default: --stage2-steps only)")
     args = ap.parse_args()
     checkpoints = sorted(set(args.checkpoints))
     if args.stage2 and args.stage2_from not in checkpoints:
