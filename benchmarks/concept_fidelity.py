@@ -110,6 +110,9 @@ def main() -> None:
                     help="stage 2 leaves the text encoder as it is (BaS trains it too)")
     ap.add_argument("--stage2-checkpoints", type=int, nargs="+", default=None,
                     help="stage-2 step counts at which one fine-tune is read back (default: --stage2-steps only)")
+    ap.add_argument("--stage2-unet-params", choices=["all", "cross_kv"], default="all",
+                    help="the U-Net weights stage 2 trains: all (BaS) or the cross-attention K/V only "
+                         "(Custom Diffusion's choice); cross_kv ends the arm's label in +kv")
     args = ap.parse_args()
     checkpoints = sorted(set(args.checkpoints))
     if args.stage2 and args.stage2_from not in checkpoints:
@@ -122,12 +125,12 @@ def main() -> None:
     checker = load_checker(Path(args.model) / "checker.safetensors")
     tag = ("" if args.stage2_lr is None else f"lr{args.stage2_lr:g}") + \
           (f"+prior{args.stage2_prior_weight:g}" if args.stage2_prior_weight > 0 else "") + \
-          ("+unet" if args.stage2_unet_only else "")
+          ("+unet" if args.stage2_unet_only else "") + ("+kv" if args.stage2_unet_params == "cross_kv" else "")
 
     def stage2_arm(init, mode, steps):
         return f"{init}@{args.stage2_from}+{mode}{steps}{tag}"
     stage2_cfg = dict(prior_weight=args.stage2_prior_weight, class_prompt=args.class_prompt, class_images=args.class_images,
-                      train_text_encoder=not args.stage2_unet_only)
+                      train_text_encoder=not args.stage2_unet_only, unet_params=args.stage2_unet_params)
     arms = (["words"] if args.words else []) + [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
            [stage2_arm(i, m, n) for i in args.inits for m in args.stage2 for n in stage2_at]
     scales, templates = args.guidance, args.prompts

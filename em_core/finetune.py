@@ -36,6 +36,8 @@ from .training import concept_step_loss, saved_on_exit
 from .weights import ADAPTER, TunedWeights, lora_injected, swapped_parameters
 
 MODES = ("full", "lora")
+UNET_PARAMS = ("all", "cross_kv")
+CROSS_KV = (".attn2.to_k.", ".attn2.to_v.")  # diffusers' names of the cross-attention K/V projections
 
 
 @dataclass
@@ -47,6 +49,10 @@ class FinetuneConfig:
     rank: int = 4
     alpha: float | None = None  # None: equal to rank (scale 1)
     train_text_encoder: bool = True
+    # Which U-Net weights a full fine-tune trains: "all" (Break-A-Scene) or "cross_kv", only the
+    # cross-attention key and value projections (Custom Diffusion's choice, which the paper's
+    # authors did not use; benchmarks/README.md measures it on the tiny world).
+    unet_params: str = "all"
     attn_weight: float = 1e-2
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"  # no | fp16 | bf16; fp16 on a GPU only, bf16 on a GPU or the CPU
@@ -70,6 +76,10 @@ class FinetuneConfig:
             bad.append(f"mode={self.mode!r} (full or lora)")
         if self.steps < 0:
             bad.append(f"steps={self.steps}")
+        if self.unet_params not in UNET_PARAMS:
+            bad.append(f"unet_params={self.unet_params!r} ({' or '.join(UNET_PARAMS)})")
+        elif self.unet_params != "all" and self.mode != "full":
+            bad.append(f"unet_params={self.unet_params!r} with mode={self.mode!r} (it is for mode='full')")
         if self.rank < 1:
             bad.append(f"rank={self.rank}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -99,8 +109,9 @@ class FinetuneConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _trainable_full(module, existing: dict, skip_token_table: bool) -> dict:
-    """float32 Parameters = base (+ an earlier delta), for every weight but the token table.
+def _trainable_full(module, existing: dict, skip_token_table: bool, only=None) -> dict:
+    """float32 Parameters = base (+ an earlier delta), for every weight but the token table
+    (or, given `only`, the weights whose names hold one of its parts).
 
     The token table stays frozen: concept vectors train on their own and every other row
     must not move.
@@ -108,7 +119,7 @@ def _trainable_full(module, existing: dict, skip_token_table: bool) -> dict:
     out = {}
     table = module.get_input_embeddings().weight if skip_token_table else None
     for name, p in module.named_parameters():
-        if p is table:
+        if p is table or (only and not any(part in f".{name}" for part in only)):
             continue
         base = p.detach().float()
         if name in existing:
@@ -135,7 +146,7 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
     with contextlib.ExitStack() as stack:
         params, names, base = [], [], {}
         if cfg.mode == "full":
-            trained = {}
+            trained, frozen = {}, {}
             for comp in kept:
                 module, prev = modules[comp], previous.part(comp)
                 own = dict(module.named_parameters())
@@ -144,7 +155,14 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
             for comp in train:
                 module = modules[comp]
                 prev = previous.part(comp) if previous else {}
-                new = _trainable_full(module, prev, comp != "unet")
+                only = CROSS_KV if comp == "unet" and cfg.unet_params == "cross_kv" else None
+                new = _trainable_full(module, prev, comp != "unet", only)
+                # An earlier delta on a weight this run leaves frozen stays applied, and in the result.
+                frozen[comp] = {n: d for n, d in prev.items() if n not in new}
+                if frozen[comp]:
+                    own = dict(module.named_parameters())
+                    stack.enter_context(swapped_parameters(module, {
+                        n: own[n].detach() + d.to(own[n].device, own[n].dtype) for n, d in frozen[comp].items()}))
                 base[comp] = {n: p.detach() for n, p in module.named_parameters() if n in new}
                 stack.enter_context(swapped_parameters(module, new))
                 trained[comp] = new
@@ -153,6 +171,7 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
 
             def result() -> TunedWeights:
                 tensors = {f"{c}.{n}": d.clone() for c in kept for n, d in previous.part(c).items()}
+                tensors.update({f"{c}.{n}": d.clone() for c, part in frozen.items() for n, d in part.items()})
                 for comp, new in trained.items():
                     for n, p in new.items():
                         d = p.detach() - base[comp][n].float()

@@ -321,6 +321,29 @@ def test_a_later_stage_without_the_text_encoder_keeps_its_tuned_weights(bundle, 
             finetune(bundle, images, second, FinetuneConfig(steps=3, mode="lora", rank=8), progress=False)
 
 
+def test_cross_kv_trains_only_the_unets_cross_attention_keys_and_values(bundle, learned):
+    images, state = learned
+    unet = _snapshot(bundle.unet)
+    cfg = FinetuneConfig(steps=2, mode="full", lr=1e-3, unet_params="cross_kv", train_text_encoder=False)
+    out = finetune(bundle, images, state, cfg, progress=False)
+    names = set(out.weights.part("unet"))
+    kv = {n for n in dict(bundle.unet.named_parameters()) if ".attn2.to_k." in n or ".attn2.to_v." in n}
+    assert out.weights.components() == ["unet"] and names == kv and kv
+    assert _same(bundle.unet, unet)
+    # Going on from an all-weights fine-tune keeps its other deltas, frozen, in the result.
+    first = finetune(bundle, images, state, FinetuneConfig(steps=1, mode="full", lr=1e-3), progress=False)
+    then = finetune(bundle, images, first, FinetuneConfig(steps=2, mode="full", lr=1e-3, unet_params="cross_kv"),
+                    progress=False)
+    before, after = first.weights.part("unet"), then.weights.part("unet")
+    assert set(after) == set(before)
+    assert all(torch.equal(after[n], d) for n, d in before.items() if n not in kv)
+    assert any(not torch.equal(after[n], before[n]) for n in kv)
+    with pytest.raises(ValueError, match="unet_params='cross_kv' with mode='lora'"):
+        FinetuneConfig(mode="lora", unet_params="cross_kv")
+    with pytest.raises(ValueError, match="unet_params='some'"):
+        FinetuneConfig(unet_params="some")
+
+
 def test_bf16_mixed_precision_runs_on_the_cpu_and_fp16_falls_back(bundle, learned):
     images, state = learned
     seen = []
