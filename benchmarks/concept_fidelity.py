@@ -26,7 +26,7 @@ from em_core.atomic import write_json
 from em_core.config import LearnConfig
 from em_core.dataset import prepare_image
 from em_core.em_loop import learn, learn_more, start_state
-from em_core.finetune import FinetuneConfig, finetune
+from em_core.finetune import UNET_PARAMS, FinetuneConfig, finetune
 from em_core.model_io import load_bundle
 from em_core.provenance import begin, provenance
 from em_core.tiny_world.checker import load_checker
@@ -110,9 +110,10 @@ def main() -> None:
                     help="stage 2 leaves the text encoder as it is (BaS trains it too)")
     ap.add_argument("--stage2-checkpoints", type=int, nargs="+", default=None,
                     help="stage-2 step counts at which one fine-tune is read back (default: --stage2-steps only)")
-    ap.add_argument("--stage2-unet-params", choices=["all", "cross_kv"], default="all",
-                    help="the U-Net weights stage 2 trains: all (BaS) or the cross-attention K/V only "
-                         "(Custom Diffusion's choice); cross_kv ends the arm's label in +kv")
+    ap.add_argument("--stage2-unet-params", choices=list(UNET_PARAMS), default="all",
+                    help="the U-Net weights stage 2 trains: all (BaS), the transformer blocks (attention: "
+                         "the arm's label ends in +attn) or the cross-attention K/V only (cross_kv, Custom "
+                         "Diffusion's choice: +kv)")
     args = ap.parse_args()
     checkpoints = sorted(set(args.checkpoints))
     if args.stage2 and args.stage2_from not in checkpoints:
@@ -125,7 +126,7 @@ def main() -> None:
     checker = load_checker(Path(args.model) / "checker.safetensors")
     tag = ("" if args.stage2_lr is None else f"lr{args.stage2_lr:g}") + \
           (f"+prior{args.stage2_prior_weight:g}" if args.stage2_prior_weight > 0 else "") + \
-          ("+unet" if args.stage2_unet_only else "") + ("+kv" if args.stage2_unet_params == "cross_kv" else "")
+          ("+unet" if args.stage2_unet_only else "") + {"all": "", "attention": "+attn", "cross_kv": "+kv"}[args.stage2_unet_params]
 
     def stage2_arm(init, mode, steps):
         return f"{init}@{args.stage2_from}+{mode}{steps}{tag}"

@@ -36,8 +36,10 @@ from .training import concept_step_loss, saved_on_exit
 from .weights import ADAPTER, TunedWeights, lora_injected, swapped_parameters
 
 MODES = ("full", "lora")
-UNET_PARAMS = ("all", "cross_kv")
-CROSS_KV = (".attn2.to_k.", ".attn2.to_v.")  # diffusers' names of the cross-attention K/V projections
+# The U-Net weights a full fine-tune may train, by the parts of their diffusers names (None: all).
+UNET_PARAMS = {"all": None,
+               "attention": (".attentions.",),  # the transformer blocks, not the ResNets
+               "cross_kv": (".attn2.to_k.", ".attn2.to_v.")}  # the cross-attention key and value projections
 
 
 @dataclass
@@ -49,9 +51,9 @@ class FinetuneConfig:
     rank: int = 4
     alpha: float | None = None  # None: equal to rank (scale 1)
     train_text_encoder: bool = True
-    # Which U-Net weights a full fine-tune trains: "all" (Break-A-Scene) or "cross_kv", only the
-    # cross-attention key and value projections (Custom Diffusion's choice, which the paper's
-    # authors did not use; benchmarks/README.md measures it on the tiny world).
+    # Which U-Net weights a full fine-tune trains: "all" (Break-A-Scene); "attention", the
+    # transformer blocks only; "cross_kv", only the cross-attention key and value projections
+    # (Custom Diffusion's choice). benchmarks/README.md measures them on the tiny world.
     unet_params: str = "all"
     attn_weight: float = 1e-2
     gradient_checkpointing: bool = False
@@ -77,7 +79,7 @@ class FinetuneConfig:
         if self.steps < 0:
             bad.append(f"steps={self.steps}")
         if self.unet_params not in UNET_PARAMS:
-            bad.append(f"unet_params={self.unet_params!r} ({' or '.join(UNET_PARAMS)})")
+            bad.append(f"unet_params={self.unet_params!r} (one of {', '.join(UNET_PARAMS)})")
         elif self.unet_params != "all" and self.mode != "full":
             bad.append(f"unet_params={self.unet_params!r} with mode={self.mode!r} (it is for mode='full')")
         if self.rank < 1:
@@ -155,7 +157,7 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
             for comp in train:
                 module = modules[comp]
                 prev = previous.part(comp) if previous else {}
-                only = CROSS_KV if comp == "unet" and cfg.unet_params == "cross_kv" else None
+                only = UNET_PARAMS[cfg.unet_params] if comp == "unet" else None
                 new = _trainable_full(module, prev, comp != "unet", only)
                 # An earlier delta on a weight this run leaves frozen stays applied, and in the result.
                 frozen[comp] = {n: d for n, d in prev.items() if n not in new}

@@ -321,7 +321,7 @@ def test_a_later_stage_without_the_text_encoder_keeps_its_tuned_weights(bundle, 
             finetune(bundle, images, second, FinetuneConfig(steps=3, mode="lora", rank=8), progress=False)
 
 
-def test_cross_kv_trains_only_the_unets_cross_attention_keys_and_values(bundle, learned):
+def test_unet_params_train_only_the_named_part_of_the_unet(bundle, learned):
     images, state = learned
     unet = _snapshot(bundle.unet)
     cfg = FinetuneConfig(steps=2, mode="full", lr=1e-3, unet_params="cross_kv", train_text_encoder=False)
@@ -338,6 +338,11 @@ def test_cross_kv_trains_only_the_unets_cross_attention_keys_and_values(bundle, 
     assert set(after) == set(before)
     assert all(torch.equal(after[n], d) for n, d in before.items() if n not in kv)
     assert any(not torch.equal(after[n], before[n]) for n in kv)
+    blocks = finetune(bundle, images, state, FinetuneConfig(steps=1, mode="full", lr=1e-3, unet_params="attention",
+                                                            train_text_encoder=False), progress=False)
+    trained = set(blocks.weights.part("unet"))
+    assert kv < trained and all(".attentions." in n for n in trained)
+    assert any(".attn1." in n for n in trained) and not any("resnets" in n for n in trained)
     with pytest.raises(ValueError, match="unet_params='cross_kv' with mode='lora'"):
         FinetuneConfig(mode="lora", unet_params="cross_kv")
     with pytest.raises(ValueError, match="unet_params='some'"):
