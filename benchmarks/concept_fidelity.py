@@ -126,7 +126,8 @@ def main() -> None:
     checker = load_checker(Path(args.model) / "checker.safetensors")
     tag = ("" if args.stage2_lr is None else f"lr{args.stage2_lr:g}") + \
           (f"+prior{args.stage2_prior_weight:g}" if args.stage2_prior_weight > 0 else "") + \
-          ("+unet" if args.stage2_unet_only else "") + {"all": "", "attention": "+attn", "cross_kv": "+kv"}[args.stage2_unet_params]
+          ("+unet" if args.stage2_unet_only else "") + \
+          {"all": "", "attention": "+attn", "cross_kv": "+kv"}[args.stage2_unet_params]
 
     def stage2_arm(init, mode, steps):
         return f"{init}@{args.stage2_from}+{mode}{steps}{tag}"
