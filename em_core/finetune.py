@@ -148,32 +148,27 @@ def _training_modules(bundle, cfg: FinetuneConfig, previous: TunedWeights | None
     with contextlib.ExitStack() as stack:
         params, names, base = [], [], {}
         if cfg.mode == "full":
-            trained, frozen = {}, {}
-            for comp in kept:
-                module, prev = modules[comp], previous.part(comp)
-                own = dict(module.named_parameters())
-                stack.enter_context(swapped_parameters(module, {n: own[n].detach() + d.to(own[n].device, own[n].dtype)
-                                                                for n, d in prev.items()}))
+            # Earlier deltas this run does not train (a kept component's, and those on weights a
+            # trained component leaves frozen) stay applied, and in the result.
+            trained, fixed = {}, {c: previous.part(c) for c in kept}
             for comp in train:
                 module = modules[comp]
                 prev = previous.part(comp) if previous else {}
                 only = UNET_PARAMS[cfg.unet_params] if comp == "unet" else None
                 new = _trainable_full(module, prev, comp != "unet", only)
-                # An earlier delta on a weight this run leaves frozen stays applied, and in the result.
-                frozen[comp] = {n: d for n, d in prev.items() if n not in new}
-                if frozen[comp]:
-                    own = dict(module.named_parameters())
-                    stack.enter_context(swapped_parameters(module, {
-                        n: own[n].detach() + d.to(own[n].device, own[n].dtype) for n, d in frozen[comp].items()}))
+                fixed[comp] = {n: d for n, d in prev.items() if n not in new}
                 base[comp] = {n: p.detach() for n, p in module.named_parameters() if n in new}
                 stack.enter_context(swapped_parameters(module, new))
                 trained[comp] = new
                 params += list(new.values())
                 names += [f"{comp}.{n}" for n in new]
+            for comp, deltas in fixed.items():
+                own = dict(modules[comp].named_parameters())
+                stack.enter_context(swapped_parameters(modules[comp], {
+                    n: own[n].detach() + d.to(own[n].device, own[n].dtype) for n, d in deltas.items()}))
 
             def result() -> TunedWeights:
-                tensors = {f"{c}.{n}": d.clone() for c in kept for n, d in previous.part(c).items()}
-                tensors.update({f"{c}.{n}": d.clone() for c, part in frozen.items() for n, d in part.items()})
+                tensors = {f"{c}.{n}": d.clone() for c, deltas in fixed.items() for n, d in deltas.items()}
                 for comp, new in trained.items():
                     for n, p in new.items():
                         d = p.detach() - base[comp][n].float()
