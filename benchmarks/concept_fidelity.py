@@ -116,6 +116,9 @@ def main() -> None:
                          "Diffusion's choice: +kv)")
     ap.add_argument("--stage2-attn-weight", type=float, default=FinetuneConfig.attn_weight,
                     help="stage 2's attention-loss weight (BaS's 1e-2); set otherwise, the arm's label ends in +attnwW")
+    ap.add_argument("--stage2-outside-weight", type=float, default=FinetuneConfig.outside_weight,
+                    help="stage 2 holds the U-Net's prediction outside each step's masks at the base U-Net's, at this "
+                         "weight (not in BaS; 0: off); set, the arm's label ends in +outW")
     args = ap.parse_args()
     checkpoints = sorted(set(args.checkpoints))
     if args.stage2 and args.stage2_from not in checkpoints:
@@ -130,13 +133,14 @@ def main() -> None:
           (f"+prior{args.stage2_prior_weight:g}" if args.stage2_prior_weight > 0 else "") + \
           ("+unet" if args.stage2_unet_only else "") + \
           {"all": "", "attention": "+attn", "cross_kv": "+kv"}[args.stage2_unet_params] + \
-          (f"+attnw{args.stage2_attn_weight:g}" if args.stage2_attn_weight != FinetuneConfig.attn_weight else "")
+          (f"+attnw{args.stage2_attn_weight:g}" if args.stage2_attn_weight != FinetuneConfig.attn_weight else "") + \
+          (f"+out{args.stage2_outside_weight:g}" if args.stage2_outside_weight > 0 else "")
 
     def stage2_arm(init, mode, steps):
         return f"{init}@{args.stage2_from}+{mode}{steps}{tag}"
     stage2_cfg = dict(prior_weight=args.stage2_prior_weight, class_prompt=args.class_prompt, class_images=args.class_images,
                       train_text_encoder=not args.stage2_unet_only, unet_params=args.stage2_unet_params,
-                      attn_weight=args.stage2_attn_weight)
+                      attn_weight=args.stage2_attn_weight, outside_weight=args.stage2_outside_weight)
     arms = (["words"] if args.words else []) + [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
            [stage2_arm(i, m, n) for i in args.inits for m in args.stage2 for n in stage2_at]
     scales, templates = args.guidance, args.prompts

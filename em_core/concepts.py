@@ -180,6 +180,9 @@ class TextCond:
     hidden: torch.Tensor
     pooled: Optional[torch.Tensor] = None
 
+    def detached(self) -> "TextCond":
+        return TextCond(self.ids, self.hidden.detach(), None if self.pooled is None else self.pooled.detach())
+
 
 def _check_injected(bundle, prompts: list[str]) -> None:
     names = sorted({n for p in prompts for n in concept_names(p)})

@@ -16,6 +16,17 @@ def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, union: torch
     return F.mse_loss((pred * union).float(), (target * union).float())
 
 
+def outside_loss(pred: torch.Tensor, base_pred: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """MSE of the prediction and the base model's outside `union`, averaged as the masked loss.
+
+    The masked loss leaves what the model draws around a concept free; a fine-tune that moves the
+    whole U-Net fills it with the training scene (neighbours' pieces, its background). This holds
+    it at what the base model draws there from the same text.
+    """
+    out = 1 - union.to(pred.dtype)
+    return F.mse_loss((pred * out).float(), (base_pred.detach() * out).float())
+
+
 def attention_loss(maps: torch.Tensor, masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Sum over the present concepts of MSE(map / max(map), mask), divided by the batch size.
 

@@ -9,7 +9,6 @@ run folder (`class_images/`), so a resumed fine-tune reads the same ones back.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 from PIL import Image

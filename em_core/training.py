@@ -14,7 +14,7 @@ import torch
 
 from .attention import AttentionCapture, concept_selector
 from .concepts import ConceptSet, encode_text, image_sizes, injected, unet_inputs
-from .losses import attention_loss, masked_diffusion_loss
+from .losses import attention_loss, masked_diffusion_loss, outside_loss
 from .step_prompt import step_prompt
 
 
@@ -34,13 +34,16 @@ def diffusion_target(scheduler, latents, noise, t):
 
 def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tensor, latent_masks: list, token_id: dict,
                       step: int, seed: int, flip: bool, attn_weight: float, capture: AttentionCapture,
-                      warmup: bool = False, shuffle: bool = True, prompt_form: str = "bas") -> tuple[torch.Tensor, dict]:
+                      warmup: bool = False, shuffle: bool = True, prompt_form: str = "bas",
+                      base_unet=None, outside_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The loss of step `step` and a record of what it drew.
 
     `warmup` is plain textual inversion: the image's own prompt, no masks, no attention loss.
     `capture` None: the masked diffusion loss alone, with the U-Net's own (fused) attention.
     `shuffle` False: the drawn concepts keep the image prompt's order (the same draws either way).
     `prompt_form`: the step prompt's wording (`step_prompt`); "image" keeps the image prompt's order.
+    `base_unet`, `outside_weight`: a frozen copy of the base U-Net, and the weight of `outside_loss`
+    against it (the same noisy latent and text; off when either is missing).
     """
     b = bundle
     gen, rnd = step_rng(seed, step)
@@ -88,6 +91,12 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
     la = attention_loss(maps, m[None], torch.ones(1, len(idx), dtype=torch.bool, device=maps.device))
     loss = lm + attn_weight * la
     info.update(loss=loss.item(), mask_loss=lm.item(), attn_loss=la.item())
+    if base_unet is not None and outside_weight > 0:
+        with torch.no_grad():
+            base_pred = base_unet(noisy, t, **unet_inputs(b, cond.detached(), 1, **image_sizes(b, img))).sample
+        lo = outside_loss(pred, base_pred, union)
+        loss = loss + outside_weight * lo
+        info.update(loss=loss.item(), outside_loss=lo.item())
     return loss, info
 
 

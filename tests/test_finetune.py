@@ -349,6 +349,23 @@ def test_unet_params_train_only_the_named_part_of_the_unet(bundle, learned):
         FinetuneConfig(unet_params="some")
 
 
+def test_outside_weight_holds_the_prediction_outside_the_masks_at_the_base_unets(bundle, learned):
+    images, state = learned
+    unet = _snapshot(bundle.unet)
+    cfg = FinetuneConfig(steps=3, mode="full", lr=1e-2, outside_weight=2.0)
+    out = finetune(bundle, images, state, cfg, progress=False)
+    hist = out.history["finetune"]
+    # Step 0 trains the base weights themselves: nothing outside the masks has moved yet.
+    assert hist[0]["outside_loss"] < 1e-8 and hist[-1]["outside_loss"] > 1e-6
+    assert all(abs(h["loss"] - h["mask_loss"] - cfg.attn_weight * h["attn_loss"] - 2.0 * h["outside_loss"]) < 1e-6
+               for h in hist)
+    assert _same(bundle.unet, unet)  # the frozen copy and the run left the base as it was
+    plain = finetune(bundle, images, state, FinetuneConfig(steps=3, mode="full", lr=1e-2), progress=False)
+    assert "outside_loss" not in plain.history["finetune"][0]
+    with pytest.raises(ValueError, match="outside_weight=-1"):
+        FinetuneConfig(outside_weight=-1)
+
+
 def test_bf16_mixed_precision_runs_on_the_cpu_and_fp16_falls_back(bundle, learned):
     images, state = learned
     seen = []

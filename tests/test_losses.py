@@ -1,6 +1,6 @@
 import torch
 
-from em_core.losses import attention_loss, masked_diffusion_loss
+from em_core.losses import attention_loss, masked_diffusion_loss, outside_loss
 
 
 def test_masked_loss_ignores_everything_outside_the_union():
@@ -13,6 +13,22 @@ def test_masked_loss_ignores_everything_outside_the_union():
     pred[..., 0, 0] += 1.0
     assert masked_diffusion_loss(pred, target, union) > 0
     assert masked_diffusion_loss(pred, target, None) > masked_diffusion_loss(pred, target, union)
+
+
+def test_outside_loss_looks_only_outside_the_union_and_moves_only_the_prediction():
+    base = torch.randn(1, 4, 8, 8)
+    union = torch.zeros(1, 1, 8, 8)
+    union[..., :4, :] = 1
+    pred = base.clone().requires_grad_(True)
+    with torch.no_grad():
+        pred[..., :4, :] += 10.0  # different only inside the mask
+    assert outside_loss(pred, base, union) == 0
+    with torch.no_grad():
+        pred[..., 7, 7] += 2.0
+    loss = outside_loss(pred, base, union)
+    assert torch.isclose(loss, torch.tensor(4.0 * 4 / base.numel()))  # averaged over every element
+    loss.backward()
+    assert pred.grad[..., :4, :].abs().sum() == 0 and pred.grad[..., 7, 7].abs().sum() > 0
 
 
 def test_attention_loss_is_zero_for_a_map_shaped_like_its_mask_and_skips_absent_concepts():
