@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--stage2-outside-weight", type=float, default=FinetuneConfig.outside_weight,
                     help="stage 2 holds the U-Net's prediction outside each step's masks at the base U-Net's, at this "
                          "weight (not in BaS; 0: off); set, the arm's label ends in +outW")
+    ap.add_argument("--stage2-backdrops", action="store_true",
+                    help="stage 2 pastes each step's concepts onto a class image (not in BaS); the arm's label ends in +bd")
     args = ap.parse_args()
     checkpoints = sorted(set(args.checkpoints))
     if args.stage2 and args.stage2_from not in checkpoints:
@@ -134,13 +136,15 @@ def main() -> None:
           ("+unet" if args.stage2_unet_only else "") + \
           {"all": "", "attention": "+attn", "cross_kv": "+kv"}[args.stage2_unet_params] + \
           (f"+attnw{args.stage2_attn_weight:g}" if args.stage2_attn_weight != FinetuneConfig.attn_weight else "") + \
-          (f"+out{args.stage2_outside_weight:g}" if args.stage2_outside_weight > 0 else "")
+          (f"+out{args.stage2_outside_weight:g}" if args.stage2_outside_weight > 0 else "") + \
+          ("+bd" if args.stage2_backdrops else "")
 
     def stage2_arm(init, mode, steps):
         return f"{init}@{args.stage2_from}+{mode}{steps}{tag}"
     stage2_cfg = dict(prior_weight=args.stage2_prior_weight, class_prompt=args.class_prompt, class_images=args.class_images,
                       train_text_encoder=not args.stage2_unet_only, unet_params=args.stage2_unet_params,
-                      attn_weight=args.stage2_attn_weight, outside_weight=args.stage2_outside_weight)
+                      attn_weight=args.stage2_attn_weight, outside_weight=args.stage2_outside_weight,
+                      backdrops=args.stage2_backdrops)
     arms = (["words"] if args.words else []) + [f"{i}@{c}" for i in args.inits for c in checkpoints] + \
            [stage2_arm(i, m, n) for i in args.inits for m in args.stage2 for n in stage2_at]
     scales, templates = args.guidance, args.prompts
@@ -163,7 +167,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # The prior's class images are the base model's, the same for every scene: a fine-tune run
         # folder shared by all reads them back rather than making them again.
-        stage2_out = Path(tmp) / "stage2" if args.stage2_prior_weight > 0 else None
+        stage2_out = Path(tmp) / "stage2" if args.stage2_prior_weight > 0 or args.stage2_backdrops else None
         for k, scene in enumerate(eval_set(args.first + args.scenes)[args.first:], start=args.first):
             prompt, init, truth, info = concept_task(scene)
             if args.only_held_out and not any(f["held_out"] for f in info.values()):

@@ -75,6 +75,10 @@ class FinetuneConfig:
     # the base U-Net's, on the same text (em_core/losses.py `outside_loss`). It costs a frozen copy
     # of the U-Net and a second U-Net pass every step.
     outside_weight: float = 0.0
+    # Not in Break-A-Scene; off by default. On: each step pastes its concepts (inside the union of
+    # their masks) onto one of the class images, so they are seen off their own scene
+    # (em_core/training.py `on_backdrop`). It makes the class images as prior preservation does.
+    backdrops: bool = False
 
     def __post_init__(self):
         bad = []
@@ -96,9 +100,9 @@ class FinetuneConfig:
             bad.append(f"max_grad_norm={self.max_grad_norm} (0: no clipping)")
         if self.prior_weight < 0:
             bad.append(f"prior_weight={self.prior_weight} (0: no prior preservation)")
-        if self.prior_weight > 0 and (self.class_images < 1 or self.class_steps < 1):
+        if (self.prior_weight > 0 or self.backdrops) and (self.class_images < 1 or self.class_steps < 1):
             bad.append(f"class_images={self.class_images}, class_steps={self.class_steps} (both at least 1 "
-                       "with prior preservation)")
+                       "with prior preservation or backdrops)")
         if self.outside_weight < 0:
             bad.append(f"outside_weight={self.outside_weight} (0: off)")
         if bad:
@@ -338,7 +342,7 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
     step0 = state.finetune["step"] if state.finetune else 0
     run_from = step0 if run_from is None else run_from
     prior = None
-    if cfg.prior_weight > 0 and step0 < cfg.steps:  # the base model's images, before any weight moves
+    if (cfg.prior_weight > 0 or cfg.backdrops) and step0 < cfg.steps:  # the base model's, before any weight moves
         made = class_images(bundle, cfg.class_prompt, cfg.class_images, out, steps=cfg.class_steps,
                             should_stop=should_stop, progress=progress)
         if len(made) < cfg.class_images:  # nothing trained yet: the state stays as it was, images kept on disk
@@ -407,8 +411,9 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
                             loss, info = concept_step_loss(bundle, images, state.concepts, vectors, lat, token_id,
                                                            ft["step"], cfg.seed + 104729, cfg.flip, cfg.attn_weight,
                                                            capture, prompt_form=state.config.step_prompt,
-                                                           base_unet=base_unet, outside_weight=cfg.outside_weight)
-                            if prior is not None:
+                                                           base_unet=base_unet, outside_weight=cfg.outside_weight,
+                                                           backdrops=prior if cfg.backdrops else None)
+                            if prior is not None and cfg.prior_weight > 0:
                                 lp = prior_loss(bundle, prior, cfg.class_prompt, ft["step"], cfg.seed + 15485863)
                                 loss = loss + cfg.prior_weight * lp
                                 info["prior_loss"] = lp.item()

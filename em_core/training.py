@@ -11,6 +11,7 @@ import contextlib
 import random
 
 import torch
+import torch.nn.functional as F
 
 from .attention import AttentionCapture, concept_selector
 from .concepts import ConceptSet, encode_text, image_sizes, injected, unet_inputs
@@ -32,10 +33,24 @@ def diffusion_target(scheduler, latents, noise, t):
     raise ValueError(f"model: prediction type {kind!r} is not supported (epsilon or v_prediction)")
 
 
+def on_backdrop(z0: torch.Tensor, union: torch.Tensor, backdrops: list, seed: int, step: int) -> torch.Tensor:
+    """The latent with everything outside `union` taken from one of `backdrops`, so the concepts
+    are seen against other scenes than their own and a fine-tune has less of it to memorise.
+
+    Drawn from its own generator: the step's other draws stay those of a run without backdrops.
+    """
+    gen, rnd = step_rng(seed + 2_750_159, step)
+    back = backdrops[rnd.randrange(len(backdrops))].sample_latent(False, gen).to(z0.device, z0.dtype)
+    if back.shape[-2:] != z0.shape[-2:]:
+        back = F.interpolate(back, size=z0.shape[-2:], mode="bilinear", align_corners=False)
+    u = union.to(z0.dtype)
+    return u * z0 + (1 - u) * back
+
+
 def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tensor, latent_masks: list, token_id: dict,
                       step: int, seed: int, flip: bool, attn_weight: float, capture: AttentionCapture,
                       warmup: bool = False, shuffle: bool = True, prompt_form: str = "bas",
-                      base_unet=None, outside_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+                      base_unet=None, outside_weight: float = 0.0, backdrops=None) -> tuple[torch.Tensor, dict]:
     """The loss of step `step` and a record of what it drew.
 
     `warmup` is plain textual inversion: the image's own prompt, no masks, no attention loss.
@@ -44,6 +59,7 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
     `prompt_form`: the step prompt's wording (`step_prompt`); "image" keeps the image prompt's order.
     `base_unet`, `outside_weight`: a frozen copy of the base U-Net, and the weight of `outside_loss`
     against it (the same noisy latent and text; off when either is missing).
+    `backdrops`: images (TrainImage) on which the step's concepts are pasted (`on_backdrop`).
     """
     b = bundle
     gen, rnd = step_rng(seed, step)
@@ -59,6 +75,15 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
         prompt = step_prompt(img.prompt, subset, prompt_form)
     flip = flip and img.latent_mean.shape[0] > 1 and rnd.random() < 0.5
     z0 = img.sample_latent(flip, gen).to(b.device, torch.float32)
+    union = None  # warm-up: no masks yet
+    if not warmup:
+        idx = [img.names.index(n) for n in subset]
+        m = latent_masks[i][idx].to(b.device)
+        if flip:
+            m = m.flip(-1)
+        union = m.amax(0, keepdim=True)[None]
+        if backdrops:
+            z0 = on_backdrop(z0, union, backdrops, seed, step)
     noise = torch.randn(z0.shape, generator=gen).to(z0.device)
     t = torch.randint(0, b.scheduler.config.num_train_timesteps, (1,), generator=gen).to(b.device)
     noisy = b.scheduler.add_noise(z0, noise, t).to(b.dtype)
@@ -72,13 +97,6 @@ def concept_step_loss(bundle, images, concepts: ConceptSet, vectors: torch.Tenso
     def unet():
         return b.unet(noisy, t, **unet_inputs(b, cond, 1, **image_sizes(b, img))).sample
 
-    union = None  # warm-up: no masks yet
-    if not warmup:
-        idx = [img.names.index(n) for n in subset]
-        m = latent_masks[i][idx].to(b.device)
-        if flip:
-            m = m.flip(-1)
-        union = m.amax(0, keepdim=True)[None]
     if warmup or capture is None:  # no attention loss: the U-Net's own (fused) attention
         loss = masked_diffusion_loss(unet(), target, union)
         info.update(loss=loss.item(), mask_loss=loss.item(), attn_loss=0.0)

@@ -11,6 +11,7 @@ from em_core.em_loop import learn, start_state
 from em_core.finetune import FinetuneConfig, finetune
 from em_core.generate import generate
 from em_core.prior import FOLDER, SEED, class_images
+from em_core.training import on_backdrop
 
 PRIOR = dict(prior_weight=1.0, class_prompt="a photo of grass", class_images=2, class_steps=2)
 
@@ -97,3 +98,26 @@ def test_a_class_prompt_naming_a_concept_or_empty_is_refused(bundle, learned):
         with pytest.raises(ValueError, match=f"class_prompt: .*{match}|class_prompt: {match}"):
             finetune(bundle, images, state, FinetuneConfig(steps=1, mode="lora", prior_weight=1.0,
                                                            class_prompt=prompt), progress=False)
+
+
+def test_backdrops_paste_the_concepts_onto_class_images_and_keep_the_steps_draws(bundle, learned):
+    images, state = learned
+    z0, back = torch.zeros(1, 4, 4, 4), torch.ones(1, 4, 4, 4)
+    union = torch.zeros(1, 1, 4, 4)
+    union[..., :2, :] = 1
+
+    class Fixed:  # a class image whose every draw is `back`
+        def sample_latent(self, flip, gen):
+            return back.clone()
+
+    pasted = on_backdrop(z0, union, [Fixed()], seed=0, step=3)
+    assert torch.equal(pasted[..., :2, :], z0[..., :2, :]) and torch.equal(pasted[..., 2:, :], back[..., 2:, :])
+    small = on_backdrop(torch.zeros(1, 4, 8, 8), torch.zeros(1, 1, 8, 8), [Fixed()], 0, 3)  # resized to fit
+    assert small.shape == (1, 4, 8, 8) and torch.allclose(small, torch.ones(1, 4, 8, 8))
+    cfg = dict(steps=2, mode="lora", rank=2, lr=1e-2, class_prompt="a photo of grass", class_images=2, class_steps=2)
+    on = finetune(bundle, images, state, FinetuneConfig(backdrops=True, **cfg), progress=False)
+    off = finetune(bundle, images, state, FinetuneConfig(**cfg), progress=False)
+    draws = [[(h["image"], h["concepts"], h["t"], h["flip"]) for h in s.history["finetune"]] for s in (on, off)]
+    assert draws[0] == draws[1]  # the same steps, only their latents pasted
+    assert "prior_loss" not in on.history["finetune"][0]  # backdrops alone: no prior term
+    assert on.history["finetune"][0]["mask_loss"] != off.history["finetune"][0]["mask_loss"]
