@@ -127,3 +127,32 @@ def test_unnamed_objects_may_keep_their_colour_in_the_caption():
     held = [o for sc in scenes for o in sc.objects if o.shape in HELD_OUT_SHAPES]
     assert held and all(not o.shape_named for o in held)
     assert all(any(o.shape_named for o in sc.objects) for sc in scenes)  # every caption names a shape
+
+
+def test_unnamed_objects_may_share_one_word_bound_to_them(tmp_path):
+    import numpy as np
+    import pytest
+
+    from em_core.tiny_world.scenes import HELD_OUT_SHAPES, unnamed
+    from em_core.tiny_world.world_train import scene_batch, train_tiny_world
+
+    objs = [SceneObject("red", "circle"), SceneObject("blue", "star", "striped")]
+    s = render(objs, "grass", 64, seed=0, boxes=[(2, 2, 26, 26), (36, 36, 62, 62)])
+    u = unnamed(s, word="the")
+    assert u.caption == "a red circle and a blue striped the on grass"
+    assert list(u.masks) == list(s.masks) and [o.shape for o in u.objects] == ["circle", "star"]
+    # "blue", "striped" and "the" (positions 6, 7, 8) are bound to the star's pixels, "grass" (10) to the ground.
+    sel, masks, present = word_targets([u], [True], 32, (16, 16))
+    assert int(present[0].sum()) == 6
+    star = torch.from_numpy(s.masks["a blue striped star"].astype(np.float32))[None, None]
+    star = torch.nn.functional.interpolate(star, size=(16, 16), mode="area")[0, 0]
+    for pos in (6, 7, 8):
+        t = int(sel[0, pos].argmax())
+        assert sel[0, pos, t] == 1 and torch.allclose(masks[0, t], star)
+    assert sel[0, 9].sum() == 0 and sel[0, 10].sum() == 1
+    _, captions, scenes, _ = scene_batch(11, 48, with_scenes=True, unnamed_share=1.0, unnamed_word="the")
+    assert not any(w in c.split() for c in captions for w in HELD_OUT_SHAPES)
+    held = [o for sc in scenes for o in sc.objects if o.shape in HELD_OUT_SHAPES]
+    assert held and all(o.noun == "the" for o in held) and any(" the" in c for c in captions)
+    with pytest.raises(ValueError, match="unnamed_word: 'star'"):
+        train_tiny_world(tmp_path / "w", minutes=0.0, unnamed_share=0.5, unnamed_word="star")

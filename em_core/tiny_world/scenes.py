@@ -29,11 +29,12 @@ class SceneObject:
     shape: str
     pattern: str = "plain"
     shape_named: bool = True  # False: the caption says "a purple striped", not which shape
+    noun: str | None = None  # said in the shape's place ("a purple striped the"); None: the shape
 
     @property
     def phrase(self) -> str:
         pat = "" if self.pattern == "plain" else f"{self.pattern} "
-        return f"a {self.colour} {pat}{self.shape}" if self.shape_named else f"a {self.colour} {pat}".rstrip()
+        return f"a {self.colour} {pat}{self.noun or self.shape}" if self.shape_named else f"a {self.colour} {pat}".rstrip()
 
 
 @dataclass
@@ -166,13 +167,16 @@ def random_scene(seed: int, size: int = 64, n_objects: int | None = None, shapes
     return scene
 
 
-def unnamed(scene: Scene, shapes=HELD_OUT_SHAPES, colour: bool = False) -> Scene:
+def unnamed(scene: Scene, shapes=HELD_OUT_SHAPES, colour: bool = False, word: str | None = None) -> Scene:
     """The scene with its objects of `shapes` left out of its caption, objects and masks: their pixels
     stay drawn and stay out of the background's mask, so nothing the caption says covers them.
     `colour`: such objects stay, their colour and pattern named and their shape not ("a purple
-    striped and a red circle on grass"), so every colour the image shows is still said."""
-    if colour:
-        objects = [o if o.shape not in shapes else replace(o, shape_named=False) for o in scene.objects]
+    striped and a red circle on grass"), so every colour the image shows is still said.
+    `word`: such objects stay, one shared word said for every shape of `shapes` ("a purple striped
+    the"), as a class noun is for the instances Stable Diffusion cannot name."""
+    if colour or word:
+        objects = [o if o.shape not in shapes else replace(o, shape_named=False) if colour else replace(o, noun=word)
+                   for o in scene.objects]
         return Scene(scene.image, scene.masks, scene_caption(objects, scene.background), objects, scene.background)
     keys = [k for k in scene.masks if k != scene.background]
     keep = [(o, k) for o, k in zip(scene.objects, keys) if o.shape not in shapes]

@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..attention import selected_maps
 from ..model_io import ModelBundle
-from .scenes import SHAPES, TRAIN_SHAPES, WORDS, objects_text, random_scene, scene_caption, unnamed
+from .scenes import HELD_OUT_SHAPES, SHAPES, TRAIN_SHAPES, WORDS, objects_text, random_scene, scene_caption, unnamed
 from .tiny_model import SD_SCHEDULER, save_bundle
 from .tokenizer_build import save_tokenizer
 
@@ -80,14 +80,14 @@ def caption_forms(first_seed: int, n: int, photo_share: float) -> list[str]:
 
 
 def scene_batch(first_seed: int, n: int, with_scenes: bool = False, photo_share: float = 0.0,
-                unnamed_share: float = 0.0, unnamed_colour: bool = False):
+                unnamed_share: float = 0.0, unnamed_colour: bool = False, unnamed_word: str | None = None):
     """Pixels and captions of `n` seeded scenes; with_scenes also gives the scenes and each caption's form.
     `unnamed_share`: the share of scenes drawn from every shape, the held-out ones left unnamed
-    (`unnamed_colour`: their colour still said, `scenes.unnamed`)."""
+    (`unnamed_colour`: their colour still said; `unnamed_word`: one word said for both; `scenes.unnamed`)."""
     if not 0.0 <= unnamed_share <= 1.0:
         raise ValueError(f"unnamed_share: {unnamed_share} is outside [0, 1]")
     every = np.random.default_rng(first_seed + 1).random(n) < unnamed_share
-    scenes = [_with_unnamed(first_seed + i, unnamed_colour) if e else random_scene(first_seed + i, size=WORLD["size"],
+    scenes = [_with_unnamed(first_seed + i, unnamed_colour, unnamed_word) if e else random_scene(first_seed + i, size=WORLD["size"],
                                                                      shapes=TRAIN_SHAPES)
               for i, e in enumerate(every)]
     x = scene_pixels(scenes)
@@ -96,11 +96,11 @@ def scene_batch(first_seed: int, n: int, with_scenes: bool = False, photo_share:
     return (x, captions, scenes, forms) if with_scenes else (x, captions)
 
 
-def _with_unnamed(seed: int, colour: bool = False):
+def _with_unnamed(seed: int, colour: bool = False, word: str | None = None):
     """A scene of every shape with the held-out ones unnamed; one whose objects are all held out is
     drawn again from the named shapes (a caption must name a shape)."""
-    scene = unnamed(random_scene(seed, size=WORLD["size"], shapes=SHAPES), colour=colour)
-    if any(o.shape_named for o in scene.objects):
+    scene = unnamed(random_scene(seed, size=WORLD["size"], shapes=SHAPES), colour=colour, word=word)
+    if any(o.shape_named and o.noun is None for o in scene.objects):
         return scene
     return random_scene(seed, size=WORLD["size"], shapes=TRAIN_SHAPES)
 
@@ -212,7 +212,7 @@ def latent_scale(vae, seed: int, n: int = 256) -> float:
 def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, log, lr: float = 3e-4,
                    ema_decay: float = 0.999, attn_weight: float = 0.0, checkpoint=None,
                    checkpoint_seconds: float = 600.0, photo_share: float = 0.0, unnamed_share: float = 0.0,
-                   unnamed_colour: bool = False) -> list:
+                   unnamed_colour: bool = False, unnamed_word: str | None = None) -> list:
     """Epsilon loss on U-Net + text encoder; the saved weights are an exponential moving average
     (diffusers' EMAModel), which samples much better than the last step's weights.
 
@@ -224,6 +224,8 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
     the EMA weights in place every `checkpoint_seconds`. `photo_share`: the share of captions in
     an "a photo of" form (CAPTION_FORMS), supervised at their shifted word positions. `unnamed_share`:
     the share of scenes that may hold held-out shapes, drawn but never named (`scene_batch`).
+    `unnamed_word`: one word of the world's vocabulary said for every held-out shape, bound to them
+    as the shape words are to theirs.
     """
     from diffusers.training_utils import EMAModel
 
@@ -244,7 +246,8 @@ def train_denoiser(bundle: ModelBundle, seconds: float, batch: int, seed: int, l
     while time.time() - start < seconds:
         x, captions, scenes, forms = scene_batch(seed * 10_000_000 + 5_000_000 + step * batch, batch,
                                                  with_scenes=True, photo_share=photo_share,
-                                                 unnamed_share=unnamed_share, unnamed_colour=unnamed_colour)
+                                                 unnamed_share=unnamed_share, unnamed_colour=unnamed_colour,
+                                                 unnamed_word=unnamed_word)
         drop = torch.rand(batch, generator=gen) < 0.1
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         with torch.no_grad():
@@ -355,14 +358,14 @@ def _save_world(bundle, out: Path, record: dict, extras_from: Path | None = None
 def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 0.15, batch: int = 64,
                      seed: int = 0, log=print, init_from: str | Path | None = None, attn_weight: float = 0.0,
                      lr: float = 3e-4, checkpoint_minutes: float = 10.0, photo_share: float = 0.0,
-                     unnamed_share: float = 0.0, unnamed_colour: bool = False) -> dict:
+                     unnamed_share: float = 0.0, unnamed_colour: bool = False, unnamed_word: str | None = None) -> dict:
     """Trains the world's model within `minutes` and saves it (diffusers format) with a card.
 
     `init_from`: a folder this script wrote before; training goes on from its weights (the
     data seeds move on, so it sees new scenes) and the stats add up both runs. `vae_share` 0
     keeps the VAE (and its latent scale) as it was. The EMA weights are saved every
     `checkpoint_minutes`, so a run cut off keeps what it learned; resume with `init_from=out`.
-    `attn_weight`, `photo_share`, `unnamed_share`, `unnamed_colour`: see `train_denoiser`.
+    `attn_weight`, `photo_share`, `unnamed_share`, `unnamed_colour`, `unnamed_word`: see `train_denoiser`.
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     command = (f"python -m em_core train-tiny-world --out {out} --minutes {minutes} --batch {batch} --vae-share "
@@ -370,11 +373,15 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
                + (f" --photo-share {photo_share}" if photo_share else "")
                + (f" --unnamed-share {unnamed_share}" if unnamed_share else "")
                + (" --unnamed-colour" if unnamed_colour else "")
+               + (f" --unnamed-word {unnamed_word}" if unnamed_word else "")
                + (f" --init-from {init_from}" if init_from else ""))
     bundle, before = _previous(init_from)
     if bundle is not None:
         bundle.tokenizers = (_whole_word_tokenizer(bundle.tokenizer, log),)
     bundle = bundle or build_world_model(seed)
+    if unnamed_word is not None and (unnamed_word in HELD_OUT_SHAPES or len(bundle.tokenizer.tokenize(unnamed_word)) != 1):
+        raise ValueError(f"unnamed_word: {unnamed_word!r} must be one token of the world's vocabulary and not a "
+                         f"held-out shape's name (e.g. 'the')")
     past = _past_runs(before)
     run = len(past)
     total = minutes * 60
@@ -389,7 +396,7 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
         this = {"seconds": round(time.time() - t0), "vae_steps": len(vae_losses), "command": command,
                 "denoiser_steps": len(den_losses), "warm_start": str(init_from) if init_from else None,
                 "attn_weight": attn_weight, "lr": lr, "photo_share": photo_share, "unnamed_share": unnamed_share,
-                "unnamed_colour": unnamed_colour, "whole_words": not _split_words(bundle.tokenizer)}
+                "unnamed_colour": unnamed_colour, "unnamed_word": unnamed_word, "whole_words": not _split_words(bundle.tokenizer)}
         runs = past + [this]
         stats = {
             "seconds": sum(r["seconds"] for r in runs), "vae_steps": sum(r["vae_steps"] for r in runs),
@@ -411,7 +418,8 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
     den_losses = train_denoiser(bundle, total - (time.time() - t0), batch, seed + 1000 * run, log, lr=lr,
                                 attn_weight=attn_weight, checkpoint=checkpoint,
                                 checkpoint_seconds=checkpoint_minutes * 60, photo_share=photo_share,
-                                unnamed_share=unnamed_share, unnamed_colour=unnamed_colour)
+                                unnamed_share=unnamed_share, unnamed_colour=unnamed_colour,
+                                unnamed_word=unnamed_word)
     final = record(den_losses)
     _save_world(bundle, out, final, Path(init_from) if init_from else None)
     log(json.dumps(final["stats"]))
@@ -468,6 +476,11 @@ def _card_extras(runs: list, model_dir: Path) -> str:
         if any(r.get("unnamed_colour") for r in runs if r.get("unnamed_share")):
             out += ("  Runs with `--unnamed-colour` kept those objects in the caption by colour and pattern, their "
                     "shape unsaid (\"a purple striped and a red circle on grass\"), the colour words bound to them.\n")
+        words = sorted({r["unnamed_word"] for r in runs if r.get("unnamed_share") and r.get("unnamed_word")})
+        if words:
+            out += (f"  Runs with `--unnamed-word` said {', '.join(repr(w) for w in words)} in the place of every held-out "
+                    "shape (\"a purple striped the and a red circle on grass\"), one word bound to both, as a class "
+                    "noun is to instances Stable Diffusion cannot name.\n")
     if any(r.get("whole_words") for r in runs):
         out += ("- Tokenizer: since the first run marked `whole_words` in training.json, every world word is one "
                 "token (earlier tokenizers split \"green\" in four, shifting the binding loss's word positions "
