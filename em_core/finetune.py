@@ -384,83 +384,83 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
         # fine-tune however often it is resumed.
         base_unet = _frozen_copy(bundle.unet) if cfg.outside_weight > 0 and ft["step"] < cfg.steps else None
         with tqdm(total=cfg.steps, initial=min(step0, cfg.steps), disable=not progress, desc="finetune",
-                  unit="step") as bar, _training_modules(bundle, cfg, state.weights) as (params, names, result):
-            with _train_mode(bundle, cfg), AttentionCapture(bundle.unet, cfg.layers) as capture:
-                opt = _adamw([{"params": params, "lr": cfg.weight_lr},
-                              {"params": [vectors], "lr": cfg.token_lr or cfg.weight_lr}], vectors.device)
-                named = {**dict(zip(names, params)), "vectors": vectors}
-                _restore_moments(opt, named, saved_moments and saved_moments["state"])
-                saved_moments = None
-                scaler = _grad_scaler(bundle, cfg)
-                if scaler.is_enabled() and scaler_state:
-                    scaler.load_state_dict(scaler_state)
-                trained = [vectors, *params]
+                  unit="step") as bar, _training_modules(bundle, cfg, state.weights) as (params, names, result), \
+                _train_mode(bundle, cfg), AttentionCapture(bundle.unet, cfg.layers) as capture:
+            opt = _adamw([{"params": params, "lr": cfg.weight_lr},
+                          {"params": [vectors], "lr": cfg.token_lr or cfg.weight_lr}], vectors.device)
+            named = {**dict(zip(names, params)), "vectors": vectors}
+            _restore_moments(opt, named, saved_moments and saved_moments["state"])
+            saved_moments = None
+            scaler = _grad_scaler(bundle, cfg)
+            if scaler.is_enabled() and scaler_state:
+                scaler.load_state_dict(scaler_state)
+            trained = [vectors, *params]
 
-                def keep_moments():
-                    if cfg.keep_moments:
-                        state.finetune_optimizer = {"step": ft["step"], "state": _moments(opt, named)}
-                    if scaler.is_enabled():
-                        ft["scaler"] = scaler.state_dict()
+            def keep_moments():
+                if cfg.keep_moments:
+                    state.finetune_optimizer = {"step": ft["step"], "state": _moments(opt, named)}
+                if scaler.is_enabled():
+                    ft["scaler"] = scaler.state_dict()
 
-                try:
-                    while ft["step"] < cfg.steps:
-                        if should_stop is not None and should_stop():
-                            ft["status"], ft["message"] = "cancelled", f"cancelled after step {ft['step']}"
-                            break
-                        with _autocast(bundle, cfg):
-                            loss, info = concept_step_loss(bundle, images, state.concepts, vectors, lat, token_id,
-                                                           ft["step"], cfg.seed + 104729, cfg.flip, cfg.attn_weight,
-                                                           capture, prompt_form=state.config.step_prompt,
-                                                           base_unet=base_unet, outside_weight=cfg.outside_weight,
-                                                           backdrops=prior if cfg.backdrops else None)
-                            if prior is not None and cfg.prior_weight > 0:
-                                lp = prior_loss(bundle, prior, cfg.class_prompt, ft["step"], cfg.seed + 15485863)
-                                loss = loss + cfg.prior_weight * lp
-                                info["prior_loss"] = lp.item()
-                                info["loss"] += cfg.prior_weight * info["prior_loss"]
-                        info["phase"] = "finetune"
-                        if not math.isfinite(info["loss"]):
-                            ft["status"], ft["message"] = "nan", f"loss was not finite at step {ft['step']}"
-                            break
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(opt)  # clip the true gradients
-                        if cfg.max_grad_norm:
-                            norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
-                            info["grad_norm"] = float(norm)  # before clipping; one device sync, as the check's
-                            finite = math.isfinite(info["grad_norm"])
-                        else:
-                            finite = _all_finite([p.grad for p in trained if p.grad is not None])
-                        if not finite and not scaler.is_enabled():
-                            ft["status"], ft["message"] = "nan", f"gradients were not finite at step {ft['step']}"
-                            break
-                        if not finite:  # fp16 overflow: the scaler skips this update and lowers its scale
-                            info["skipped"] = True
-                        scaler.step(opt)
-                        scaler.update()
-                        opt.zero_grad(set_to_none=True)  # freed now, not after the next forward
-                        ft["step"] += 1
-                        state.history["finetune"].append(info)
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{info['loss']:.4f}")
-                        if on_step is not None:
-                            on_step(state, info)
-                        # The last step's save is the one on the way out, after the optimiser is freed.
-                        if out is not None and ft["step"] % cfg.save_every == 0 and ft["step"] < cfg.steps:
-                            _collect(state, vectors, result)
-                            keep_moments()
-                            save()
-                            state.finetune_optimizer = None  # the optimiser's live tensors: not held past the save
+            try:
+                while ft["step"] < cfg.steps:
+                    if should_stop is not None and should_stop():
+                        ft["status"], ft["message"] = "cancelled", f"cancelled after step {ft['step']}"
+                        break
+                    with _autocast(bundle, cfg):
+                        loss, info = concept_step_loss(bundle, images, state.concepts, vectors, lat, token_id,
+                                                       ft["step"], cfg.seed + 104729, cfg.flip, cfg.attn_weight,
+                                                       capture, prompt_form=state.config.step_prompt,
+                                                       base_unet=base_unet, outside_weight=cfg.outside_weight,
+                                                       backdrops=prior if cfg.backdrops else None)
+                        if prior is not None and cfg.prior_weight > 0:
+                            lp = prior_loss(bundle, prior, cfg.class_prompt, ft["step"], cfg.seed + 15485863)
+                            loss = loss + cfg.prior_weight * lp
+                            info["prior_loss"] = lp.item()
+                            info["loss"] += cfg.prior_weight * info["prior_loss"]
+                    info["phase"] = "finetune"
+                    if not math.isfinite(info["loss"]):
+                        ft["status"], ft["message"] = "nan", f"loss was not finite at step {ft['step']}"
+                        break
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)  # clip the true gradients
+                    if cfg.max_grad_norm:
+                        norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
+                        info["grad_norm"] = float(norm)  # before clipping; one device sync, as the check's
+                        finite = math.isfinite(info["grad_norm"])
                     else:
-                        ft["status"] = "done"
-                finally:
-                    # Gradients, moments and a dropped step's graph are done with: freed before the
-                    # result (a full fine-tune's delta, as large as the weights) is built beside them.
-                    loss = None
-                    opt.zero_grad(set_to_none=True)
-                    keep_moments()  # on the CPU these are the optimiser's tensors: the state takes them over
-                    opt.state.clear()
-                    # While the adapters are still in place: what was learned, however the loop ended.
-                    _collect(state, vectors, result)
+                        finite = _all_finite([p.grad for p in trained if p.grad is not None])
+                    if not finite and not scaler.is_enabled():
+                        ft["status"], ft["message"] = "nan", f"gradients were not finite at step {ft['step']}"
+                        break
+                    if not finite:  # fp16 overflow: the scaler skips this update and lowers its scale
+                        info["skipped"] = True
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)  # freed now, not after the next forward
+                    ft["step"] += 1
+                    state.history["finetune"].append(info)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{info['loss']:.4f}")
+                    if on_step is not None:
+                        on_step(state, info)
+                    # The last step's save is the one on the way out, after the optimiser is freed.
+                    if out is not None and ft["step"] % cfg.save_every == 0 and ft["step"] < cfg.steps:
+                        _collect(state, vectors, result)
+                        keep_moments()
+                        save()
+                        state.finetune_optimizer = None  # the optimiser's live tensors: not held past the save
+                else:
+                    ft["status"] = "done"
+            finally:
+                # Gradients, moments and a dropped step's graph are done with: freed before the
+                # result (a full fine-tune's delta, as large as the weights) is built beside them.
+                loss = None
+                opt.zero_grad(set_to_none=True)
+                keep_moments()  # on the CPU these are the optimiser's tensors: the state takes them over
+                opt.state.clear()
+                # While the adapters are still in place: what was learned, however the loop ended.
+                _collect(state, vectors, result)
     return state
 
 
