@@ -117,10 +117,11 @@ def main() -> None:
     ap.add_argument("--stage2-attn-weight", type=float, default=FinetuneConfig.attn_weight,
                     help="stage 2's attention-loss weight (BaS's 1e-2); set otherwise, the arm's label ends in +attnwW")
     ap.add_argument("--stage2-outside-weight", type=float, default=FinetuneConfig.outside_weight,
-                    help="stage 2 holds the U-Net's prediction outside each step's masks at the base U-Net's, at this "
-                         "weight (not in BaS; 0: off); set, the arm's label ends in +outW")
+                    help="stage 2 holds the U-Net's prediction outside each step's masks at the base U-Net's, at "
+                         "this weight (not in BaS; 0: off); set, the arm's label ends in +outW")
     ap.add_argument("--stage2-backdrops", action="store_true",
-                    help="stage 2 pastes each step's concepts onto a class image (not in BaS); the arm's label ends in +bd")
+                    help="stage 2 pastes each step's concepts onto a class image (not in BaS); the arm's label "
+                         "ends in +bd")
     args = ap.parse_args()
     checkpoints = sorted(set(args.checkpoints))
     if args.stage2 and args.stage2_from not in checkpoints:

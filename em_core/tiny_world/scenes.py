@@ -34,7 +34,9 @@ class SceneObject:
     @property
     def phrase(self) -> str:
         pat = "" if self.pattern == "plain" else f"{self.pattern} "
-        return f"a {self.colour} {pat}{self.noun or self.shape}" if self.shape_named else f"a {self.colour} {pat}".rstrip()
+        if not self.shape_named:
+            return f"a {self.colour} {pat}".rstrip()
+        return f"a {self.colour} {pat}{self.noun or self.shape}"
 
 
 @dataclass

@@ -87,9 +87,8 @@ def scene_batch(first_seed: int, n: int, with_scenes: bool = False, photo_share:
     if not 0.0 <= unnamed_share <= 1.0:
         raise ValueError(f"unnamed_share: {unnamed_share} is outside [0, 1]")
     every = np.random.default_rng(first_seed + 1).random(n) < unnamed_share
-    scenes = [_with_unnamed(first_seed + i, unnamed_colour, unnamed_word) if e else random_scene(first_seed + i, size=WORLD["size"],
-                                                                     shapes=TRAIN_SHAPES)
-              for i, e in enumerate(every)]
+    scenes = [_with_unnamed(first_seed + i, unnamed_colour, unnamed_word) if e
+              else random_scene(first_seed + i, size=WORLD["size"], shapes=TRAIN_SHAPES) for i, e in enumerate(every)]
     x = scene_pixels(scenes)
     forms = caption_forms(first_seed, n, photo_share)
     captions = [caption_in_form(s, f) for s, f in zip(scenes, forms)]
@@ -379,7 +378,8 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
     if bundle is not None:
         bundle.tokenizers = (_whole_word_tokenizer(bundle.tokenizer, log),)
     bundle = bundle or build_world_model(seed)
-    if unnamed_word is not None and (unnamed_word in HELD_OUT_SHAPES or len(bundle.tokenizer.tokenize(unnamed_word)) != 1):
+    if unnamed_word is not None and (unnamed_word in HELD_OUT_SHAPES
+                                     or len(bundle.tokenizer.tokenize(unnamed_word)) != 1):
         raise ValueError(f"unnamed_word: {unnamed_word!r} must be one token of the world's vocabulary and not a "
                          f"held-out shape's name (e.g. 'the')")
     past = _past_runs(before)
@@ -396,7 +396,8 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
         this = {"seconds": round(time.time() - t0), "vae_steps": len(vae_losses), "command": command,
                 "denoiser_steps": len(den_losses), "warm_start": str(init_from) if init_from else None,
                 "attn_weight": attn_weight, "lr": lr, "photo_share": photo_share, "unnamed_share": unnamed_share,
-                "unnamed_colour": unnamed_colour, "unnamed_word": unnamed_word, "whole_words": not _split_words(bundle.tokenizer)}
+                "unnamed_colour": unnamed_colour, "unnamed_word": unnamed_word,
+                "whole_words": not _split_words(bundle.tokenizer)}
         runs = past + [this]
         stats = {
             "seconds": sum(r["seconds"] for r in runs), "vae_steps": sum(r["vae_steps"] for r in runs),
@@ -478,9 +479,9 @@ def _card_extras(runs: list, model_dir: Path) -> str:
                     "shape unsaid (\"a purple striped and a red circle on grass\"), the colour words bound to them.\n")
         words = sorted({r["unnamed_word"] for r in runs if r.get("unnamed_share") and r.get("unnamed_word")})
         if words:
-            out += (f"  Runs with `--unnamed-word` said {', '.join(repr(w) for w in words)} in the place of every held-out "
-                    "shape (\"a purple striped the and a red circle on grass\"), one word bound to both, as a class "
-                    "noun is to instances Stable Diffusion cannot name.\n")
+            out += (f"  Runs with `--unnamed-word` said {', '.join(repr(w) for w in words)} in the place of every "
+                    "held-out shape (\"a purple striped the and a red circle on grass\"), one word bound to both, "
+                    "as a class noun is to instances Stable Diffusion cannot name.\n")
     if any(r.get("whole_words") for r in runs):
         out += ("- Tokenizer: since the first run marked `whole_words` in training.json, every world word is one "
                 "token (earlier tokenizers split \"green\" in four, shifting the binding loss's word positions "
