@@ -168,7 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # The prior's class images are the base model's, the same for every scene: a fine-tune run
         # folder shared by all reads them back rather than making them again.
-        stage2_out = Path(tmp) / "stage2" if args.stage2_prior_weight > 0 or args.stage2_backdrops else None
+        stage2_out = Path(tmp) / "stage2" if FinetuneConfig(**stage2_cfg).uses_class_images else None
         for k, scene in enumerate(eval_set(args.first + args.scenes)[args.first:], start=args.first):
             prompt, init, truth, info = concept_task(scene)
             if args.only_held_out and not any(f["held_out"] for f in info.values()):

@@ -17,6 +17,7 @@ pass every step (docs/deviations.md).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -100,13 +101,18 @@ class FinetuneConfig:
             bad.append(f"max_grad_norm={self.max_grad_norm} (0: no clipping)")
         if self.prior_weight < 0:
             bad.append(f"prior_weight={self.prior_weight} (0: no prior preservation)")
-        if (self.prior_weight > 0 or self.backdrops) and (self.class_images < 1 or self.class_steps < 1):
+        if self.uses_class_images and (self.class_images < 1 or self.class_steps < 1):
             bad.append(f"class_images={self.class_images}, class_steps={self.class_steps} (both at least 1 "
                        "with prior preservation or backdrops)")
         if self.outside_weight < 0:
             bad.append(f"outside_weight={self.outside_weight} (0: off)")
         if bad:
             raise ValueError("fine-tune settings out of range: " + ", ".join(bad))
+
+    @property
+    def uses_class_images(self) -> bool:
+        """Prior preservation and backdrops both need the base model's class images."""
+        return self.prior_weight > 0 or self.backdrops
 
     @property
     def weight_lr(self) -> float:
@@ -342,7 +348,7 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
     step0 = state.finetune["step"] if state.finetune else 0
     run_from = step0 if run_from is None else run_from
     prior = None
-    if (cfg.prior_weight > 0 or cfg.backdrops) and step0 < cfg.steps:  # the base model's, before any weight moves
+    if cfg.uses_class_images and step0 < cfg.steps:  # the base model's, before any weight moves
         made = class_images(bundle, cfg.class_prompt, cfg.class_images, out, steps=cfg.class_steps,
                             should_stop=should_stop, progress=progress)
         if len(made) < cfg.class_images:  # nothing trained yet: the state stays as it was, images kept on disk
@@ -465,8 +471,6 @@ def finetune(bundle, images, state: LearnState, config: FinetuneConfig | None = 
 
 
 def _frozen_copy(unet):
-    import copy
-
     return copy.deepcopy(unet).requires_grad_(False).eval()
 
 

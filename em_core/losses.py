@@ -23,8 +23,7 @@ def outside_loss(pred: torch.Tensor, base_pred: torch.Tensor, union: torch.Tenso
     whole U-Net fills it with the training scene (neighbours' pieces, its background). This holds
     it at what the base model draws there from the same text.
     """
-    out = 1 - union.to(pred.dtype)
-    return F.mse_loss((pred * out).float(), (base_pred.detach() * out).float())
+    return masked_diffusion_loss(pred, base_pred.detach(), 1 - union)
 
 
 def attention_loss(maps: torch.Tensor, masks: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
