@@ -156,3 +156,5 @@ def test_unnamed_objects_may_share_one_word_bound_to_them(tmp_path):
     assert held and all(o.noun == "the" for o in held) and any(" the" in c for c in captions)
     with pytest.raises(ValueError, match="unnamed_word: 'star'"):
         train_tiny_world(tmp_path / "w", minutes=0.0, unnamed_share=0.5, unnamed_word="star")
+    with pytest.raises(ValueError, match="unnamed_colour and unnamed_word"):
+        train_tiny_world(tmp_path / "w", minutes=0.0, unnamed_share=0.5, unnamed_word="the", unnamed_colour=True)

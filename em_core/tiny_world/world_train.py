@@ -382,6 +382,9 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
                                      or len(bundle.tokenizer.tokenize(unnamed_word)) != 1):
         raise ValueError(f"unnamed_word: {unnamed_word!r} must be one token of the world's vocabulary and not a "
                          f"held-out shape's name (e.g. 'the')")
+    if unnamed_word is not None and unnamed_colour:
+        raise ValueError("unnamed_colour and unnamed_word: give one; the colour caption and the shared word are two "
+                         "ways to say the unnamed objects (drop --unnamed-colour or --unnamed-word)")
     past = _past_runs(before)
     run = len(past)
     total = minutes * 60
