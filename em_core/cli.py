@@ -286,8 +286,9 @@ def cmd_tune_world_decoder(args) -> int:
 
     rec = tune_decoder(args.model, args.out, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed)
     for shape in rec["roundtrip_after"]:
-        print(f"{shape}: round trips read right {rec['roundtrip_before'][shape]['right']:.3f} -> "
-              f"{rec['roundtrip_after'][shape]['right']:.3f}")
+        before, after = rec["roundtrip_before"][shape]["right"], rec["roundtrip_after"][shape]["right"]
+        if before is not None:
+            print(f"{shape}: round trips read right {before:.3f} -> {after:.3f}")
     print(args.out)
     return 0
 

@@ -15,7 +15,7 @@ def test_tuned_decoder_keeps_encoder_and_denoiser_and_refuses_bad_folders(tmp_pa
     world = tmp_path / "world"
     save_bundle(build_world_model(0), world)
     save_checker(Checker(), world / "checker.safetensors", {})
-    rec = tune_decoder(world, tmp_path / "tuned", steps=2, batch=2, log=lambda *a: None)
+    rec = tune_decoder(world, tmp_path / "tuned", steps=2, batch=2, log=lambda *a: None, check_images=12)
     tuned = tmp_path / "tuned"
     assert not (tmp_path / "tuned.writing").exists()
     old, new = (load_file(str(d / "vae" / "diffusion_pytorch_model.safetensors")) for d in (world, tuned))
@@ -32,6 +32,6 @@ def test_tuned_decoder_keeps_encoder_and_denoiser_and_refuses_bad_folders(tmp_pa
     assert set(record["roundtrip_after"]) == set(SHAPE_NAMES)
     assert record["command"] in (tuned / "README.md").read_text()
     with pytest.raises(ValueError, match="out: .* already exists"):
-        tune_decoder(world, tuned, steps=1, batch=1)
+        tune_decoder(world, tuned, steps=1, batch=1, check_images=1)
     with pytest.raises(ValueError, match="model: .* not a tiny world folder"):
         tune_decoder(tmp_path / "nothing", tmp_path / "t2", steps=1, batch=1)

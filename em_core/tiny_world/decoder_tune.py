@@ -35,15 +35,16 @@ def roundtrip_by_shape(vae, checker, n: int = 512, seed: int = 777) -> dict:
     out = {}
     for k, name in enumerate(SHAPE_NAMES):
         sel = shape == k
-        out[name] = {"n": int(sel.sum()), "right": float((read[sel] == k).float().mean()),
+        out[name] = {"n": int(sel.sum()), "right": float((read[sel] == k).float().mean()) if sel.any() else None,
                      "read": dict(Counter(SHAPE_NAMES[i] for i in read[sel].tolist()).most_common(3))}
     return out
 
 
 def tune_decoder(model: str | Path, out: str | Path, steps: int = 300, lr: float = 3e-4, batch: int = 32,
-                 seed: int = 0, log=print) -> dict:
+                 seed: int = 0, log=print, check_images: int = 512) -> dict:
     """Copies the world in `model` to `out` (a new folder) with its decoder tuned for `steps` steps
-    of L1 on renders of scenes drawn from every shape; returns the record added to training.json."""
+    of L1 on renders of scenes drawn from every shape; returns the record added to training.json
+    (with the checker's reading of `check_images` round trips before and after)."""
     from diffusers import AutoencoderKL
 
     from .world_train import WORLD, scene_pixels
@@ -54,11 +55,11 @@ def tune_decoder(model: str | Path, out: str | Path, steps: int = 300, lr: float
                          f"give one that `train-tiny-world` wrote)")
     if out.exists():
         raise ValueError(f"out: {out} already exists; give a new folder (the tuned world is written whole)")
-    if steps < 1 or lr <= 0 or batch < 1:
-        raise ValueError(f"steps {steps}, lr {lr}, batch {batch}: each must be positive")
+    if steps < 1 or lr <= 0 or batch < 1 or check_images < 1:
+        raise ValueError(f"steps {steps}, lr {lr}, batch {batch}, check_images {check_images}: each must be positive")
     vae = AutoencoderKL.from_pretrained(model / "vae")
     checker = load_checker(model / "checker.safetensors")
-    before = roundtrip_by_shape(vae, checker)
+    before = roundtrip_by_shape(vae, checker, check_images)
     vae.requires_grad_(False)
     tuned = list(vae.decoder.parameters()) + (list(vae.post_quant_conv.parameters())
                                                if vae.post_quant_conv is not None else [])
@@ -81,9 +82,10 @@ def tune_decoder(model: str | Path, out: str | Path, steps: int = 300, lr: float
         if (step + 1) % 50 == 0:
             log(f"decoder step {step + 1} loss {np.mean(losses[-50:]):.4f} ({time.time() - t0:.0f}s)")
     vae.eval().requires_grad_(False)
-    after = roundtrip_by_shape(vae, checker)
+    after = roundtrip_by_shape(vae, checker, check_images)
     record = {"from": str(model), "steps": steps, "lr": lr, "batch": batch, "seed": seed,
-              "seconds": round(time.time() - t0), "loss_first_50": float(np.mean(losses[:50])),
+              "seconds": round(time.time() - t0), "check_images": check_images,
+              "loss_first_50": float(np.mean(losses[:50])),
               "loss_last_50": float(np.mean(losses[-50:])), "roundtrip_before": before, "roundtrip_after": after,
               "command": f"python -m em_core tune-world-decoder --model {model} --out {out} --steps {steps} "
                          f"--lr {lr:g} --batch {batch} --seed {seed}"}
@@ -111,20 +113,24 @@ def _write(model: Path, out: Path, vae, record: dict) -> None:
 
 
 def card(record: dict) -> str:
-    rows = "\n".join(f"| {s} | {record['roundtrip_before'][s]['right']:.3f} | {record['roundtrip_after'][s]['right']:.3f} |"
-                     for s in SHAPE_NAMES)
+    def right(which, shape):
+        v = record[which][shape]["right"]
+        return "-" if v is None else f"{v:.3f}"
+    rows = "\n".join(f"| {s} | {right('roundtrip_before', s)} | {right('roundtrip_after', s)} |" for s in SHAPE_NAMES)
     return f"""# {record['from']} with its VAE decoder tuned on every shape
 
 The world of `{record['from']}` (its card and training record there; `training.json` here is its
 record with `decoder_tune` added). Only the VAE decoder differs: {record['steps']} steps of L1 on renders of
 scenes drawn from all six shapes (batch {record['batch']}, AdamW lr {record['lr']:g}, seed {record['seed']},
-{record['seconds']} s on the CPU), the encoder frozen, so every latent the denoiser, the concept tokens and
-the fine-tune see is the same as there; only the decoding of generated latents for the checker changes.
+{record['seconds']} s on the CPU), the encoder frozen, so every latent the denoiser and the concept tokens
+are trained on is the same as there. What changes is every image decoded from a generated latent: the
+checker's read-backs, and the class images of a fine-tune's prior preservation (encoded again to train).
 
     {record['command']}
 
 L1 over each 50-step window: first {record['loss_first_50']:.4f}, last {record['loss_last_50']:.4f}.
-The checker's reading of 512 VAE round trips of fresh single-object renders, share read right per shape:
+The checker's reading of {record['check_images']} VAE round trips of fresh single-object renders,
+share read right per shape:
 
 | shape | before | after |
 |---|---|---|
