@@ -31,6 +31,9 @@ def test_tuned_decoder_keeps_encoder_and_denoiser_and_refuses_bad_folders(tmp_pa
     assert record == json.loads(json.dumps(rec)) and record["steps"] == 2
     assert set(record["roundtrip_after"]) == set(SHAPE_NAMES)
     assert record["command"] in (tuned / "README.md").read_text()
+    quoted = json.loads((tuned / "decoder_tune.json").read_text())
+    assert quoted["roundtrip_after"] == record["roundtrip_after"] and quoted["config"]["steps"] == 2
+    assert {"command", "commit", "machine"} <= set(quoted)
     with pytest.raises(ValueError, match="out: .* already exists"):
         tune_decoder(world, tuned, steps=1, batch=1, check_images=1)
     with pytest.raises(ValueError, match="model: .* not a tiny world folder"):

@@ -49,6 +49,9 @@ def tune_decoder(model: str | Path, out: str | Path, steps: int = 300, lr: float
 
     from .world_train import WORLD, scene_pixels
 
+    from ..provenance import begin
+
+    begin()
     model, out = Path(model), Path(out)
     if not (model / "vae").is_dir() or not (model / "checker.safetensors").is_file():
         raise ValueError(f"model: {model} is not a tiny world folder (it needs vae/ and checker.safetensors; "
@@ -109,6 +112,10 @@ def _write(model: Path, out: Path, vae, record: dict) -> None:
     training["decoder_tune"] = record
     (tmp / "training.json").write_text(json.dumps(training), encoding="utf-8")
     (tmp / "README.md").write_text(card(record), encoding="utf-8")
+    from ..provenance import provenance
+
+    settings = {k: record[k] for k in ("steps", "lr", "batch", "seed", "check_images")}
+    (tmp / "decoder_tune.json").write_text(json.dumps({**record, **provenance(config=settings)}), encoding="utf-8")
     tmp.rename(out)
 
 
@@ -120,7 +127,8 @@ def card(record: dict) -> str:
     return f"""# {record['from']} with its VAE decoder tuned on every shape
 
 The world of `{record['from']}` (its card and training record there; `training.json` here is its
-record with `decoder_tune` added). Only the VAE decoder differs: {record['steps']} steps of L1 on renders of
+record with `decoder_tune` added; `decoder_tune.json` holds that record with its command, commit and
+machine). Only the VAE decoder differs: {record['steps']} steps of L1 on renders of
 scenes drawn from all six shapes (batch {record['batch']}, AdamW lr {record['lr']:g}, seed {record['seed']},
 {record['seconds']} s on the CPU), the encoder frozen, so every latent the denoiser and the concept tokens
 are trained on is the same as there. What changes is every image decoded from a generated latent: the
