@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..provenance import begin, provenance
 from .checker import SHAPE_NAMES, _batch, load_checker
 from .scenes import SHAPES, random_scene
 
@@ -48,8 +49,6 @@ def tune_decoder(model: str | Path, out: str | Path, steps: int = 300, lr: float
     from diffusers import AutoencoderKL
 
     from .world_train import WORLD, scene_pixels
-
-    from ..provenance import begin
 
     begin()
     model, out = Path(model), Path(out)
@@ -112,8 +111,6 @@ def _write(model: Path, out: Path, vae, record: dict) -> None:
     training["decoder_tune"] = record
     (tmp / "training.json").write_text(json.dumps(training), encoding="utf-8")
     (tmp / "README.md").write_text(card(record), encoding="utf-8")
-    from ..provenance import provenance
-
     settings = {k: record[k] for k in ("steps", "lr", "batch", "seed", "check_images")}
     (tmp / "decoder_tune.json").write_text(json.dumps({**record, **provenance(config=settings)}), encoding="utf-8")
     tmp.rename(out)
