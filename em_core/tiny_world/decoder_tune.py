@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..provenance import begin, provenance
-from .checker import SHAPE_NAMES, _batch, load_checker
+from .checker import SHAPE_NAMES, load_checker
 from .scenes import SHAPES, random_scene
 
 # The model's own files; a world folder's results (eval_*, curve/, notes) stay behind.
@@ -28,10 +28,13 @@ SCENE_SEED = 55_000_000  # apart from the world's own training scenes and the ch
 
 
 @torch.no_grad()
-def roundtrip_by_shape(vae, checker, n: int = 512, seed: int = 777) -> dict:
-    """Per shape, the share of VAE round trips of fresh single-object renders the checker reads as it."""
-    x, _, shape = _batch(seed, n)
-    _, ps = checker(vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1))
+def roundtrip_by_shape(vae, checker, n: int = 512) -> dict:
+    """Per shape, the share of VAE round trips of fresh single-object renders the checker reads as it
+    (the renders of the world card's reconstruction check)."""
+    from .world_train import round_trips
+
+    _, rec, _, shape = round_trips(vae, n)
+    _, ps = checker(rec)
     read = ps.argmax(1)
     out = {}
     for k, name in enumerate(SHAPE_NAMES):

@@ -434,14 +434,22 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
 def reconstruction_check(vae, model_dir, n: int = 256) -> dict | None:
     """What the checker reads from VAE round trips of fresh single-object renders: the ceiling of
     what any denoiser on these latents can show it."""
-    from .checker import _batch, accuracy, load_checker
+    from .checker import accuracy, load_checker
 
     path = Path(model_dir) / "checker.safetensors"
     if not path.is_file():
         return None
-    x, colour, shape = _batch(777, n)
-    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    x, rec, colour, shape = round_trips(vae, n)
     return {"l1": float((rec - x).abs().mean()), **accuracy(load_checker(path), rec, colour, shape)}
+
+
+@torch.no_grad()
+def round_trips(vae, n: int, seed: int = 777):
+    """`n` fresh single-object renders (the checker's kind), their VAE round trips, colours and shapes."""
+    from .checker import _batch
+
+    x, colour, shape = _batch(seed, n)
+    return x, vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1), colour, shape
 
 
 BINDING_NOTE = """
