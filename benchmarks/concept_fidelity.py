@@ -98,6 +98,9 @@ def main() -> None:
     ap.add_argument("--prompts", nargs="+", default=["a photo of {name}"],
                     help="generation templates ({name}: the concept; {bg}: a background, one per image); "
                          "each arm is read back with each")
+    ap.add_argument("--negative", default="",
+                    help="the generation's negative prompt; {others}: the scene's other object concepts (a "
+                         "fine-tune that learned the concept's neighbours is told not to draw them)")
     ap.add_argument("--words", action="store_true",
                     help="also read back each object's real caption words in the templates (the world's ceiling)")
     ap.add_argument("--no-shuffle", action="store_true",
@@ -163,7 +166,7 @@ def main() -> None:
         for g in scales:
             for t in templates:
                 rows[label(arm, g, t)] += read_back(bundle, checker, state, info, guidance=g, weights=weights,
-                                                    template=t, words=words, **gen)
+                                                    template=t, words=words, negative=args.negative, **gen)
 
     with tempfile.TemporaryDirectory() as tmp:
         # The prior's class images are the base model's, the same for every scene: a fine-tune run

@@ -156,3 +156,27 @@ def test_a_stopped_evaluation_resumes_from_its_finished_scenes(tiny_dir, tmp_pat
     assert len(runs) == 1 and other["settings"]["lr"] == 1e-3  # another learning rate: nothing reused
     assert ev._method_config("true_masks", 4, 0, 2, 0, lr=1e-3).lr == 1e-3
     assert ev._method_config("em_exclusive_fill", 4, 2, 2, 0, lr=2e-3).lr == 2e-3
+
+
+def test_read_back_tells_each_concept_not_to_draw_its_neighbours(monkeypatch):
+    from em_core.tiny_world import checker, evaluate
+
+    asked = []
+
+    def fake_generate(bundle, prompt, *, negative="", n=1, **kw):
+        asked.append((prompt, negative))
+        return [None] * n
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    monkeypatch.setattr(checker, "judge", lambda net, images: [("red", "star")] * len(images))
+    info = {"[v1]": {"colour": "red", "shape": "star", "held_out": True},
+            "[v2]": {"colour": "blue", "shape": "circle", "held_out": False},
+            "[v3]": {"colour": "red", "shape": "square", "held_out": False}}
+    state = type("S", (), {"concepts": None})()
+    out = evaluate.read_back(None, None, state, info, n=2, steps=1, guidance=4.0, seed=0, negative="{others}")
+    assert asked == [("a photo of [v1]", "[v2], [v3]"), ("a photo of [v2]", "[v1], [v3]"),
+                     ("a photo of [v3]", "[v1], [v2]")]
+    assert out == [(True, True, True)] * 2 + [(False, False, False)] * 2 + [(True, False, False)] * 2
+    asked.clear()
+    words = {"[v1]": "a red star", "[v2]": "a blue circle", "[v3]": "a red square"}
+    evaluate.read_back(None, None, state, info, n=1, steps=1, guidance=4.0, seed=0, words=words)
+    assert asked[0] == ("a photo of a red star", "")  # no negative unless asked

@@ -188,25 +188,28 @@ def caption_fidelity(bundle, checker, n: int = 48, seed: int = 50_000, steps: in
 
 def read_back(bundle, checker, state, info: dict, n: int, steps: int, guidance: float, seed: int,
               weights=None, template: str = "a photo of {name}",
-              words: dict | None = None) -> list[tuple[bool, bool, bool]]:
+              words: dict | None = None, negative: str = "") -> list[tuple[bool, bool, bool]]:
     """(colour right, shape right, held-out shape) per generated image of each object concept, as the
     checker reads them: the evaluation's fidelity, and benchmarks/concept_fidelity.py's other forms.
     A template with {bg} puts image j on READBACK_BACKGROUNDS[j % 3] (one image per call, seed + j).
-    `words`: concept -> its real words ("a red striped circle") in place of the token (the ceiling)."""
+    `words`: concept -> its real words ("a red striped circle") in place of the token (the ceiling).
+    `negative`: the negative prompt; its {others} becomes the scene's other object concepts, so a
+    fine-tune that learned its concept's neighbours can be told not to draw them."""
     from .checker import judge
 
     out = []
     concepts = None if words else state.concepts
     for name, facts in info.items():
         text = words[name] if words else name
+        neg = negative.format(others=", ".join(words[o] if words else o for o in info if o != name))
         if "{bg}" in template:
             bgs = READBACK_BACKGROUNDS
-            images = [generate(bundle, template.format(name=text, bg=bgs[j % len(bgs)]),
+            images = [generate(bundle, template.format(name=text, bg=bgs[j % len(bgs)]), negative=neg,
                                concepts=concepts, weights=weights, seed=seed + j, n=1, steps=steps,
                                guidance=guidance, progress=False)[0] for j in range(n)]
         else:
-            images = generate(bundle, template.format(name=text), concepts=concepts, weights=weights,
-                              seed=seed, n=n, steps=steps, guidance=guidance, progress=False)
+            images = generate(bundle, template.format(name=text), negative=neg, concepts=concepts,
+                              weights=weights, seed=seed, n=n, steps=steps, guidance=guidance, progress=False)
         out += [(c == facts["colour"], s == facts["shape"], facts["held_out"]) for c, s in judge(checker, images)]
     return out
 
