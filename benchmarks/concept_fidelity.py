@@ -100,8 +100,8 @@ def main() -> None:
                          "each arm is read back with each")
     ap.add_argument("--negative", default="",
                     help="the generation's negative prompt; {others}: the scene's other object concepts (a "
-                         "fine-tune that learned the concept's neighbours is told not to draw them; measured to lower every arm, "
-                         "benchmarks/README.md)")
+                         "fine-tune that learned the concept's neighbours is told not to draw them; measured "
+                         "to lower every arm, benchmarks/README.md)")
     ap.add_argument("--words", action="store_true",
                     help="also read back each object's real caption words in the templates (the world's ceiling)")
     ap.add_argument("--no-shuffle", action="store_true",

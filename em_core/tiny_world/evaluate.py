@@ -199,9 +199,10 @@ def read_back(bundle, checker, state, info: dict, n: int, steps: int, guidance: 
 
     out = []
     concepts = None if words else state.concepts
+    texts = {n: words[n] if words else n for n in info}
     for name, facts in info.items():
-        text = words[name] if words else name
-        neg = negative.format(others=", ".join(words[o] if words else o for o in info if o != name))
+        text = texts[name]
+        neg = negative.format(others=", ".join(t for o, t in texts.items() if o != name))
         if "{bg}" in template:
             bgs = READBACK_BACKGROUNDS
             images = [generate(bundle, template.format(name=text, bg=bgs[j % len(bgs)]), negative=neg,
