@@ -274,7 +274,7 @@ def cmd_train_tiny_world(args) -> int:
                          init_from=args.init_from, attn_weight=args.attn_weight, lr=args.lr,
                          checkpoint_minutes=args.checkpoint_minutes, photo_share=args.photo_share,
                          unnamed_share=args.unnamed_share, unnamed_colour=args.unnamed_colour,
-                         unnamed_word=args.unnamed_word)
+                         unnamed_word=args.unnamed_word, vae_all_shapes=args.vae_all_shapes)
         if args.checker_seconds > 0 or not (out / "checker.safetensors").is_file():
             train_and_save_checker(out / "checker.safetensors", args.checker_seconds or 150, args.seed)
     print(write_model_card(out))
@@ -436,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--unnamed-word", default=None,
                     help="with --unnamed-share: one word of the world's vocabulary said in the place of every held-out "
                          "shape (\"a purple striped the and a red circle on grass\"), bound to them")
+    tw.add_argument("--vae-all-shapes", action="store_true",
+                    help="the VAE's steps see every shape, the held-out ones (star, cross) too; by default only the "
+                         "named ones")
     tw.add_argument("--card-only", action="store_true", help="only (re)write samples.png and README.md")
     tw.set_defaults(func=cmd_train_tiny_world)
 

@@ -158,3 +158,15 @@ def test_unnamed_objects_may_share_one_word_bound_to_them(tmp_path):
         train_tiny_world(tmp_path / "w", minutes=0.0, unnamed_share=0.5, unnamed_word="star")
     with pytest.raises(ValueError, match="unnamed_colour and unnamed_word"):
         train_tiny_world(tmp_path / "w", minutes=0.0, unnamed_share=0.5, unnamed_word="the", unnamed_colour=True)
+
+
+def test_the_vae_may_see_every_shape_and_by_default_sees_only_the_named_ones():
+    from em_core.tiny_world.scenes import HELD_OUT_SHAPES
+    from em_core.tiny_world.world_train import scene_batch, vae_pixels, vae_scenes
+
+    def shapes(scenes):
+        return {o.shape for s in scenes for o in s.objects}
+
+    assert not shapes(vae_scenes(5, 64)) & set(HELD_OUT_SHAPES)
+    assert set(HELD_OUT_SHAPES) <= shapes(vae_scenes(5, 64, all_shapes=True))
+    assert torch.equal(vae_pixels(5, 4), scene_batch(5, 4)[0])  # the default draws what it always drew

@@ -182,12 +182,23 @@ class BindingStore:
         return torch.stack(self.losses).mean()
 
 
-def train_vae(vae, seconds: float, batch: int, seed: int, log) -> list:
+def vae_scenes(first_seed: int, n: int, all_shapes: bool = False) -> list:
+    """The VAE's training scenes: of the named shapes, or of every shape (`all_shapes`; the held-out
+    ones too, so their latents are learned as well as the others')."""
+    shapes = SHAPES if all_shapes else TRAIN_SHAPES
+    return [random_scene(first_seed + i, size=WORLD["size"], shapes=shapes) for i in range(n)]
+
+
+def vae_pixels(first_seed: int, n: int, all_shapes: bool = False) -> torch.Tensor:
+    return scene_pixels(vae_scenes(first_seed, n, all_shapes))
+
+
+def train_vae(vae, seconds: float, batch: int, seed: int, log, all_shapes: bool = False) -> list:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     losses, step, start = [], 0, time.time()
     while time.time() - start < seconds:
-        x, _ = scene_batch(seed * 10_000_000 + step * batch, batch)
+        x = vae_pixels(seed * 10_000_000 + step * batch, batch, all_shapes)
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample()).sample
         loss = (rec - x).abs().mean() + 1e-6 * dist.kl().mean()
@@ -203,8 +214,8 @@ def train_vae(vae, seconds: float, batch: int, seed: int, log) -> list:
 
 
 @torch.no_grad()
-def latent_scale(vae, seed: int, n: int = 256) -> float:
-    x, _ = scene_batch(seed * 10_000_000 + 9_000_000, n)
+def latent_scale(vae, seed: int, n: int = 256, all_shapes: bool = False) -> float:
+    x = vae_pixels(seed * 10_000_000 + 9_000_000, n, all_shapes)
     return float(1.0 / vae.encode(x).latent_dist.mean.std())
 
 
@@ -357,7 +368,8 @@ def _save_world(bundle, out: Path, record: dict, extras_from: Path | None = None
 def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 0.15, batch: int = 64,
                      seed: int = 0, log=print, init_from: str | Path | None = None, attn_weight: float = 0.0,
                      lr: float = 3e-4, checkpoint_minutes: float = 10.0, photo_share: float = 0.0,
-                     unnamed_share: float = 0.0, unnamed_colour: bool = False, unnamed_word: str | None = None) -> dict:
+                     unnamed_share: float = 0.0, unnamed_colour: bool = False, unnamed_word: str | None = None,
+                     vae_all_shapes: bool = False) -> dict:
     """Trains the world's model within `minutes` and saves it (diffusers format) with a card.
 
     `init_from`: a folder this script wrote before; training goes on from its weights (the
@@ -365,6 +377,8 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
     keeps the VAE (and its latent scale) as it was. The EMA weights are saved every
     `checkpoint_minutes`, so a run cut off keeps what it learned; resume with `init_from=out`.
     `attn_weight`, `photo_share`, `unnamed_share`, `unnamed_colour`, `unnamed_word`: see `train_denoiser`.
+    `vae_all_shapes`: the VAE's steps (and its latent scale) see every shape, the held-out ones too
+    (by default only the named ones, so it blurs stars into crosses).
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     command = (f"python -m em_core train-tiny-world --out {out} --minutes {minutes} --batch {batch} --vae-share "
@@ -373,6 +387,7 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
                + (f" --unnamed-share {unnamed_share}" if unnamed_share else "")
                + (" --unnamed-colour" if unnamed_colour else "")
                + (f" --unnamed-word {unnamed_word}" if unnamed_word else "")
+               + (" --vae-all-shapes" if vae_all_shapes else "")
                + (f" --init-from {init_from}" if init_from else ""))
     bundle, before = _previous(init_from)
     if bundle is not None:
@@ -390,9 +405,9 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
     total = minutes * 60
     t0 = time.time()
     out = Path(out)
-    vae_losses = train_vae(bundle.vae, total * vae_share, 32, seed + 1000 * run, log)
+    vae_losses = train_vae(bundle.vae, total * vae_share, 32, seed + 1000 * run, log, vae_all_shapes)
     if vae_losses or before is None:
-        bundle.vae.register_to_config(scaling_factor=latent_scale(bundle.vae, seed))
+        bundle.vae.register_to_config(scaling_factor=latent_scale(bundle.vae, seed, all_shapes=vae_all_shapes))
     vae_final = float(np.mean(vae_losses[-50:])) if vae_losses else before["stats"]["vae_final_loss"]
 
     def record(den_losses: list) -> dict:
@@ -400,6 +415,7 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
                 "denoiser_steps": len(den_losses), "warm_start": str(init_from) if init_from else None,
                 "attn_weight": attn_weight, "lr": lr, "photo_share": photo_share, "unnamed_share": unnamed_share,
                 "unnamed_colour": unnamed_colour, "unnamed_word": unnamed_word,
+                **({"vae_all_shapes": True} if vae_all_shapes else {}),
                 "whole_words": not _split_words(bundle.tokenizer)}
         runs = past + [this]
         stats = {
