@@ -23,8 +23,8 @@ widths and depths (model_channels 320, transformer depths 0/0/2/2/10/10, context
 CLIP-L / bigG at their real sizes, so a small SDXL-shaped file is refused ("Could not detect model
 type"). Costs are lowered (64 px, two steps each). The engine's copy is float32 on the CPU (14 GB), so
 this server holds ComfyUI's U-Net and text encoders in fp8 (--fp8_e4m3fn-unet --fp8_e4m3fn-text-enc);
-even so ComfyUI's process passes 18 GB before the engine has copied the text encoders: give it well
-over 20 GB of free memory and run it on its own (-k sdxl). Then the bundle is exported and
+even so ComfyUI's process peaks near 19 GB (18.7 GB measured, docs/comfyui_host_check.md): give it
+about 20 GB of free memory and run it on its own (-k sdxl). Then the bundle is exported and
 a second server (fp8 U-Net, default text encoders) runs a core-only graph, Load LoRA + CLIP Text
 Encode with the embeddings + KSampler, with no unloaded LoRA key and no ignored embedding in its log.
 
@@ -323,7 +323,7 @@ def run_prompt(srv: Server, prompt: dict, what: str) -> tuple[dict, list[dict]]:
 
 def run_learning_workflow(server, workflow: str, ckpt_name: str, label: str):
     """A shipped learning workflow on `ckpt_name` and the input example.png, its costs lowered to a
-    few steps at 64 px; (history entry, websocket messages, the concept files it saved)."""
+    few steps at 64 px; (history entry, websocket messages, the concept files it saved, the prompt run)."""
     learn = ui_to_api(json.loads((WORKFLOWS / workflow).read_text()), server.info)
     low = {"CheckpointLoaderSimple": {"ckpt_name": ckpt_name}, "LoadImage": {"image": "example.png"},
            "ConceptEM_AttentionMaskInit": {"timesteps": 2, "resolution": 64},
@@ -337,7 +337,7 @@ def run_learning_workflow(server, workflow: str, ckpt_name: str, label: str):
     # Numbered as Save Image numbers: 00001 on a fresh server, the next free number after other tests' saves.
     assert len(saved) == 1 and re.fullmatch(r"my_concepts_\d{5}_\.safetensors", saved[0].name), saved
     assert saved[0].is_file() and saved[0].parent == server.base / "models" / "concepts"
-    return entry, messages, saved
+    return entry, messages, saved, learn
 
 
 def check_import_log(srv: Server) -> None:
@@ -412,8 +412,8 @@ def test_the_sd_workflows_run_on_a_random_sd15_checkpoint(server):
     (server.base / "input").mkdir(exist_ok=True)
     make_scene(seed=10).image.save(server.base / "input" / "example.png")
 
-    entry, _, saved = run_learning_workflow(server, "concept_em_full_sd15.json", ckpt.name,
-                                            "SD-1.5-shaped learning workflow")
+    entry, _, saved, _ = run_learning_workflow(server, "concept_em_full_sd15.json", ckpt.name,
+                                               "SD-1.5-shaped learning workflow")
 
     reuse = ui_to_api(json.loads((WORKFLOWS / "concept_em_reuse_concepts.json").read_text()), server.info)
     low = {"CheckpointLoaderSimple": {"ckpt_name": ckpt.name}, "ConceptEM_LoadBundle": {"bundle": saved[0].name},
@@ -507,7 +507,7 @@ save_file(bundle_to_ldm(build_model("sdxl", seed=0)), sys.argv[1])
 @needs_comfyui
 @pytest.mark.skipif(not os.environ.get("COMFYUI_SDXL"), reason="set COMFYUI_SDXL=1 to also run the SDXL workflow on "
                                                               "a random checkpoint of SDXL's real shapes (7 GB on "
-                                                              "disk, over 20 GB of memory; run it alone, -k sdxl)")
+                                                              "disk, about 20 GB of memory; run it alone, -k sdxl)")
 def test_the_sdxl_workflow_runs_on_a_random_sdxl_checkpoint_and_its_exports_load_in_core_nodes():
     comfy = Path(COMFYUI_DIR).expanduser().resolve()
     fp8 = ("--fp8_e4m3fn-unet", "--fp8_e4m3fn-text-enc")
@@ -533,8 +533,8 @@ def _sdxl_learn_export_and_reuse(comfy: Path, fp8: tuple[str, ...], base: Path) 
         srv.info = srv.wait_for_nodes()
         check_import_log(srv)
 
-        entry, messages, saved = run_learning_workflow(srv, "concept_em_full_sdxl.json", ckpt.name,
-                                                       "SDXL learning workflow")
+        entry, messages, saved, learn = run_learning_workflow(srv, "concept_em_full_sdxl.json", ckpt.name,
+                                                             "SDXL learning workflow")
         images = [im for o in entry["outputs"].values() for im in o.get("images", []) if im.get("type") == "output"]
         assert images and all((srv.base / "output" / im.get("subfolder", "") / im["filename"]).is_file()
                               for im in images)
