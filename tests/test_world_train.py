@@ -73,6 +73,8 @@ def test_the_card_names_caption_forms_and_the_tokenizer_fix_only_for_runs_that_h
     new = old + [{"command": "c2", "attn_weight": 0.5, "photo_share": 0.5, "whole_words": True}]
     card = _card_extras(new, tmp_path)
     assert "`--photo-share` (0.5)" in card and '"green" in four' in card
+    assert "VAE on every shape" not in card
+    assert "VAE on every shape" in _card_extras(new + [{"command": "c3", "vae_all_shapes": True}], tmp_path)
 
 
 def test_unnamed_objects_are_drawn_but_neither_captioned_nor_supervised():

@@ -509,6 +509,10 @@ def _card_extras(runs: list, model_dir: Path) -> str:
             out += (f"  Runs with `--unnamed-word` said {', '.join(repr(w) for w in words)} in the place of every "
                     "held-out shape (\"a purple striped the and a red circle on grass\"), one word bound to both, "
                     "as a class noun is to instances Stable Diffusion cannot name.\n")
+    if any(r.get("vae_all_shapes") for r in runs):
+        out += ("- VAE on every shape: runs with `--vae-all-shapes` trained the VAE on scenes of every shape, star "
+                "and cross too (earlier VAE steps saw the named shapes only, and turned stars into crosses); the "
+                "denoiser trained after them on the new latents.\n")
     if any(r.get("whole_words") for r in runs):
         out += ("- Tokenizer: since the first run marked `whole_words` in training.json, every world word is one "
                 "token (earlier tokenizers split \"green\" in four, shifting the binding loss's word positions "
