@@ -21,18 +21,15 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from diffusers import AutoencoderKL
-
-    from em_core.tiny_world.checker import load_checker
-    from em_core.tiny_world.decoder_tune import roundtrip_by_shape
+    from em_core.tiny_world.decoder_tune import load_world_vae, roundtrip_by_shape
 
     res = {"images": args.images, "models": {}}
     for model in args.model:
-        folder = Path(model)
-        if not (folder / "vae").is_dir() or not (folder / "checker.safetensors").is_file():
-            raise SystemExit(f"--model: {model} is not a tiny world folder (it needs vae/ and checker.safetensors)")
-        read = roundtrip_by_shape(AutoencoderKL.from_pretrained(folder / "vae"),
-                                  load_checker(folder / "checker.safetensors"), args.images)
+        try:
+            vae, checker = load_world_vae(model)
+        except ValueError as exc:
+            raise SystemExit(f"--{exc}") from None
+        read = roundtrip_by_shape(vae, checker, args.images)
         res["models"][model] = read
         print(model)
         for shape, r in read.items():

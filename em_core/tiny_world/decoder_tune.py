@@ -19,7 +19,6 @@ import torch
 
 from ..provenance import begin, provenance
 from .checker import SHAPE_NAMES, load_checker
-from .scenes import SHAPES, random_scene
 
 # The model's own files; a world folder's results (eval_*, curve/, notes) stay behind.
 MODEL_FILES = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "checker.safetensors",
@@ -44,26 +43,31 @@ def roundtrip_by_shape(vae, checker, n: int = 512) -> dict:
     return out
 
 
+def load_world_vae(model: str | Path):
+    """A tiny world folder's VAE and checker, refused by name where the folder lacks either."""
+    from diffusers import AutoencoderKL
+
+    model = Path(model)
+    if not (model / "vae").is_dir() or not (model / "checker.safetensors").is_file():
+        raise ValueError(f"model: {model} is not a tiny world folder (it needs vae/ and checker.safetensors; "
+                         f"give one that `train-tiny-world` wrote)")
+    return AutoencoderKL.from_pretrained(model / "vae"), load_checker(model / "checker.safetensors")
+
+
 def tune_decoder(model: str | Path, out: str | Path, steps: int = 300, lr: float = 3e-4, batch: int = 32,
                  seed: int = 0, log=print, check_images: int = 512) -> dict:
     """Copies the world in `model` to `out` (a new folder) with its decoder tuned for `steps` steps
     of L1 on renders of scenes drawn from every shape; returns the record added to training.json
     (with the checker's reading of `check_images` round trips before and after)."""
-    from diffusers import AutoencoderKL
-
-    from .world_train import WORLD, scene_pixels
+    from .world_train import vae_pixels
 
     begin()
     model, out = Path(model), Path(out)
-    if not (model / "vae").is_dir() or not (model / "checker.safetensors").is_file():
-        raise ValueError(f"model: {model} is not a tiny world folder (it needs vae/ and checker.safetensors; "
-                         f"give one that `train-tiny-world` wrote)")
+    vae, checker = load_world_vae(model)
     if out.exists():
         raise ValueError(f"out: {out} already exists; give a new folder (the tuned world is written whole)")
     if steps < 1 or lr <= 0 or batch < 1 or check_images < 1:
         raise ValueError(f"steps {steps}, lr {lr}, batch {batch}, check_images {check_images}: each must be positive")
-    vae = AutoencoderKL.from_pretrained(model / "vae")
-    checker = load_checker(model / "checker.safetensors")
     before = roundtrip_by_shape(vae, checker, check_images)
     vae.requires_grad_(False)
     tuned = list(vae.decoder.parameters()) + (list(vae.post_quant_conv.parameters())
@@ -76,7 +80,7 @@ def tune_decoder(model: str | Path, out: str | Path, steps: int = 300, lr: float
     vae.train()
     for step in range(steps):
         first = SCENE_SEED + seed * 10_000_000 + step * batch
-        x = scene_pixels([random_scene(first + i, size=WORLD["size"], shapes=SHAPES) for i in range(batch)])
+        x = vae_pixels(first, batch, all_shapes=True)
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample(generator=gen)
         loss = (vae.decode(z).sample - x).abs().mean()

@@ -415,7 +415,7 @@ def train_tiny_world(out: str | Path, minutes: float = 45.0, vae_share: float = 
                 "denoiser_steps": len(den_losses), "warm_start": str(init_from) if init_from else None,
                 "attn_weight": attn_weight, "lr": lr, "photo_share": photo_share, "unnamed_share": unnamed_share,
                 "unnamed_colour": unnamed_colour, "unnamed_word": unnamed_word,
-                **({"vae_all_shapes": True} if vae_all_shapes else {}),
+                "vae_all_shapes": vae_all_shapes,
                 "whole_words": not _split_words(bundle.tokenizer)}
         runs = past + [this]
         stats = {
